@@ -6,7 +6,8 @@ ops (``torch.ops.vidtune.*``, with fake impls for torch.compile / meta / FakeTen
 pure-torch specs. Path selection: ``VIDTUNE_KERNELS=auto|triton|torch`` (see ``_dispatch``).
 """
 from ._dispatch import HAS_TRITON, mode, use_triton
-from .ffn import ChunkedFeedForward, GeluTanh, chunked_feed_forward, gelu_tanh, resolve_chunk_size
+from .ffn import ChunkedFeedForward, chunked_feed_forward, resolve_chunk_size
+from .gelu import GeluTanh, gelu_tanh
 from .modulate import Modulate, modulate
 from .residual import GatedResidual, gated_residual
 from .rope import QKNormRope, Rope, qk_norm_rope, rope, wan_rope_freqs
