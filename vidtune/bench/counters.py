@@ -1,0 +1,178 @@
+"""Deterministic counters: the one measuring tool for benchmarks, the planner and the CI gate.
+
+``count(fn)`` runs ``fn`` under two dispatch modes and reports
+- FLOPs (``torch.utils.flop_counter``, with a formula for CPU flash SDPA, which torch lacks);
+- peak live bytes: the most bytes held at once by storages *allocated inside the region*
+  (inputs and parameters that existed before are not counted; their new grads are);
+- bytes materialised: the sum of the sizes of every new storage an op allocates (views and
+  in-place results allocate nothing) — the measure fusion reduces;
+- per-op breakdowns of both, keyed by op name.
+It works on real tensors and under ``FakeTensorMode`` (full-size models without weights): the
+counts depend only on shapes, dtypes and the op sequence, so they are exact across machines.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
+
+aten = torch.ops.aten
+
+_registered = False
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """torch has no FLOP formula for CPU flash SDPA (counts 0): register the standard one."""
+    global _registered
+    if _registered:
+        return
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    from torch.utils.flop_counter import flop_registry
+
+    if fwd is not None and fwd not in flop_registry:
+
+        @register_flop_formula(fwd)
+        def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if bwd is not None and bwd not in flop_registry:
+
+        @register_flop_formula(bwd)
+        def _cpu_sdpa_bwd_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    _registered = True
+
+
+def _op_name(func) -> str:
+    packet = getattr(func, "overloadpacket", func)
+    return getattr(packet, "__name__", str(packet))
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Tracks storages allocated by ops: live bytes (freed via weakref finalizers) and totals."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.materialized = 0
+        self.by_op: Counter = Counter()
+        self.peak_by_op: Counter = Counter()  # live bytes at peak, by the op that allocated them
+        self._owner: dict[int, tuple[int, str]] = {}
+        self._known: weakref.WeakSet = weakref.WeakSet()
+
+    def mark_existing(self, tensors) -> None:
+        """Storages alive before the region: never counted, even if an op returns them."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._known.add(t.untyped_storage())
+
+    def _free(self, key: int) -> None:
+        nbytes, _ = self._owner.pop(key, (0, ""))
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        for t in ins:
+            with contextlib.suppress(Exception):
+                self._known.add(t.untyped_storage())
+        out = func(*args, **kwargs)
+        name = _op_name(func)
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            try:
+                s = t.untyped_storage()
+            except Exception:  # tensors without storage (e.g. some subclasses) are not counted
+                continue
+            if s in self._known:
+                continue
+            self._known.add(s)
+            nbytes = s.nbytes()
+            key = id(s)
+            self._owner[key] = (nbytes, name)
+            weakref.finalize(s, self._free, key)
+            self.live += nbytes
+            self.materialized += nbytes
+            self.by_op[name] += nbytes
+            if self.live > self.peak:
+                self.peak = self.live
+                self.peak_by_op = Counter()
+                for n, op in self._owner.values():
+                    self.peak_by_op[op] += n
+        return out
+
+
+@dataclass
+class Counts:
+    flops: int = 0
+    peak_live_bytes: int = 0
+    materialized_bytes: int = 0
+    flops_by_op: dict = field(default_factory=dict)
+    materialized_by_op: dict = field(default_factory=dict)
+    peak_by_op: dict = field(default_factory=dict)
+
+    def as_row(self) -> dict:
+        return {"flops": self.flops, "peak_live_bytes": self.peak_live_bytes, "materialized_bytes": self.materialized_bytes}
+
+
+@contextlib.contextmanager
+def counting(existing=()):
+    """Context manager yielding a ``Counts`` filled in on exit.
+
+    ``existing``: tensors (e.g. ``model.parameters()`` and inputs) that are alive before the region;
+    ops returning their storage (in-place updates) are not counted as allocations.
+    """
+    _register_cpu_sdpa_flops()
+    counts = Counts()
+    flop_mode = FlopCounterMode(display=False)
+    tracker = _StorageTracker()
+    tracker.mark_existing(list(existing))
+    with flop_mode, tracker:
+        yield counts
+    counts.flops = int(flop_mode.get_total_flops())
+    counts.flops_by_op = {_op_name(k): int(v) for k, v in flop_mode.get_flop_counts().get("Global", {}).items()}
+    counts.peak_live_bytes = tracker.peak
+    counts.materialized_bytes = tracker.materialized
+    counts.materialized_by_op = dict(tracker.by_op)
+    counts.peak_by_op = dict(tracker.peak_by_op)
+
+
+def count(fn, *args, existing=(), **kwargs) -> tuple[Counts, object]:
+    """Run ``fn(*args, **kwargs)`` under the counters; returns (counts, result)."""
+    with counting(existing) as c:
+        result = fn(*args, **kwargs)
+    return c, result
+
+
+def count_train_step(model: torch.nn.Module, make_inputs, *, loss_fn=None) -> Counts:
+    """Counts for one forward + backward of ``model`` on ``make_inputs()`` (args, kwargs).
+
+    The loss defaults to ``output.float().pow(2).mean()``; gradients of parameters are freed after.
+    """
+    args, kwargs = make_inputs()
+    existing = list(model.parameters()) + [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+
+    def step():
+        out = model(*args, **kwargs)
+        loss = loss_fn(out) if loss_fn else out.float().pow(2).mean()
+        loss.backward()
+
+    c, _ = count(step, existing=existing)
+    for p in model.parameters():
+        p.grad = None
+    return c

@@ -1,0 +1,407 @@
+"""Wan 2.1 / 2.2 transformer on vidtune_kernels.
+
+Parameter names and shapes mirror diffusers' ``WanTransformer3DModel`` one to one
+(``blocks.N.attn1.to_q``, ``blocks.N.ffn.net.0.proj``, ...), so diffusers checkpoints load as they
+are and peft adapter keys match. Fusion lives in the kernels, never in restructured parameters.
+
+What differs from diffusers, on purpose:
+- q/k RMSNorm + RoPE, adaLN modulate, gated residual and the FF activation are fused ops;
+- the feed-forward can run over token chunks (``chunk_size``), bounding tokens × ffn_dim;
+- TREAD routes send a random subset of video tokens through a span of blocks (training only);
+- image and text context stay separate tensors (no concat and split by a magic 512).
+Optimisations (checkpointing, offload, quantization) are applied from outside by ``apply_*``
+functions; ``forward`` stays a plain loop over ``self.blocks``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vidtune_kernels as K
+
+from ..attention import attention, check_backend
+
+# Parameters kept in fp32 whatever the model dtype (diffusers' _keep_in_fp32_modules): matched
+# against the components of a parameter's dotted name.
+KEEP_FP32 = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+
+@dataclass
+class WanConfig:
+    """The diffusers ``WanTransformer3DModel`` config (same keys and defaults)."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WanConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        extra = {k: v for k, v in d.items() if k not in names and not k.startswith("_")}
+        return cls(**kwargs, extra=extra)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        d["patch_size"] = list(self.patch_size)
+        return {"_class_name": "WanTransformer3DModel", **d}
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, [cos, sin] order (diffusers Timesteps, flip_sin_to_cos=True, shift 0)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class TextProjection(nn.Module):
+    def __init__(self, in_features: int, hidden: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden)
+        self.act_1 = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.linear_2(self.act_1(self.linear_1(x)))
+
+
+class GELUProj(nn.Module):
+    """``net.0`` of a diffusers FeedForward: a Linear whose output goes through GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: str):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
+
+    def forward(self, x):
+        x = self.proj(x)
+        return K.gelu_tanh(x) if self.approximate == "tanh" else F.gelu(x)
+
+
+class FeedForward(nn.Module):
+    """diffusers FeedForward layout (net.0.proj, net.1 dropout, net.2) with token chunking.
+
+    ``chunk_size`` (tokens per chunk, None = off) bounds the tokens × ffn_dim intermediate in
+    forward and backward; it calls this module's own Linears so LoRA or int8 Linears compose.
+    """
+
+    def __init__(self, dim: int, inner_dim: int, dim_out: int | None = None, approximate: str = "tanh"):
+        super().__init__()
+        self.net = nn.ModuleList(
+            [GELUProj(dim, inner_dim, approximate), nn.Dropout(0.0), nn.Linear(inner_dim, dim_out or dim)]
+        )
+        self.chunk_size: int | None = None
+
+    def _ff(self, x):
+        for m in self.net:
+            x = m(x)
+        return x
+
+    def forward(self, x):
+        return K.chunked_feed_forward(self._ff, x, self.chunk_size)
+
+
+class WanAttention(nn.Module):
+    """Self- or cross-attention with diffusers' parameter names (to_q/k/v, to_out.0, norm_q/k)."""
+
+    def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.eps = eps
+        self.backend = "sdpa"
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.add_k_proj = self.add_v_proj = None
+        if added_kv_proj_dim is not None:
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+
+    def _heads(self, x):
+        return x.unflatten(-1, (self.heads, -1))
+
+    def _out(self, x):
+        return self.to_out[1](self.to_out[0](x.flatten(2)))
+
+    def self_attention(self, x, rope):
+        cos, sin = rope
+        q = K.qk_norm_rope(self.to_q(x), self.norm_q.weight, self.eps, cos, sin, self.heads)
+        k = K.qk_norm_rope(self.to_k(x), self.norm_k.weight, self.eps, cos, sin, self.heads)
+        v = self._heads(self.to_v(x))
+        return self._out(attention(q, k, v, self.backend).type_as(q))
+
+    def cross_attention(self, x, context, context_image=None):
+        q = self._heads(self.norm_q(self.to_q(x)))
+        k = self._heads(self.norm_k(self.to_k(context)))
+        v = self._heads(self.to_v(context))
+        out = attention(q, k, v, self.backend).type_as(q)
+        if context_image is not None:
+            k_img = self._heads(self.norm_added_k(self.add_k_proj(context_image)))
+            v_img = self._heads(self.add_v_proj(context_image))
+            out = out + attention(q, k_img, v_img, self.backend).type_as(q)
+        return self._out(out)
+
+
+class WanBlock(nn.Module):
+    """One Wan transformer block. Called as ``block(x, context, temb, rope, context_image)``.
+
+    temb is the block's (B, 6, D) or per-token (B, S, 6, D) modulation input; rope is the
+    (cos, sin) pair of compact fp32 tables, shared (S, Dh/2) or per sample (B, S, Dh/2).
+    """
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim, eps = cfg.inner_dim, cfg.eps
+        self.eps = eps
+        self.attn1 = WanAttention(dim, cfg.num_attention_heads, eps)
+        self.attn2 = WanAttention(dim, cfg.num_attention_heads, eps, cfg.added_kv_proj_dim)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, cfg.ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, context, temb, rope, context_image=None):
+        if temb.ndim == 4:  # per-token modulation: (B, S, 6, D)
+            mod = (self.scale_shift_table.unsqueeze(0) + temb.float()).unbind(2)
+        else:
+            mod = (self.scale_shift_table + temb.float()).split(1, dim=1)
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = mod
+
+        h = K.modulate(x, shift_msa, scale_msa, self.eps)
+        x = K.gated_residual(x, self.attn1.self_attention(h, rope), gate_msa)
+
+        h = self.norm2(x.float()).type_as(x)
+        x = x + self.attn2.cross_attention(h, context, context_image)
+
+        h = K.modulate(x, c_shift, c_scale, self.eps)
+        return K.gated_residual(x, self.ffn(h), c_gate)
+
+
+class ImageEmbedding(nn.Module):
+    def __init__(self, in_features: int, out_features: int, pos_embed_seq_len: int | None):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(in_features)
+        self.ff = FeedForward(in_features, in_features, out_features, approximate="none")
+        self.norm2 = FP32LayerNorm(out_features)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, in_features)) if pos_embed_seq_len else None
+
+    def forward(self, x):
+        if self.pos_embed is not None:
+            b, s, d = x.shape
+            x = x.view(-1, 2 * s, d) + self.pos_embed
+        return self.norm2(self.ff(self.norm1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.freq_dim = cfg.freq_dim
+        self.time_embedder = TimestepEmbedding(cfg.freq_dim, dim)
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(dim, dim * 6)
+        self.text_embedder = TextProjection(cfg.text_dim, dim)
+        self.image_embedder = (
+            ImageEmbedding(cfg.image_dim, dim, cfg.pos_embed_seq_len) if cfg.image_dim is not None else None
+        )
+
+    def forward(self, timestep, context, context_image, dtype):
+        """timestep (B,) or (B, S) -> temb (B[, S], D) and timestep_proj (B[, S], 6D)."""
+        t = timestep_embedding(timestep.flatten(), self.freq_dim).unflatten(0, timestep.shape)
+        w = self.time_embedder.linear_1.weight
+        if w.dtype != torch.int8:
+            t = t.to(w.dtype)
+        temb = self.time_embedder(t).to(dtype)
+        timestep_proj = self.time_proj(self.act_fn(temb))
+        context = self.text_embedder(context)
+        if context_image is not None:
+            context_image = self.image_embedder(context_image)
+        return temb, timestep_proj, context, context_image
+
+
+def resolve_routes(routes, num_layers: int) -> list[tuple[float, int, int]]:
+    """Normalise TREAD routes to sorted (ratio, start, end) with inclusive non-negative indices.
+
+    Accepts dicts {selection_ratio, start_layer, end_layer} or tuples; negative indices count from
+    the end. Overlapping or out-of-range routes are errors.
+    """
+    out = []
+    for r in routes or ():
+        ratio, start, end = (
+            (r["selection_ratio"], r["start_layer"], r["end_layer"]) if isinstance(r, dict) else tuple(r)
+        )
+        s = start + num_layers if start < 0 else start
+        e = end + num_layers if end < 0 else end
+        if not (0 <= s <= e < num_layers):
+            raise ValueError(
+                f"TREAD route start_layer={start}, end_layer={end} is outside the {num_layers} blocks "
+                f"(indices are inclusive; negative ones count from the end)"
+            )
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"TREAD route selection_ratio={ratio} must be in [0, 1)")
+        out.append((float(ratio), s, e))
+    out.sort(key=lambda r: r[1])
+    for a, b in zip(out, out[1:]):
+        if b[1] <= a[2]:
+            raise ValueError(f"TREAD routes overlap: layers {a[1]}..{a[2]} and {b[1]}..{b[2]}")
+    return out
+
+
+class WanTransformer(nn.Module):
+    """Wan T2V / I2V transformer. ``forward`` takes diffusers' arguments and returns a tensor."""
+
+    family = "wan"
+
+    def __init__(self, cfg: WanConfig, *, force_2_1_time_embedding: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.force_2_1_time_embedding = force_2_1_time_embedding
+        dim = cfg.inner_dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.condition_embedder = ConditionEmbedder(cfg)
+        self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
+        self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    # -- knobs set from outside (config sections), never read from a global config -------------
+    def set_attention_backend(self, name: str) -> None:
+        check_backend(name)
+        for m in self.modules():
+            if isinstance(m, WanAttention):
+                m.backend = name
+
+    def set_ff_chunk_size(self, chunk_size: int | None) -> None:
+        """Tokens per feed-forward chunk (None = unchunked); WAN_FEED_FORWARD_CHUNK_SIZE overrides."""
+        chunk_size = K.resolve_chunk_size(chunk_size)
+        for block in self.blocks:
+            block.ffn.chunk_size = chunk_size
+
+    def rope_tables(self, f: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return K.wan_rope_freqs(
+            self.config.attention_head_dim, f, h, w, max_seq_len=self.config.rope_max_seq_len, device=device
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = False,
+        attention_kwargs: dict | None = None,
+        *,
+        routes=None,
+        force_keep: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        skip_layers=(),
+        capture_hidden=(),
+    ):
+        """Denoiser prediction for latents ``hidden_states`` (B, C, F, H, W).
+
+        timestep: (B,) or per-token (B, F'*H'*W') like diffusers. Keyword-only extras:
+        routes: TREAD routes [{selection_ratio, start_layer, end_layer}], used in training mode only.
+        force_keep: bool (B, tokens) of video tokens a route must keep (e.g. masked-loss regions).
+        generator: torch.Generator for the routing draws (seed it for reproducible routing).
+        skip_layers: block indices to skip (skip-layer guidance).
+        capture_hidden: block indices whose output hidden states (B, tokens, D) are returned too,
+        as ``(output, {index: hidden})``.
+        """
+        cfg = self.config
+        b, _, f, h, w = hidden_states.shape
+        pt, ph, pw = cfg.patch_size
+        f, h, w = f // pt, h // ph, w // pw
+
+        rope = self.rope_tables(f, h, w, hidden_states.device)
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+
+        if timestep.ndim == 2 and self.force_2_1_time_embedding:
+            # One embedding per sample, Wan 2.1 style: the noise level of the denoised tokens.
+            timestep = timestep.amax(dim=1)
+        temb, tproj, context, context_image = self.condition_embedder(
+            timestep, encoder_hidden_states, encoder_hidden_states_image, encoder_hidden_states.dtype
+        )
+        tproj = tproj.unflatten(-1, (6, -1))  # (B, 6, D) or (B, S, 6, D)
+
+        routes = resolve_routes(routes, len(self.blocks)) if self.training else []
+        route_at = {start: (ratio, end) for ratio, start, end in routes}
+        skip = set(skip_layers)
+        want = set(capture_hidden)
+        captured = {}
+        saved = None  # (x_full, rope_full, tproj_full, idx, end) while a route is active
+        for i, block in enumerate(self.blocks):
+            if i in route_at and route_at[i][0] > 0:
+                ratio, end = route_at[i]
+                idx = K.select_tokens(b, x.shape[1], ratio, generator=generator, force_keep=force_keep,
+                                      device=x.device)
+                saved = (x, rope, tproj, idx, end)
+                x = K.tread_gather(x, idx)
+                rope = (K.tread_gather(rope[0], idx), K.tread_gather(rope[1], idx))
+                if tproj.ndim == 4:
+                    tproj = K.tread_gather(tproj, idx)
+            if i not in skip:
+                x = block(x, context, tproj, rope, context_image)
+            if saved is not None and i == saved[4]:
+                x_full, rope, tproj, idx, _ = saved
+                x = K.tread_scatter(x_full, x, idx)
+                saved = None
+            if i in want:
+                captured[i] = K.tread_scatter(saved[0], x, saved[3]) if saved is not None else x
+
+        if temb.ndim == 3:  # per-token: (B, S, D)
+            shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)
+        else:
+            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).split(1, dim=1)
+        x = self.proj_out(K.modulate(x, shift, scale, cfg.eps))
+
+        x = x.reshape(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return (out, captured) if capture_hidden else out
