@@ -1,0 +1,326 @@
+"""TREAD token routing: gather the kept tokens before a span of blocks, scatter them back after.
+
+Shapes (every tensor is made contiguous and its trailing dims flattened to one row of R elements):
+  x     (B, S, R)  all tokens of a sample            | shared table: (S, R), batch stride 0
+  idx   (B, K)     int64 kept-token indices per sample, unique within a row (any order)
+  y     (B, K, R)  the kept tokens after the routed span
+  base  (B, S, R)  the saved originals of all tokens
+Each Triton program copies one BLOCK_R slice of one row: grid (B * K, cdiv(R, BLOCK_R)); program
+(b * K + k, j) moves columns [j * BLOCK_R, (j + 1) * BLOCK_R) of token idx[b, k] of sample b.
+
+Forward and backward (both ops are pure data movement, so the grads are exact in any dtype):
+  gather   out[b, k]      = x[b, idx[b, k]]
+           grad_x         = 0 everywhere, grad_x[b, idx[b, k]] = grad_out[b, k]
+           (shared table: grad_x[s] = sum over (b, k) with idx[b, k] == s of grad_out[b, k])
+  scatter  out            = base, out[b, idx[b, k]] = y[b, k]
+           grad_base      = grad_out with rows idx[b, k] set to 0 (those rows came from y)
+           grad_y[b, k]   = grad_out[b, idx[b, k]]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._dispatch import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tread_gather_kernel(x_ptr, idx_ptr, out_ptr, K, R, stride_xb, BLOCK_R: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # b * K + k; int64 so B * K * R may pass 2**31
+        b = row // K
+        src = tl.load(idx_ptr + row)
+        cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = cols < R
+        vals = tl.load(x_ptr + b * stride_xb + src * R + cols, mask=mask)
+        tl.store(out_ptr + row * R + cols, vals, mask=mask)
+
+    @triton.jit
+    def _tread_scatter_kernel(y_ptr, idx_ptr, out_ptr, K, R, stride_ob, BLOCK_R: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        b = row // K
+        dst = tl.load(idx_ptr + row)
+        cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = cols < R
+        vals = tl.load(y_ptr + row * R + cols, mask=mask)
+        tl.store(out_ptr + b * stride_ob + dst * R + cols, vals, mask=mask)
+
+    @triton.jit
+    def _tread_scatter_bwd_kernel(
+        grad_ptr, idx_ptr, grad_base_ptr, grad_y_ptr, K, R, stride_gb, BLOCK_R: tl.constexpr
+    ):
+        # grad_base arrives as a copy of grad: one pass reads each kept row once, hands it to
+        # grad_y and zeroes it in grad_base.
+        row = tl.program_id(0).to(tl.int64)
+        b = row // K
+        src = tl.load(idx_ptr + row)
+        cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = cols < R
+        offs = b * stride_gb + src * R + cols
+        vals = tl.load(grad_ptr + offs, mask=mask)
+        tl.store(grad_y_ptr + row * R + cols, vals, mask=mask)
+        tl.store(grad_base_ptr + offs, tl.zeros([BLOCK_R], dtype=vals.dtype), mask=mask)
+
+
+def _grid(B: int, K: int, R: int) -> tuple[tuple[int, int], int]:
+    block_r = min(triton.next_power_of_2(R), 2048)
+    return (B * K, triton.cdiv(R, block_r)), block_r
+
+
+def _flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Row numbers of the kept tokens in the (B * S, R) view: idx[b, k] + b * S, flattened."""
+    offsets = torch.arange(idx.shape[0], device=idx.device).mul_(num_tokens)
+    return (idx + offsets[:, None]).reshape(-1)
+
+
+def _check(x: torch.Tensor, idx: torch.Tensor, shared: bool) -> None:
+    if idx.dtype != torch.int64 or idx.dim() != 2:
+        raise ValueError(f"tread idx must be int64 (B, K), got {idx.dtype} {tuple(idx.shape)}")
+    need = 1 if shared else 2
+    if x.dim() < need or (not shared and x.shape[0] != idx.shape[0]):
+        layout = "(S, *rest)" if shared else f"(B={idx.shape[0]}, S, *rest)"
+        raise ValueError(f"tread x must be {layout}, got {tuple(x.shape)}")
+
+
+# --- launchers --------------------------------------------------------------------------------
+
+
+def tread_gather_forward(x: torch.Tensor, idx: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    B, K = idx.shape
+    lead = 1 if shared else 2
+    S, rest = x.shape[lead - 1], x.shape[lead:]
+    R = math.prod(rest)
+    x = x.contiguous()
+    if use_triton(x):
+        out = x.new_empty((B, K, *rest))
+        grid, block_r = _grid(B, K, R)
+        stride_xb = 0 if shared else S * R
+        _tread_gather_kernel[grid](x, idx.contiguous(), out, K, R, stride_xb, BLOCK_R=block_r)
+        return out
+    rows = idx.reshape(-1) if shared else _flat_rows(idx, S)
+    return x.view(-1, R).index_select(0, rows).view(B, K, *rest)
+
+
+def tread_gather_backward(
+    grad: torch.Tensor, idx: torch.Tensor, num_tokens: int, shared: bool = False
+) -> torch.Tensor:
+    B, K = idx.shape
+    rest = grad.shape[2:]
+    R = math.prod(rest)
+    grad = grad.contiguous()
+    if shared:
+        # Several samples can keep the same table row, so the rows add up; tables are built
+        # without grad in the model, so this index_add is off the hot path (no atomics kernel).
+        grad_x = grad.new_zeros((num_tokens, R))
+        return grad_x.index_add_(0, idx.reshape(-1), grad.view(-1, R)).view(num_tokens, *rest)
+    grad_x = grad.new_zeros((B, num_tokens, *rest))
+    if use_triton(grad):
+        grid, block_r = _grid(B, K, R)
+        _tread_scatter_kernel[grid](
+            grad, idx.contiguous(), grad_x, K, R, num_tokens * R, BLOCK_R=block_r
+        )
+        return grad_x
+    grad_x.view(-1, R).index_copy_(0, _flat_rows(idx, num_tokens), grad.view(-1, R))
+    return grad_x
+
+
+def tread_scatter_forward(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    B, K = idx.shape
+    S, rest = base.shape[1], base.shape[2:]
+    R = math.prod(rest)
+    y = y.contiguous()
+    if use_triton(base):
+        out = base.clone(memory_format=torch.contiguous_format)
+        grid, block_r = _grid(B, K, R)
+        _tread_scatter_kernel[grid](y, idx.contiguous(), out, K, R, S * R, BLOCK_R=block_r)
+        return out
+    out = base.contiguous().view(-1, R).index_copy(0, _flat_rows(idx, S), y.view(-1, R))
+    return out.view(base.shape)
+
+
+def tread_scatter_backward(
+    grad: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, K = idx.shape
+    S, rest = grad.shape[1], grad.shape[2:]
+    R = math.prod(rest)
+    grad = grad.contiguous()
+    if use_triton(grad):
+        grad_base = grad.clone()
+        grad_y = grad.new_empty((B, K, *rest))
+        grid, block_r = _grid(B, K, R)
+        _tread_scatter_bwd_kernel[grid](
+            grad, idx.contiguous(), grad_base, grad_y, K, R, S * R, BLOCK_R=block_r
+        )
+        return grad_base, grad_y
+    rows = _flat_rows(idx, S)
+    flat = grad.view(-1, R)
+    grad_y = flat.index_select(0, rows).view(B, K, *rest)
+    return flat.index_fill(0, rows, 0).view(grad.shape), grad_y
+
+
+# --- custom ops: opaque to torch.compile, shapes from the fake impls ----------------------------
+
+
+@torch.library.custom_op("vidtune::tread_gather_fwd", mutates_args=())
+def _tread_gather_fwd_op(x: torch.Tensor, idx: torch.Tensor, shared: bool) -> torch.Tensor:
+    return tread_gather_forward(x, idx, shared)
+
+
+@_tread_gather_fwd_op.register_fake
+def _(x, idx, shared):
+    return x.new_empty((*idx.shape, *x.shape[1 if shared else 2 :]))
+
+
+@torch.library.custom_op("vidtune::tread_gather_bwd", mutates_args=())
+def _tread_gather_bwd_op(
+    grad: torch.Tensor, idx: torch.Tensor, num_tokens: int, shared: bool
+) -> torch.Tensor:
+    return tread_gather_backward(grad, idx, num_tokens, shared)
+
+
+@_tread_gather_bwd_op.register_fake
+def _(grad, idx, num_tokens, shared):
+    lead = (num_tokens,) if shared else (idx.shape[0], num_tokens)
+    return grad.new_empty((*lead, *grad.shape[2:]))
+
+
+@torch.library.custom_op("vidtune::tread_scatter_fwd", mutates_args=())
+def _tread_scatter_fwd_op(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return tread_scatter_forward(base, y, idx)
+
+
+@_tread_scatter_fwd_op.register_fake
+def _(base, y, idx):
+    return torch.empty_like(base, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("vidtune::tread_scatter_bwd", mutates_args=())
+def _tread_scatter_bwd_op(
+    grad: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return tread_scatter_backward(grad, idx)
+
+
+@_tread_scatter_bwd_op.register_fake
+def _(grad, idx):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format), grad.new_empty(
+        (*idx.shape, *grad.shape[2:])
+    )
+
+
+# --- autograd -----------------------------------------------------------------------------------
+
+
+class TreadGatherFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx, shared):
+        ctx.save_for_backward(idx)
+        ctx.num_tokens = x.shape[0 if shared else 1]
+        ctx.shared = shared
+        return torch.ops.vidtune.tread_gather_fwd(x, idx, shared)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return torch.ops.vidtune.tread_gather_bwd(grad, idx, ctx.num_tokens, ctx.shared), None, None
+
+
+class TreadScatterFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base, y, idx):
+        ctx.save_for_backward(idx)
+        return torch.ops.vidtune.tread_scatter_fwd(base, y, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        grad_base, grad_y = torch.ops.vidtune.tread_scatter_bwd(grad, idx)
+        return grad_base, grad_y, None
+
+
+# --- functional API and modules ---------------------------------------------------------------
+
+
+def select_tokens(
+    batch: int,
+    num_tokens: int,
+    selection_ratio: float,
+    *,
+    generator: torch.Generator | None = None,
+    force_keep: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Kept-token indices (B, K) int64, sorted ascending: a uniform random subset per sample.
+
+    ``selection_ratio`` is the routed (dropped) fraction: K = num_tokens - round(ratio *
+    num_tokens), equal across the batch. ``force_keep`` (B, num_tokens) bool marks tokens that are
+    always kept; when a sample forces more than K tokens, K grows to that count for the whole
+    batch (keep more, never fewer). The draw uses ``generator`` (same state => same routing) on the
+    generator's device; ``device`` (default: force_keep's, else the generator's) is where idx lives.
+    """
+    if not 0.0 <= selection_ratio < 1.0:
+        raise ValueError(f"TREAD selection_ratio must be in [0, 1), got {selection_ratio}")
+    if device is None:
+        if force_keep is not None:
+            device = force_keep.device
+        else:
+            device = generator.device if generator is not None else "cpu"
+    keep = num_tokens - round(selection_ratio * num_tokens)
+    if force_keep is not None:
+        if force_keep.shape != (batch, num_tokens) or force_keep.dtype != torch.bool:
+            raise ValueError(
+                f"TREAD force_keep must be bool ({batch}, {num_tokens}), "
+                f"got {force_keep.dtype} {tuple(force_keep.shape)}"
+            )
+        keep = max(keep, int(force_keep.sum(1).max()))  # host sync: K sets every shape downstream
+    if keep >= num_tokens:
+        return torch.arange(num_tokens, device=device).expand(batch, num_tokens).contiguous()
+    draw_device = generator.device if generator is not None else device
+    scores = torch.rand(batch, num_tokens, generator=generator, device=draw_device)
+    if force_keep is not None:
+        scores.masked_fill_(force_keep.to(scores.device), 2.0)  # above every uniform draw
+    idx = scores.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
+    return idx.to(device)
+
+
+def tread_gather(x: torch.Tensor, idx: torch.Tensor, *, shared: bool = False) -> torch.Tensor:
+    """x (B, S, *rest) -> (B, K, *rest), row b = x[b, idx[b]].
+
+    ``shared=True``: x is one table for the whole batch, (S, *rest) (e.g. RoPE frequencies).
+    """
+    _check(x, idx, shared)
+    return TreadGatherFunction.apply(x, idx, shared)
+
+
+def tread_scatter(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """base (B, S, *rest) with out[b, idx[b]] = y[b]; y (B, K, *rest) are the routed kept tokens."""
+    _check(base, idx, False)
+    want = (*idx.shape, *base.shape[2:])
+    if y.shape != want or y.dtype != base.dtype:
+        raise ValueError(
+            f"tread_scatter y must be {base.dtype} {want} to match base and idx, "
+            f"got {y.dtype} {tuple(y.shape)}; cast y to base.dtype"
+        )
+    return TreadScatterFunction.apply(base, y, idx)
+
+
+class TreadGather(nn.Module):
+    def __init__(self, shared: bool = False):
+        super().__init__()
+        self.shared = shared
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return tread_gather(x, idx, shared=self.shared)
+
+    def extra_repr(self) -> str:
+        return f"shared={self.shared}"
+
+
+class TreadScatter(nn.Module):
+    def forward(self, base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return tread_scatter(base, y, idx)
