@@ -73,7 +73,9 @@ def test_shared_table_gather(monkeypatch, path):
     table = torch.randn(7, 1, 10, requires_grad=True)
     g = torch.randn(2, 3, 1, 10)
     out, gt = _grads(lambda t, i: tread_gather(t, i, shared=True), table, idx, grad_out=g)
-    out_ref, gt_ref = _grads(lambda t, i: tread_gather_ref(t, i, shared=True), table, idx, grad_out=g)
+    out_ref, gt_ref = _grads(
+        lambda t, i: tread_gather_ref(t, i, shared=True), table, idx, grad_out=g
+    )
     assert out.shape == (2, 3, 1, 10)
     torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
     torch.testing.assert_close(gt, gt_ref)
@@ -138,8 +140,9 @@ def test_bad_inputs_say_what_is_expected():
         tread_gather(x, torch.zeros(2, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"\(B=3, S, \*rest\)"):
         tread_gather(x, torch.zeros(3, 3, dtype=torch.int64))
+    idx = torch.zeros(2, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="cast y"):
-        tread_scatter(x, torch.zeros(2, 3, 4, dtype=torch.bfloat16), torch.zeros(2, 3, dtype=torch.int64))
+        tread_scatter(x, torch.zeros(2, 3, 4, dtype=torch.bfloat16), idx)
 
 
 # --- select_tokens --------------------------------------------------------------------------
