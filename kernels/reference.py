@@ -9,6 +9,36 @@ import torch
 
 # --- rope, qk_norm_rope, modulate, gated_residual, gelu_tanh (kernels/rope.py, modulate.py,
 # --- residual.py, gelu.py) ---------------------------------------------------------------
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (2i, 2i+1) of x (B, S, H, Dh) by cos/sin (S, Dh/2) or (B, S, Dh/2)."""
+    cos = cos.unsqueeze(-2)  # broadcast over heads
+    sin = sin.unsqueeze(-2)
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def qk_norm_rope_ref(x, weight, eps, cos, sin, heads):
+    """Wan q/k path: RMSNorm across all heads (torch.nn.RMSNorm math), cast to x.dtype, RoPE."""
+    normed = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps).to(x.dtype)
+    return rope_ref(normed.unflatten(-1, (heads, -1)), cos, sin)
+
+
+def modulate_ref(x, shift, scale, eps=1e-6):
+    """adaLN: LayerNorm without affine in fp32, then * (1 + scale) + shift, cast to x.dtype."""
+    normed = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (normed * (1 + scale) + shift).to(x.dtype)
+
+
+def gated_residual_ref(x, y, gate):
+    return (x.float() + y.float() * gate).to(x.dtype)
+
+
+def gelu_tanh_ref(x):
+    xf = x.float()
+    inner = (2.0 / torch.pi) ** 0.5 * (xf + 0.044715 * xf.pow(3))
+    return (0.5 * xf * (1.0 + torch.tanh(inner))).to(x.dtype)
+
 
 
 # --- tread gather/scatter, chunked feed-forward (kernels/tread.py, ffn.py) -------------------
