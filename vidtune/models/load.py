@@ -69,6 +69,15 @@ def _keep_fp32(name: str, keep: tuple[str, ...]) -> bool:
     return any(part in keep for part in name.split("."))
 
 
+def apply_dtype_policy(model: torch.nn.Module, torch_dtype: torch.dtype, keep_fp32) -> torch.nn.Module:
+    """Cast parameters to ``torch_dtype`` except the fp32-kept ones (in place; works on fake tensors)."""
+    for name, p in model.named_parameters():
+        target = torch.float32 if _keep_fp32(name, keep_fp32) else torch_dtype
+        if p.is_floating_point() and p.dtype != target:
+            p.data = p.data.to(target)
+    return model
+
+
 def load_weights(model: torch.nn.Module, files: list[Path], torch_dtype, keep_fp32, device="cpu") -> None:
     """Assign tensors from ``files`` to a (meta) ``model``; error listing unknown/missing keys."""
     expected = dict(model.state_dict(keep_vars=True))

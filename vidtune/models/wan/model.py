@@ -378,13 +378,13 @@ class WanTransformer(nn.Module):
         captured = {}
         saved = None  # (x_full, rope_full, tproj_full, idx, end) while a route is active
         for i, block in enumerate(self.blocks):
-            if i in route_at and route_at[i][0] > 0:
+            if i in route_at:
                 ratio, end = route_at[i]
                 idx = K.select_tokens(b, x.shape[1], ratio, generator=generator, force_keep=force_keep,
                                       device=x.device)
                 saved = (x, rope, tproj, idx, end)
                 x = K.tread_gather(x, idx)
-                rope = (K.tread_gather(rope[0], idx), K.tread_gather(rope[1], idx))
+                rope = (K.tread_gather(rope[0], idx, shared=True), K.tread_gather(rope[1], idx, shared=True))
                 if tproj.ndim == 4:
                     tproj = K.tread_gather(tproj, idx)
             if i not in skip:
