@@ -1,0 +1,87 @@
+"""``vidtune-train``: config handling and data preparation, then the training loop.
+
+    vidtune-train config.toml [--set section.key=value ...] [--print-config] [--prepare-only]
+    vidtune-train --help-config
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, dump_config, load_config, render_config_docs, save_resolved_config
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare(cfg: Config):
+    """Discover the datasets and fill the caches (each component gets its own section)."""
+    from .data import prepare_data
+
+    return prepare_data(
+        cfg.datasets, cfg.cache, cfg.model,
+        batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        device=resolve_device(cfg.train.device),
+        offload_during_startup=cfg.memory.offload_during_startup,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vidtune-train", description="Train Wan video diffusion adapters.")
+    p.add_argument("config", nargs="?", help="TOML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (value read as TOML); repeatable")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--help-config", action="store_true", help="print every config section and key and exit")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="discover the data and fill the latent/text caches, then exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.help_config:
+        sys.stdout.write(render_config_docs())
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(dump_config(cfg))
+        return 0
+    if args.config is None:
+        print("error: a config file is required (vidtune-train config.toml)", file=sys.stderr)
+        return 2
+    from .data import DataError
+
+    save_resolved_config(cfg, Path(cfg.train.output_dir))
+    try:
+        prepared = prepare(cfg)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.prepare_only:
+        return 0
+    try:
+        from .train.trainer import train
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("vidtune.train"):
+            print("error: this build has no training loop yet (vidtune.train.trainer); "
+                  "--prepare-only fills the caches", file=sys.stderr)
+            return 3
+        raise
+    train(cfg, prepared)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
