@@ -81,8 +81,11 @@ class NativeStreamer:
     def load(self, gid: int) -> bool:
         return self._s.load(gid)
 
+    def wait_slot(self, gid: int) -> int:
+        return self._s.wait(gid, _current_stream_handle(self.device))
+
     def wait(self, gid: int) -> torch.Tensor:
-        return self._slots[self._s.wait(gid, _current_stream_handle(self.device))]
+        return self._slots[self.wait_slot(gid)]
 
     def evict(self, gid: int) -> None:
         self._s.evict(gid, _current_stream_handle(self.device))
@@ -203,14 +206,17 @@ class PythonStreamer:
             g["future"] = self._pool.submit(self._copy, gid, g["slot"])
         return True
 
-    def wait(self, gid: int) -> torch.Tensor:
+    def wait_slot(self, gid: int) -> int:
         g = self._groups[gid]
         if g["state"] == EVICTED:
             raise RuntimeError(f"streamer: wait on group {gid}, which was not loaded")
         g["future"].result()  # CPU: the copy is done; CUDA: the copy is enqueued
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_event(self._copied[g["slot"]])
-        return self._slots[g["slot"]]
+        return g["slot"]
+
+    def wait(self, gid: int) -> torch.Tensor:
+        return self._slots[self.wait_slot(gid)]
 
     def evict(self, gid: int) -> None:
         g = self._groups[gid]
@@ -270,8 +276,9 @@ def group_load(sid: int, gid: int) -> None:
 
 
 @torch.library.custom_op("vidtune::group_wait", mutates_args=())
-def group_wait(sid: int, gid: int) -> None:
-    _registry[sid].wait(gid)
+def group_wait(sid: int, gid: int) -> int:
+    """Make the current stream wait for the group; returns its slot index."""
+    return _registry[sid].wait_slot(gid)
 
 
 @torch.library.custom_op("vidtune::group_evict", mutates_args=())
@@ -279,8 +286,9 @@ def group_evict(sid: int, gid: int) -> None:
     _registry[sid].evict(gid)
 
 
-for _op in (group_load, group_wait, group_evict):
-    _op.register_fake(lambda sid, gid: None)
+group_load.register_fake(lambda sid, gid: None)
+group_wait.register_fake(lambda sid, gid: 0)
+group_evict.register_fake(lambda sid, gid: None)
 
 
 def make_streamer(backend: str, num_slots: int, slot_bytes: int, num_workers: int = 1, device="cpu"):
