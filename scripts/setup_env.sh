@@ -9,4 +9,6 @@ if ! command -v ffmpeg >/dev/null 2>&1; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+# The one torchcodec that loads beside torch 2.13 (a newer one would import-fail, not downgrade torch).
+.venv/bin/pip install -q --disable-pip-version-check torchcodec==0.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"

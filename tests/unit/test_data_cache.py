@@ -1,0 +1,69 @@
+"""Cache store: atomic writes, compression, keys, prompt padding."""
+import os
+
+import pytest
+import torch
+
+from vidtune.data.cache import CacheStore, file_digest, model_fingerprint, pad_prompt_embeds, settings_key
+from vidtune.fsutil import atomic_write, atomic_write_bytes
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_store_round_trip(tmp_path, compress):
+    store = CacheStore(tmp_path, compress)
+    t = {"latents": torch.randn(16, 3, 4, 4, dtype=torch.bfloat16)}
+    key = settings_key(a=1)
+    assert not store.has("latents", key)
+    path = store.save("latents", key, t, {"caption": "x"})
+    assert path.name.endswith(".zlib") == compress
+    assert torch.equal(store.load("latents", key)["latents"], t["latents"])
+    # An entry written with the other compression setting is still found.
+    assert CacheStore(tmp_path, not compress).has("latents", key)
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "x.bin"
+    atomic_write_bytes(target, b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as f:
+            f.write(b"new partial")
+            raise RuntimeError("crash mid-write")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["x.bin"]
+
+
+def test_unreadable_entry_names_file_and_fix(tmp_path):
+    store = CacheStore(tmp_path)
+    key = settings_key(b=2)
+    path = store.save("text", key, {"prompt_embeds": torch.zeros(2, 4)})
+    path.write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="delete it and run again"):
+        store.load("text", key)
+
+
+def test_keys_change_with_every_setting(tmp_path):
+    base = dict(source="abc", width=32, height=32, frames=9, crop=False, vae="v1")
+    keys = {settings_key(**base)}
+    for k, v in [("source", "abd"), ("width", 48), ("frames", 13), ("crop", True), ("vae", "v2")]:
+        keys.add(settings_key(**{**base, k: v}))
+    assert len(keys) == 6
+    assert settings_key(**base) == settings_key(**dict(reversed(base.items())))
+
+
+def test_file_digest_and_fingerprint(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "w.safetensors").write_bytes(b"1234")
+    f1 = model_fingerprint(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text('{"a": 1}')
+    assert model_fingerprint(tmp_path / "m") != f1
+    (tmp_path / "a").write_bytes(b"hello")
+    assert file_digest(tmp_path / "a") == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+
+
+def test_pad_prompt_embeds():
+    a, b = torch.randn(3, 8), torch.randn(5, 8)
+    out = pad_prompt_embeds([a, b], 512)
+    assert out.shape == (2, 512, 8)
+    assert torch.equal(out[0, :3], a) and torch.equal(out[1, :5], b)
+    assert out[0, 3:].abs().sum() == 0 and out[1, 5:].abs().sum() == 0

@@ -1,0 +1,120 @@
+"""On-disk caches of VAE latents and text embeddings (safetensors), keyed by content + settings.
+
+An entry's key is the sha256 of: the source file's content digest (or the caption text), every
+setting that changes the tensor (target size, frames, fps, crop, encoder fingerprint, dtype) and
+``CACHE_VERSION``. A changed setting therefore lands on a different key and can never read a
+stale entry; an unchanged one is found again by the next run. Writes are atomic.
+
+Layout: ``<dir>/<kind>/<key[:2]>/<key>.safetensors`` (``.safetensors.zlib`` when compressed;
+either form is read back, whatever ``compress`` says now).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..fsutil import atomic_write_bytes
+
+# Bump when the preprocessing or the stored layout changes; old entries are then never read.
+CACHE_VERSION = 1
+TEXT_MAX_LENGTH = 512  # UMT5 sequence length the Wan pipeline pads prompts to
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def settings_key(**settings) -> str:
+    """Deterministic key of a settings dict (json, sorted keys) plus the cache version."""
+    blob = json.dumps({"cache_version": CACHE_VERSION, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def model_fingerprint(directory: str | Path) -> str:
+    """Identity of a saved model component without reading its weights: the config/tokenizer
+    files' content plus each weight file's name, size and mtime (for symlinks into the HF hub
+    cache, the blob name, which is the content hash)."""
+    d = Path(directory)
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(d).as_posix()
+        if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
+            if p.is_symlink():
+                ident = p.resolve().name
+            else:
+                st = p.stat()
+                ident = f"{st.st_size}:{st.st_mtime_ns}"
+            h.update(f"{rel}={ident}\n".encode())
+        else:
+            h.update(f"{rel}:".encode() + p.read_bytes() + b"\n")
+    return h.hexdigest()
+
+
+class CacheStore:
+    """safetensors entries under ``root/<kind>/``, written atomically, optionally zlib-compressed."""
+
+    def __init__(self, root: str | Path, compress: bool = False):
+        self.root = Path(root)
+        self.compress = compress
+
+    def _paths(self, kind: str, key: str) -> tuple[Path, Path]:
+        base = self.root / kind / key[:2] / f"{key}.safetensors"
+        return base, base.with_name(base.name + ".zlib")
+
+    def path(self, kind: str, key: str) -> Path | None:
+        """The existing entry's file, or None."""
+        for p in self._paths(kind, key):
+            if p.is_file():
+                return p
+        return None
+
+    def has(self, kind: str, key: str) -> bool:
+        return self.path(kind, key) is not None
+
+    def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor],
+             metadata: dict[str, str] | None = None) -> Path:
+        data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+        plain, packed = self._paths(kind, key)
+        if self.compress:
+            return atomic_write_bytes(packed, zlib.compress(data, 1))
+        return atomic_write_bytes(plain, data)
+
+    @staticmethod
+    def read(path: str | Path) -> dict[str, torch.Tensor]:
+        path = Path(path)
+        data = path.read_bytes()
+        if path.suffix == ".zlib":
+            data = zlib.decompress(data)
+        try:
+            return st_load(data)
+        except Exception as exc:
+            raise RuntimeError(f"cache entry {path} is unreadable ({exc}); delete it and run again "
+                               f"to re-encode") from exc
+
+    def load(self, kind: str, key: str) -> dict[str, torch.Tensor]:
+        path = self.path(kind, key)
+        if path is None:
+            raise KeyError(f"no {kind} cache entry {key} under {self.root}")
+        return self.read(path)
+
+
+def pad_prompt_embeds(embeds: list[torch.Tensor], max_length: int = TEXT_MAX_LENGTH) -> torch.Tensor:
+    """Stack trimmed (len_i, D) embeddings into (B, max_length, D), zero after each length,
+    which is exactly the layout ``WanPipeline.encode_prompt`` returns."""
+    out = embeds[0].new_zeros(len(embeds), max_length, embeds[0].shape[-1])
+    for i, e in enumerate(embeds):
+        out[i, : e.shape[0]] = e[:max_length]
+    return out

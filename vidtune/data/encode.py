@@ -1,0 +1,137 @@
+"""The VAE and the UMT5 text encoder used to fill the caches, loaded lazily from ``[model]``.
+
+Latents are normalised the way Wan trains on them: ``(mu - latents_mean) * (1 / latents_std)``
+per channel, from the VAE config, with ``mu`` the posterior mean (deterministic, so cacheable).
+Text embeddings are exactly ``WanPipeline.encode_prompt``'s (same cleaning, tokenizer call with
+512-token padding, encoder, trim to the true length); they are returned trimmed and the loader
+zero-pads them back to 512 (``cache.pad_prompt_embeds``), which saves most of the disk.
+
+With ``offload_during_startup`` only the encoder in use sits on the device; the other waits on
+the CPU. Nothing is loaded until an entry is actually missing from the cache.
+"""
+from __future__ import annotations
+
+import gc
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from .cache import TEXT_MAX_LENGTH, model_fingerprint
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _local_component(src: str, subfolder: str, revision: str | None) -> tuple[Path | None, str]:
+    """(local dir of the component or None for a hub id, fingerprint)."""
+    p = Path(src).expanduser()
+    if p.is_dir():
+        d = p / subfolder
+        if not d.is_dir():
+            raise FileNotFoundError(f"{p}: no {subfolder}/ folder (expected a diffusers pipeline directory)")
+        return d, model_fingerprint(d)
+    # A hub id: the snapshot's commit hash names the content (resolved from the local HF cache
+    # when offline); only model_index.json is fetched here, the weights when first needed.
+    from huggingface_hub import snapshot_download
+
+    snap = Path(snapshot_download(src, revision=revision, allow_patterns=["model_index.json"]))
+    return None, f"hub:{src}@{snap.name}/{subfolder}"
+
+
+class Encoders:
+    """Lazily loaded VAE + text encoder for one model config."""
+
+    def __init__(self, model: ModelConfig, device: str | torch.device = "cpu",
+                 offload_during_startup: bool = False):
+        self.model = model
+        self.device = torch.device(device)
+        self.offload_during_startup = offload_during_startup
+        self.vae_src = model.vae_path or model.resolved_path()
+        self.text_src = model.text_encoder_path or model.resolved_path()
+        self.vae_dtype = DTYPES[model.vae_dtype]
+        self.text_dtype = DTYPES[model.text_encoder_dtype]
+        self._vae = None
+        self._text_encoder = None
+        self._tokenizer = None
+
+    @cached_property
+    def vae_fingerprint(self) -> str:
+        return _local_component(self.vae_src, "vae", self.model.revision)[1]
+
+    @cached_property
+    def text_fingerprint(self) -> str:
+        te = _local_component(self.text_src, "text_encoder", self.model.revision)[1]
+        tok = _local_component(self.text_src, "tokenizer", self.model.revision)[1]
+        return f"{te}+{tok}"
+
+    # -- device placement --------------------------------------------------------------------
+    def _activate(self, name: str) -> None:
+        """Put ``name`` ("vae" | "text") on the device; with offload_during_startup, park the other."""
+        mine = self._vae if name == "vae" else self._text_encoder
+        other = self._text_encoder if name == "vae" else self._vae
+        if self.offload_during_startup and other is not None:
+            other.to("cpu")
+        mine.to(self.device)
+
+    def placement(self) -> dict[str, str | None]:
+        """Where each loaded encoder sits (None: not loaded)."""
+        def dev(m):
+            return None if m is None else str(next(m.parameters()).device)
+        return {"vae": dev(self._vae), "text_encoder": dev(self._text_encoder)}
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            from diffusers import AutoencoderKLWan
+
+            self._vae = AutoencoderKLWan.from_pretrained(
+                self.vae_src, subfolder="vae", torch_dtype=self.vae_dtype, revision=self.model.revision
+            ).eval().requires_grad_(False)
+        self._activate("vae")
+        return self._vae
+
+    def _load_text(self):
+        if self._text_encoder is None:
+            from transformers import AutoTokenizer, UMT5EncoderModel
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.text_src, subfolder="tokenizer", revision=self.model.revision)
+            self._text_encoder = UMT5EncoderModel.from_pretrained(
+                self.text_src, subfolder="text_encoder", dtype=self.text_dtype, revision=self.model.revision
+            ).eval().requires_grad_(False)
+        self._activate("text")
+        return self._tokenizer, self._text_encoder
+
+    # -- encoding ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1], F = 4k+1 -> normalised latents (B, z, k+1, H/8, W/8)."""
+        vae = self.vae
+        x = pixels.to(self.device, self.vae_dtype)
+        mu = vae.encode(x).latent_dist.mode()
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(mu.device, mu.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(mu.device, mu.dtype)
+        return (mu - mean) * inv_std
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], max_length: int = TEXT_MAX_LENGTH) -> list[torch.Tensor]:
+        """Per prompt, the UMT5 embedding trimmed to its true token count: (len_i, D)."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        tokenizer, encoder = self._load_text()
+        inputs = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_length,
+                           truncation=True, add_special_tokens=True, return_attention_mask=True,
+                           return_tensors="pt")
+        ids, mask = inputs.input_ids, inputs.attention_mask
+        lengths = mask.gt(0).sum(dim=1).tolist()
+        hidden = encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state.to(self.text_dtype)
+        return [h[:n] for h, n in zip(hidden, lengths)]
+
+    def release(self) -> None:
+        """Drop both encoders and free their memory (training needs none of it)."""
+        self._vae = self._text_encoder = self._tokenizer = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

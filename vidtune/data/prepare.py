@@ -1,0 +1,212 @@
+"""Discover -> bucket -> size check -> cache text embeddings and latents. Runs once per run.
+
+``prepare_data`` is the single call the trainer makes before its loop; it returns the cache
+entries the ``CachedLoader`` draws batches from. A second run with the same data and settings
+finds every entry and loads no encoder at all.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import CacheConfig, DatasetConfig, ModelConfig
+from .buckets import Bucket
+from .cache import CacheStore, file_digest, settings_key
+from .discover import DataError, MediaItem, SkipLog, _short, discover_dataset
+from .encode import Encoders
+from .video import load_image, load_video_clip
+
+LATENTS, TEXT = "latents", "text"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One trainable sample: where its latents and caption embedding are cached."""
+    dataset_id: str
+    source: Path
+    caption: str
+    bucket: Bucket  # pixel-space (width, height, frames)
+    latent_key: str
+    text_key: str
+
+
+@dataclass
+class PreparedData:
+    entries: list[CacheEntry]
+    store: CacheStore
+    null_text_key: str  # the empty caption, for caption dropout
+    repeats: dict[str, int]
+    weights: dict[str, float]
+    skips: SkipLog
+    stats: dict[str, int] = field(default_factory=dict)  # encoded / reused counts
+
+    def summary(self) -> str:
+        used = Counter(e.dataset_id for e in self.entries)
+        lines = [self.skips.summary(dict(used))]
+        buckets = defaultdict(Counter)
+        for e in self.entries:
+            buckets[e.dataset_id][e.bucket.name()] += 1
+        for ds, b in sorted(buckets.items()):
+            lines.append(f"  buckets {ds!r}: " + ", ".join(f"{k} x{n}" for k, n in sorted(b.items())))
+        if self.stats:
+            lines.append("  cache: " + ", ".join(f"{k} {v}" for k, v in self.stats.items()))
+        return "\n".join(lines)
+
+
+def usable_samples(buckets: list[Bucket], repeats: int, batch_size: int) -> int:
+    """Samples per epoch that fill whole batches (a batch never mixes buckets)."""
+    per_bucket = Counter(buckets)
+    return sum((n * (1 + repeats)) // batch_size * batch_size for n in per_bucket.values())
+
+
+def check_dataset_size(ds_id: str, buckets: list[Bucket], repeats: int, batch_size: int,
+                       grad_accum: int) -> None:
+    need = batch_size * grad_accum
+    have = usable_samples(buckets, repeats, batch_size)
+    if have < need:
+        n = len(buckets)
+        raise DataError(
+            f"no samples detected in dataset {ds_id!r}: {n} usable file(s) x (1 + repeats={repeats}) fill "
+            f"{have} sample(s) of whole batches, fewer than batch_size x gradient_accumulation_steps = {need}. "
+            f"Raise repeats for this dataset (e.g. repeats = {_repeats_needed(buckets, batch_size, need)}), "
+            f"add files, or lower the batch size.")
+
+
+def _repeats_needed(buckets: list[Bucket], batch_size: int, need: int) -> int:
+    for r in range(0, 10_000):
+        if usable_samples(buckets, r, batch_size) >= need:
+            return r
+    return 10_000
+
+
+def latent_settings(item: MediaItem, ds: DatasetConfig, digest: str, fps: int, encoders: Encoders) -> dict:
+    return dict(kind=item.kind, source=digest, width=item.bucket.width, height=item.bucket.height,
+                frames=item.bucket.frames, fps=fps if item.kind == "video" else None, crop=ds.crop,
+                crop_style=ds.crop_style if ds.crop else None, vae=encoders.vae_fingerprint,
+                vae_dtype=encoders.model.vae_dtype)
+
+
+def text_settings(caption: str, encoders: Encoders) -> dict:
+    return dict(kind="text", text=caption, text_encoder=encoders.text_fingerprint,
+                dtype=encoders.model.text_encoder_dtype)
+
+
+def prepare_data(
+    datasets: list[DatasetConfig],
+    cache: CacheConfig,
+    model: ModelConfig,
+    *,
+    batch_size: int = 1,
+    gradient_accumulation_steps: int = 1,
+    device: str | torch.device = "cpu",
+    offload_during_startup: bool = False,
+    log: Callable[[str], None] = print,
+    encoders: Encoders | None = None,
+    release_encoders: bool = True,
+) -> PreparedData:
+    """Find every sample, fill the caches, print the data summary; return the cache entries.
+
+    ``encoders`` defaults to ``Encoders(model, device, offload_during_startup)``; with
+    ``release_encoders`` they are freed once the caches are full (the training loop needs no
+    encoder). Raises ``DataError`` for a missing dataset directory or a dataset too small for one
+    optimizer step ("no samples detected in dataset ..."); bad files are skipped and counted.
+    """
+    datasets = [d for d in datasets if not d.disabled]
+    if not datasets:
+        raise DataError("no [[dataset]] configured: add at least one [[dataset]] with id and path")
+    fps = model.resolved_fps()
+    encoders = encoders or Encoders(model, device, offload_during_startup)
+    store = CacheStore(cache.dir, cache.compress)
+    skips = SkipLog()
+
+    found: dict[str, list[MediaItem]] = {}
+    for ds in datasets:
+        found[ds.id] = discover_dataset(ds, fps, skips)
+        check_dataset_size(ds.id, [i.bucket for i in found[ds.id]], ds.repeats, batch_size,
+                           gradient_accumulation_steps)
+
+    by_id = {d.id: d for d in datasets}
+    items = [i for ds in datasets for i in found[ds.id]]
+    stats = Counter()
+
+    # Text first: cheap, and the empty caption (caption dropout) is always needed.
+    captions = sorted({i.caption for i in items} | {""})
+    text_keys = {c: settings_key(**text_settings(c, encoders)) for c in captions}
+    missing = [c for c in captions if not store.has(TEXT, text_keys[c])]
+    stats["text reused"] = len(captions) - len(missing)
+    for s in range(0, len(missing), cache.text_batch_size):
+        chunk = missing[s:s + cache.text_batch_size]
+        for caption, emb in zip(chunk, encoders.encode_text(chunk)):
+            store.save(TEXT, text_keys[caption], {"prompt_embeds": emb}, {"caption": caption})
+    stats["text encoded"] = len(missing)
+
+    # Latents: hash sources, then encode the misses bucket by bucket in vae_batch_size batches,
+    # decoding the next batch on a worker thread while the VAE runs.
+    keyed: list[tuple[MediaItem, str, str]] = []  # (item, latent key, content digest)
+    for item in items:
+        try:
+            digest = file_digest(item.path)
+        except OSError as exc:
+            skips.add(item.dataset_id, item.path, f"unreadable: {_short(exc)}")
+            continue
+        keyed.append((item, settings_key(**latent_settings(item, by_id[item.dataset_id], digest, fps, encoders)),
+                      digest))
+    todo = [(i, k, d) for i, k, d in keyed if not store.has(LATENTS, k)]
+    stats["latents reused"] = len(keyed) - len(todo)
+    failed: set[str] = set()
+    groups = defaultdict(list)
+    for entry in todo:
+        groups[entry[0].bucket].append(entry)
+    batches = [g[s:s + cache.vae_batch_size] for g in groups.values()
+               for s in range(0, len(g), cache.vae_batch_size)]
+    if batches:
+        log(f"Encoding {len(todo)} clip(s) with the VAE in {len(batches)} batch(es)...")
+
+    def decode(batch):
+        out = []
+        for item, key, digest in batch:
+            ds = by_id[item.dataset_id]
+            b = item.bucket
+            try:
+                if item.kind == "video":
+                    px = load_video_clip(item.path, b.frames, fps, b.width, b.height, ds.crop, ds.crop_style, digest)
+                else:
+                    px = load_image(item.path, b.width, b.height, ds.crop, ds.crop_style, digest)
+            except Exception as exc:  # a file that probes fine but fails mid-decode is skipped
+                skips.add(item.dataset_id, item.path, f"decode failed: {_short(exc)}")
+                failed.add(key)
+                continue
+            out.append((key, px))
+        return out
+
+    encoded = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(decode, batches[0]) if batches else None
+        for n in range(len(batches)):
+            decoded = pending.result()
+            pending = pool.submit(decode, batches[n + 1]) if n + 1 < len(batches) else None
+            if not decoded:
+                continue
+            latents = encoders.encode_video(torch.stack([px for _, px in decoded]))
+            for (key, _), lat in zip(decoded, latents):
+                store.save(LATENTS, key, {"latents": lat})
+                encoded += 1
+    stats["latents encoded"] = encoded
+    if release_encoders:
+        encoders.release()
+
+    entries = [CacheEntry(i.dataset_id, i.path, i.caption, i.bucket, k, text_keys[i.caption])
+               for i, k, _ in keyed if k not in failed]
+    prepared = PreparedData(entries, store, text_keys[""], {d.id: d.repeats for d in datasets},
+                            {d.id: d.weight for d in datasets}, skips, dict(stats))
+    log(prepared.summary())
+    if failed:  # decode failures may have shrunk a dataset below one optimizer step
+        for ds in datasets:
+            check_dataset_size(ds.id, [e.bucket for e in entries if e.dataset_id == ds.id], ds.repeats,
+                               batch_size, gradient_accumulation_steps)
+    return prepared

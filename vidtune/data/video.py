@@ -1,0 +1,128 @@
+"""Decoding (torchcodec for video, PIL for images), frame-rate resampling, resize and crop.
+
+Clips start at the first frame and are resampled to the model's frame rate by timestamp
+(frame i is the source frame shown at i / fps), so a 30 fps source and a 16 fps source of the
+same scene give the same clip. Decoding and resizing go in chunks of frames so a long 1080p
+clip never sits in memory as float.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DECODE_CHUNK = 16  # frames decoded and resized at a time
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    width: int
+    height: int
+    frames: int  # frames available at the model fps (1 for images)
+    source_fps: float
+    duration: float
+
+
+def _decoder(path: Path, seek_mode: str = "exact"):
+    from torchcodec.decoders import VideoDecoder
+
+    return VideoDecoder(str(path), dimension_order="NCHW", seek_mode=seek_mode)
+
+
+def probe_video(path: str | Path, fps: int) -> MediaInfo:
+    """Size, duration and frame count at ``fps``; raises if the file has no decodable stream.
+
+    Headers are read first (cheap); containers without a duration in the header are scanned.
+    """
+    path = Path(path)
+    md = _decoder(path, "approximate").metadata
+    if md.duration_seconds is None or not md.duration_seconds > 0:
+        md = _decoder(path, "exact").metadata
+    begin = md.begin_stream_seconds or 0.0
+    end = md.end_stream_seconds if md.end_stream_seconds is not None else begin + (md.duration_seconds or 0.0)
+    duration = max(0.0, end - begin)
+    if not md.width or not md.height:
+        raise ValueError("no video dimensions in the stream")
+    frames = int(math.floor(duration * fps + 1e-6))
+    return MediaInfo(md.width, md.height, frames, float(md.average_fps or 0.0), duration)
+
+
+def probe_image(path: str | Path) -> MediaInfo:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+        # EXIF orientations 5-8 rotate by 90 degrees: the decoded image is transposed.
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            w, h = h, w
+    return MediaInfo(w, h, 1, 0.0, 0.0)
+
+
+def _resize_crop_chunk(frames_u8: torch.Tensor, width: int, height: int, crop: bool,
+                       offset: tuple[int, int]) -> torch.Tensor:
+    x = frames_u8.float()
+    src_h, src_w = x.shape[-2:]
+    if crop:
+        scale = max(width / src_w, height / src_h)
+        rh, rw = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+    else:
+        rh, rw = height, width
+    if (rh, rw) != (src_h, src_w):
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+    if crop:
+        top = min(offset[0], rh - height)
+        left = min(offset[1], rw - width)
+        x = x[..., top:top + height, left:left + width]
+    return (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
+
+
+def crop_offset(src_w: int, src_h: int, width: int, height: int, crop: bool, crop_style: str,
+                seed_text: str) -> tuple[int, int]:
+    """(top, left) of the crop in the resized frame; ``random`` is fixed per ``seed_text``
+    (the file's content digest) so a cache entry always holds the same crop."""
+    if not crop:
+        return 0, 0
+    scale = max(width / src_w, height / src_h)
+    rh, rw = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+    if crop_style == "center":
+        return (rh - height) // 2, (rw - width) // 2
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little"))
+    top = int(torch.randint(0, rh - height + 1, (1,), generator=g))
+    left = int(torch.randint(0, rw - width + 1, (1,), generator=g))
+    return top, left
+
+
+def load_video_clip(path: str | Path, num_frames: int, fps: int, width: int, height: int,
+                    crop: bool = False, crop_style: str = "center", seed_text: str = "") -> torch.Tensor:
+    """The first ``num_frames`` frames at ``fps``, resized/cropped, as float (C, F, H, W) in [-1, 1]."""
+    dec = _decoder(Path(path))
+    md = dec.metadata
+    begin = md.begin_stream_seconds or 0.0
+    offset = crop_offset(md.width, md.height, width, height, crop, crop_style, seed_text)
+    out = torch.empty(3, num_frames, height, width)
+    for s in range(0, num_frames, DECODE_CHUNK):
+        n = min(DECODE_CHUNK, num_frames - s)
+        times = [begin + (s + i) / fps for i in range(n)]
+        batch = dec.get_frames_played_at(times).data  # (n, C, H, W) uint8
+        if batch.shape[0] != n:
+            raise RuntimeError(f"decoded {batch.shape[0]} of {n} frames")
+        out[:, s:s + n] = _resize_crop_chunk(batch[:, :3], width, height, crop, offset).transpose(0, 1)
+    return out
+
+
+def load_image(path: str | Path, width: int, height: int, crop: bool = False,
+               crop_style: str = "center", seed_text: str = "") -> torch.Tensor:
+    """An image as a one-frame clip: float (C, 1, H, W) in [-1, 1]."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        pixels = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None]  # (1, C, H, W)
+    src_h, src_w = pixels.shape[-2:]
+    offset = crop_offset(src_w, src_h, width, height, crop, crop_style, seed_text)
+    return _resize_crop_chunk(pixels, width, height, crop, offset).transpose(0, 1)

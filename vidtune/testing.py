@@ -1,0 +1,104 @@
+"""Tiny random Wan checkpoints and test videos, built offline (tests and the CPU demo reuse them).
+
+Nothing here downloads anything: the models are random and tiny, the tokenizer is a Unigram
+model built from a fixed vocabulary, and videos come from ffmpeg's ``testsrc`` generator.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+# UMT5's convention: pad = 0, eos = 1, unk = 2 (the Wan tokenizer is a T5 tokenizer).
+_SPECIAL = ["<pad>", "</s>", "<unk>"]
+_WORDS = ["▁a", "▁the", "▁cat", "▁dog", "▁video", "▁of", "▁in", "▁on", "▁and", "▁red", "▁blue"]
+_CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-")
+
+
+def build_tiny_tokenizer():
+    """A T5-style fast tokenizer (Unigram + Metaspace, ``</s>`` appended) with ~90 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [(t, 0.0) for t in _SPECIAL] + [("▁", -2.0)]
+    vocab += [(w, -1.0) for w in _WORDS] + [(c, -3.0) for c in _CHARS]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=512,
+    )
+
+
+def tiny_vae_config() -> dict:
+    return dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                temperal_downsample=[False, True, True])
+
+
+def tiny_transformer_config(text_dim: int = 32) -> dict:
+    return dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                out_channels=16, text_dim=text_dim, freq_dim=16, ffn_dim=32, num_layers=2,
+                rope_max_seq_len=32)
+
+
+def build_tiny_wan_pipeline(seed: int = 0, d_model: int = 32):
+    """A random ``WanPipeline`` with every component tiny (fp32, CPU)."""
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline,
+                           WanTransformer3DModel)
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    )).eval()
+    vae = AutoencoderKLWan(**tiny_vae_config()).eval()
+    transformer = WanTransformer3DModel(**tiny_transformer_config(text_dim=d_model)).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                       scheduler=scheduler, transformer=transformer)
+
+
+def build_tiny_wan_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 32) -> Path:
+    """Save a tiny random Wan pipeline in the diffusers layout (model_index.json, transformer/,
+    vae/, text_encoder/, tokenizer/, scheduler/) under ``path`` and return it."""
+    path = Path(path)
+    build_tiny_wan_pipeline(seed=seed, d_model=d_model).save_pretrained(path)
+    return path
+
+
+def make_test_video(path: str | Path, width: int = 32, height: int = 32, frames: int = 9,
+                    fps: int = 16, pattern: str = "testsrc") -> Path:
+    """Encode ``frames`` frames of an ffmpeg test pattern (h264 for .mp4/.mkv/.mov, vp8 for .webm)."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise RuntimeError("ffmpeg is missing: sudo apt-get install -y ffmpeg")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codec = ["-c:v", "libvpx", "-b:v", "200k"] if path.suffix == ".webm" else ["-pix_fmt", "yuv420p"]
+    subprocess.run(
+        [ffmpeg, "-loglevel", "error", "-y", "-f", "lavfi",
+         "-i", f"{pattern}=size={width}x{height}:rate={fps}", "-frames:v", str(frames), *codec,
+         str(path)],
+        check=True,
+    )
+    return path
+
+
+def make_test_image(path: str | Path, width: int = 32, height: int = 32, seed: int = 0) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.numpy()).save(path)
+    return path
