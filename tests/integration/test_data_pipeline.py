@@ -69,7 +69,7 @@ def test_latents_normalised_like_wan(tiny_wan_dir, tmp_path):
 def test_fps_resampling_by_timestamp(tmp_path):
     # 8 fps source, 9 frames = 1.125 s -> 18 frames at 16 fps, each source frame shown twice.
     src = make_test_video(tmp_path / "slow.mp4", 32, 32, frames=9, fps=8, pattern="testsrc2")
-    assert probe_video(src, 16).frames == 18
+    assert probe_video(src).frames(16) == 18
     clip = load_video_clip(src, 17, 16, 32, 32)
     assert clip.shape == (3, 17, 32, 32) and -1 <= clip.min() and clip.max() <= 1
     from torchcodec.decoders import VideoDecoder
@@ -79,7 +79,7 @@ def test_fps_resampling_by_timestamp(tmp_path):
         assert torch.equal(clip[:, i], source[i // 2])
     # 30 fps source: 16 fps clip frame i is the source frame shown at i / 16 s.
     fast = make_test_video(tmp_path / "fast.mp4", 32, 32, frames=30, fps=30, pattern="testsrc2")
-    assert probe_video(fast, 16).frames == 16
+    assert probe_video(fast).frames(16) == 16
 
 
 def test_bad_files_skipped_and_counted(tiny_wan_dir, tmp_path):
@@ -121,6 +121,9 @@ def test_second_run_reuses_cache_and_changed_settings_do_not(tiny_wan_dir, tmp_p
     assert again.stats["latents encoded"] == 0 and again.stats["text encoded"] == 0
     assert enc.placement() == {"vae": None, "text_encoder": None}  # nothing loaded at all
     assert [e.latent_key for e in again.entries] == [e.latent_key for e in first.entries]
+    import json
+    index = json.loads((tmp_path / "cache" / "sources.json").read_text())
+    assert len(index) == 3 and all({"sha256", "probe"} <= set(rec) for rec in index.values())
 
     for change in (dict(resolution=48), dict(crop=True, resolution=24), dict(num_frames=5, min_frames=5)):
         other = run([DatasetConfig(id="d", path=str(d), **{"resolution": 32, "num_frames": 9, **change})],

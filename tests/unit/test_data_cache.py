@@ -67,3 +67,21 @@ def test_pad_prompt_embeds():
     assert out.shape == (2, 512, 8)
     assert torch.equal(out[0, :3], a) and torch.equal(out[1, :5], b)
     assert out[0, 3:].abs().sum() == 0 and out[1, 5:].abs().sum() == 0
+
+
+def test_source_index_reuses_facts_until_the_file_changes(tmp_path):
+    from vidtune.data.cache import SourceIndex
+
+    f = tmp_path / "clip.mp4"
+    f.write_bytes(b"abc")
+    index = SourceIndex(tmp_path / "sources.json")
+    d = index.digest(f)
+    index.put(f, "probe", {"width": 32})
+    index.save()
+    again = SourceIndex(tmp_path / "sources.json")
+    assert again.get(f, "sha256") == d and again.get(f, "probe") == {"width": 32}
+    f.write_bytes(b"abcd")  # new size (and mtime): every remembered fact is dropped
+    assert again.get(f, "sha256") is None and again.get(f, "probe") is None
+    assert again.digest(f) == file_digest(f) != d
+    (tmp_path / "sources.json").write_text("{broken")
+    assert SourceIndex(tmp_path / "sources.json").get(f, "sha256") is None

@@ -63,6 +63,55 @@ def model_fingerprint(directory: str | Path) -> str:
     return h.hexdigest()
 
 
+class SourceIndex:
+    """Per-file facts (content digest, probed size and duration) remembered between runs.
+
+    A fact is reused only while the file's (size, mtime_ns) are unchanged, so a second run over
+    a large dataset neither re-hashes nor re-opens every video. Saved as JSON under the cache dir.
+    """
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path is not None else None
+        self._data: dict[str, dict] = {}
+        self._dirty = False
+        if self.path is not None and self.path.is_file():
+            try:
+                self._data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._data = {}  # a damaged index only costs re-hashing
+
+    @staticmethod
+    def _stamp(file: Path) -> list[int]:
+        st = file.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def get(self, file: Path, name: str):
+        rec = self._data.get(str(Path(file).resolve()))
+        if rec is None or rec.get("stamp") != self._stamp(file):
+            return None
+        return rec.get(name)
+
+    def put(self, file: Path, name: str, value) -> None:
+        key, stamp = str(Path(file).resolve()), self._stamp(file)
+        rec = self._data.get(key)
+        if rec is None or rec.get("stamp") != stamp:
+            rec = self._data[key] = {"stamp": stamp}
+        rec[name] = value
+        self._dirty = True
+
+    def digest(self, file: Path) -> str:
+        d = self.get(file, "sha256")
+        if d is None:
+            d = file_digest(file)
+            self.put(file, "sha256", d)
+        return d
+
+    def save(self) -> None:
+        if self.path is not None and self._dirty:
+            atomic_write_bytes(self.path, json.dumps(self._data, sort_keys=True).encode())
+            self._dirty = False
+
+
 class CacheStore:
     """safetensors entries under ``root/<kind>/``, written atomically, optionally zlib-compressed."""
 

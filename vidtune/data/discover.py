@@ -6,6 +6,7 @@ training. Only a problem with the dataset itself (missing directory) is an error
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -13,7 +14,8 @@ from pathlib import Path
 
 from ..config import DatasetConfig
 from .buckets import Bucket, bucket_for
-from .video import probe_image, probe_video
+from .cache import SourceIndex
+from .video import MediaInfo, probe_image, probe_video
 
 VIDEO_EXTS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi"})
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
@@ -88,7 +90,19 @@ def list_media(root: Path, kind: str) -> list[Path]:
                   and not p.name.startswith("."))
 
 
-def discover_dataset(ds: DatasetConfig, fps: int, skips: SkipLog) -> list[MediaItem]:
+def probe(path: Path, kind: str, index: SourceIndex | None = None) -> MediaInfo:
+    """Probe a file, reusing the index's answer while the file is unchanged."""
+    known = index.get(path, "probe") if index is not None else None
+    if known is not None:
+        return MediaInfo(**known)
+    info = probe_video(path) if kind == "video" else probe_image(path)
+    if index is not None:
+        index.put(path, "probe", dataclasses.asdict(info))
+    return info
+
+
+def discover_dataset(ds: DatasetConfig, fps: int, skips: SkipLog,
+                     index: SourceIndex | None = None) -> list[MediaItem]:
     """Every usable sample of ``ds`` (sorted by path); bad files go to ``skips``."""
     root = Path(ds.path).expanduser()
     if not root.is_dir():
@@ -107,15 +121,15 @@ def discover_dataset(ds: DatasetConfig, fps: int, skips: SkipLog) -> list[MediaI
             skips.add(ds.id, path, reason)
             continue
         try:
-            info = probe_video(path, fps) if ds.type == "video" else probe_image(path)
+            info = probe(path, ds.type, index)
         except Exception as exc:  # any decoder failure means this file is unusable, not the run
             skips.add(ds.id, path, f"unreadable: {_short(exc)}")
             continue
-        bucket, reason = bucket_for(info.width, info.height, info.frames, ds)
+        bucket, reason = bucket_for(info.width, info.height, info.frames(fps), ds)
         if bucket is None:
             skips.add(ds.id, path, reason)
             continue
-        items.append(MediaItem(ds.id, path, ds.type, caption, info.width, info.height, info.frames, bucket))
+        items.append(MediaItem(ds.id, path, ds.type, caption, info.width, info.height, info.frames(fps), bucket))
     return items
 
 

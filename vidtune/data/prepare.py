@@ -16,7 +16,7 @@ import torch
 
 from ..config import CacheConfig, DatasetConfig, ModelConfig
 from .buckets import Bucket
-from .cache import CacheStore, file_digest, settings_key
+from .cache import CacheStore, SourceIndex, settings_key
 from .discover import DataError, MediaItem, SkipLog, _short, discover_dataset
 from .encode import Encoders
 from .video import load_image, load_video_clip
@@ -123,10 +123,11 @@ def prepare_data(
     encoders = encoders or Encoders(model, device, offload_during_startup)
     store = CacheStore(cache.dir, cache.compress)
     skips = SkipLog()
+    index = SourceIndex(Path(cache.dir) / "sources.json")
 
     found: dict[str, list[MediaItem]] = {}
     for ds in datasets:
-        found[ds.id] = discover_dataset(ds, fps, skips)
+        found[ds.id] = discover_dataset(ds, fps, skips, index)
         check_dataset_size(ds.id, [i.bucket for i in found[ds.id]], ds.repeats, batch_size,
                            gradient_accumulation_steps)
 
@@ -150,12 +151,13 @@ def prepare_data(
     keyed: list[tuple[MediaItem, str, str]] = []  # (item, latent key, content digest)
     for item in items:
         try:
-            digest = file_digest(item.path)
+            digest = index.digest(item.path)
         except OSError as exc:
             skips.add(item.dataset_id, item.path, f"unreadable: {_short(exc)}")
             continue
         keyed.append((item, settings_key(**latent_settings(item, by_id[item.dataset_id], digest, fps, encoders)),
                       digest))
+    index.save()
     todo = [(i, k, d) for i, k, d in keyed if not store.has(LATENTS, k)]
     stats["latents reused"] = len(keyed) - len(todo)
     failed: set[str] = set()

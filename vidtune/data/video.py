@@ -22,9 +22,13 @@ DECODE_CHUNK = 16  # frames decoded and resized at a time
 class MediaInfo:
     width: int
     height: int
-    frames: int  # frames available at the model fps (1 for images)
+    duration: float  # seconds; 0 for images
     source_fps: float
-    duration: float
+    is_image: bool = False
+
+    def frames(self, fps: int) -> int:
+        """Frames available when resampled to ``fps`` (1 for images)."""
+        return 1 if self.is_image else int(math.floor(self.duration * fps + 1e-6))
 
 
 def _decoder(path: Path, seek_mode: str = "exact"):
@@ -33,8 +37,8 @@ def _decoder(path: Path, seek_mode: str = "exact"):
     return VideoDecoder(str(path), dimension_order="NCHW", seek_mode=seek_mode)
 
 
-def probe_video(path: str | Path, fps: int) -> MediaInfo:
-    """Size, duration and frame count at ``fps``; raises if the file has no decodable stream.
+def probe_video(path: str | Path) -> MediaInfo:
+    """Size and duration; raises if the file has no decodable video stream.
 
     Headers are read first (cheap); containers without a duration in the header are scanned.
     """
@@ -47,8 +51,7 @@ def probe_video(path: str | Path, fps: int) -> MediaInfo:
     duration = max(0.0, end - begin)
     if not md.width or not md.height:
         raise ValueError("no video dimensions in the stream")
-    frames = int(math.floor(duration * fps + 1e-6))
-    return MediaInfo(md.width, md.height, frames, float(md.average_fps or 0.0), duration)
+    return MediaInfo(md.width, md.height, duration, float(md.average_fps or 0.0))
 
 
 def probe_image(path: str | Path) -> MediaInfo:
@@ -59,7 +62,7 @@ def probe_image(path: str | Path) -> MediaInfo:
         # EXIF orientations 5-8 rotate by 90 degrees: the decoded image is transposed.
         if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
             w, h = h, w
-    return MediaInfo(w, h, 1, 0.0, 0.0)
+    return MediaInfo(w, h, 0.0, 0.0, is_image=True)
 
 
 def _resize_crop_chunk(frames_u8: torch.Tensor, width: int, height: int, crop: bool,
