@@ -6,7 +6,8 @@
   (inputs and parameters that existed before are not counted; their new grads are);
 - bytes materialised: the sum of the sizes of every new storage an op allocates (views and
   in-place results allocate nothing) — the measure fusion reduces;
-- per-op breakdowns of both, keyed by op name.
+- per-op breakdowns of both, keyed by op name, and the peak split by tensor shape (e.g. the
+  share of a feed-forward's tokens x ffn_dim intermediate).
 It works on real tensors and under ``FakeTensorMode`` (full-size models without weights): the
 counts depend only on shapes, dtypes and the op sequence, so they are exact across machines.
 """
@@ -71,7 +72,8 @@ class _StorageTracker(TorchDispatchMode):
         self.materialized = 0
         self.by_op: Counter = Counter()
         self.peak_by_op: Counter = Counter()  # live bytes at peak, by the op that allocated them
-        self._owner: dict[int, tuple[int, str]] = {}
+        self.peak_by_shape: Counter = Counter()  # live bytes at peak, by tensor shape
+        self._owner: dict[int, tuple[int, str, int]] = {}
         self._known: weakref.WeakSet = weakref.WeakSet()
 
     def mark_existing(self, tensors) -> None:
@@ -81,7 +83,7 @@ class _StorageTracker(TorchDispatchMode):
                 self._known.add(t.untyped_storage())
 
     def _free(self, key: int) -> None:
-        nbytes, _ = self._owner.pop(key, (0, ""))
+        nbytes = self._owner.pop(key, (0, "", 0))[0]
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -104,16 +106,17 @@ class _StorageTracker(TorchDispatchMode):
             self._known.add(s)
             nbytes = s.nbytes()
             key = id(s)
-            self._owner[key] = (nbytes, name)
+            self._owner[key] = (nbytes, name, tuple(t.shape))
             weakref.finalize(s, self._free, key)
             self.live += nbytes
             self.materialized += nbytes
             self.by_op[name] += nbytes
             if self.live > self.peak:
                 self.peak = self.live
-                self.peak_by_op = Counter()
-                for n, op in self._owner.values():
+                self.peak_by_op, self.peak_by_shape = Counter(), Counter()
+                for n, op, shape in self._owner.values():
                     self.peak_by_op[op] += n
+                    self.peak_by_shape[shape] += n
         return out
 
 
@@ -125,6 +128,7 @@ class Counts:
     flops_by_op: dict = field(default_factory=dict)
     materialized_by_op: dict = field(default_factory=dict)
     peak_by_op: dict = field(default_factory=dict)
+    peak_by_shape: dict = field(default_factory=dict)
 
     def as_row(self) -> dict:
         return {"flops": self.flops, "peak_live_bytes": self.peak_live_bytes, "materialized_bytes": self.materialized_bytes}
@@ -150,6 +154,7 @@ def counting(existing=()):
     counts.materialized_bytes = tracker.materialized
     counts.materialized_by_op = dict(tracker.by_op)
     counts.peak_by_op = dict(tracker.peak_by_op)
+    counts.peak_by_shape = dict(tracker.peak_by_shape)
 
 
 def count(fn, *args, existing=(), **kwargs) -> tuple[Counts, object]:
