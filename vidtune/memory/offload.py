@@ -128,6 +128,7 @@ class GroupOffload:
         self._bound: dict[int, int] = {}  # gid -> slot its parameters point at
         self._resident: list[int] = []
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self._materialized: set[int] = set()
         if cfg.to_disk_path:
             os.makedirs(cfg.to_disk_path, exist_ok=True)
         for gid, pieces in enumerate(self._pieces):
@@ -169,6 +170,8 @@ class GroupOffload:
         self._slot_owner[slot] = gid
 
     def _unbind(self, gid: int) -> None:
+        if gid in self._materialized:  # remove() gave it ordinary tensors
+            return
         for p, attr, dtype, *_ in self._pieces[gid]:
             self._set(p, attr, self._placeholder(dtype))
         self._bound.pop(gid, None)
@@ -288,6 +291,7 @@ class GroupOffload:
             for p, attr, dtype, shape, off, nb in self._pieces[gid]:
                 self._set(p, attr, u8[off:off + nb].view(dtype).view(shape).clone())
             self._bound.pop(gid, None)
+            self._materialized.add(gid)
         for r in list(self._resident):
             torch.ops.vidtune.group_evict(self._sid, r)
         self._resident.clear()
