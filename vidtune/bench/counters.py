@@ -8,6 +8,8 @@
   in-place results allocate nothing) — the measure fusion reduces;
 - per-op breakdowns of both, keyed by op name, and the peak split by tensor shape (e.g. the
   share of a feed-forward's tokens x ffn_dim intermediate).
+- marks: ``counts.mark(label)`` inside the region records live bytes, the peak since the previous
+  mark, and FLOPs and bytes so far (the planner cuts a step into phases with them).
 It works on real tensors and under ``FakeTensorMode`` (full-size models without weights): the
 counts depend only on shapes, dtypes and the op sequence, so they are exact across machines.
 """
@@ -69,6 +71,7 @@ class _StorageTracker(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.window_peak = 0  # peak since the last mark
         self.materialized = 0
         self.by_op: Counter = Counter()
         self.peak_by_op: Counter = Counter()  # live bytes at peak, by the op that allocated them
@@ -111,6 +114,7 @@ class _StorageTracker(TorchDispatchMode):
             self.live += nbytes
             self.materialized += nbytes
             self.by_op[name] += nbytes
+            self.window_peak = max(self.window_peak, self.live)
             if self.live > self.peak:
                 self.peak = self.live
                 self.peak_by_op, self.peak_by_shape = Counter(), Counter()
@@ -118,6 +122,18 @@ class _StorageTracker(TorchDispatchMode):
                     self.peak_by_op[op] += n
                     self.peak_by_shape[shape] += n
         return out
+
+
+@dataclass
+class Mark:
+    """State at a ``Counts.mark`` call: live bytes now, peak since the previous mark (or the start),
+    and cumulative FLOPs and bytes materialised."""
+
+    label: str
+    live_bytes: int
+    peak_since_prev: int
+    flops: int
+    materialized_bytes: int
 
 
 @dataclass
@@ -129,6 +145,19 @@ class Counts:
     materialized_by_op: dict = field(default_factory=dict)
     peak_by_op: dict = field(default_factory=dict)
     peak_by_shape: dict = field(default_factory=dict)
+    marks: list = field(default_factory=list)
+    end_live_bytes: int = 0  # bytes allocated in the region and still alive at its end
+
+    def mark(self, label: str) -> Mark:
+        """Record a ``Mark`` now; only inside the ``counting`` region that yielded these counts."""
+        live = getattr(self, "_live", None)
+        if live is None:
+            raise RuntimeError("Counts.mark() is only valid inside its counting() region")
+        tracker, flop_mode = live
+        m = Mark(label, tracker.live, tracker.window_peak, int(flop_mode.get_total_flops()), tracker.materialized)
+        tracker.window_peak = tracker.live
+        self.marks.append(m)
+        return m
 
     def as_row(self) -> dict:
         return {"flops": self.flops, "peak_live_bytes": self.peak_live_bytes, "materialized_bytes": self.materialized_bytes}
@@ -146,14 +175,19 @@ def counting(existing=()):
     flop_mode = FlopCounterMode(display=False)
     tracker = _StorageTracker()
     tracker.mark_existing(list(existing))
-    with flop_mode, tracker:
-        yield counts
+    counts._live = (tracker, flop_mode)
+    try:
+        with flop_mode, tracker:
+            yield counts
+    finally:
+        counts._live = None
     counts.flops = int(flop_mode.get_total_flops())
     counts.flops_by_op = {_op_name(k): int(v) for k, v in flop_mode.get_flop_counts().get("Global", {}).items()}
     counts.peak_live_bytes = tracker.peak
     counts.materialized_bytes = tracker.materialized
     counts.materialized_by_op = dict(tracker.by_op)
     counts.peak_by_op = dict(tracker.peak_by_op)
+    counts.end_live_bytes = tracker.live
     counts.peak_by_shape = dict(tracker.peak_by_shape)
 
 
