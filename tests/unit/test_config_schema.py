@@ -159,3 +159,9 @@ def test_cli_help_and_print_config(tmp_path, capsys):
     assert config_from_dict(__import__("tomllib").loads(out)).train.seed == 3
     assert cli_main([str(p), "--set", "model.flavor=x"]) == 2
     assert "did you mean 'model.flavour'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_example_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.datasets, "an example config should show a [[dataset]]"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import zlib
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class SourceIndex:
         self.path = Path(path) if path is not None else None
         self._data: dict[str, dict] = {}
         self._dirty = False
+        self._lock = threading.Lock()  # digests are computed on a thread pool
         if self.path is not None and self.path.is_file():
             try:
                 self._data = json.loads(self.path.read_text())
@@ -93,11 +95,12 @@ class SourceIndex:
 
     def put(self, file: Path, name: str, value) -> None:
         key, stamp = str(Path(file).resolve()), self._stamp(file)
-        rec = self._data.get(key)
-        if rec is None or rec.get("stamp") != stamp:
-            rec = self._data[key] = {"stamp": stamp}
-        rec[name] = value
-        self._dirty = True
+        with self._lock:
+            rec = self._data.get(key)
+            if rec is None or rec.get("stamp") != stamp:
+                rec = self._data[key] = {"stamp": stamp}
+            rec[name] = value
+            self._dirty = True
 
     def digest(self, file: Path) -> str:
         d = self.get(file, "sha256")

@@ -6,6 +6,7 @@ finds every entry and loads no encoder at all.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import CacheConfig, DatasetConfig, ModelConfig
 from .buckets import Bucket
@@ -148,12 +150,18 @@ def prepare_data(
 
     # Latents: hash sources, then encode the misses bucket by bucket in vae_batch_size batches,
     # decoding the next batch on a worker thread while the VAE runs.
-    keyed: list[tuple[MediaItem, str, str]] = []  # (item, latent key, content digest)
-    for item in items:
+    def digest_of(item):
         try:
-            digest = index.digest(item.path)
+            return index.digest(item.path)
         except OSError as exc:
-            skips.add(item.dataset_id, item.path, f"unreadable: {_short(exc)}")
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib drops the GIL
+        digests = list(pool.map(digest_of, items))
+    keyed: list[tuple[MediaItem, str, str]] = []  # (item, latent key, content digest)
+    for item, digest in zip(items, digests):
+        if isinstance(digest, OSError):
+            skips.add(item.dataset_id, item.path, f"unreadable: {_short(digest)}")
             continue
         keyed.append((item, settings_key(**latent_settings(item, by_id[item.dataset_id], digest, fps, encoders)),
                       digest))
@@ -189,7 +197,7 @@ def prepare_data(
     encoded = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(decode, batches[0]) if batches else None
-        for n in range(len(batches)):
+        for n in tqdm(range(len(batches)), desc="VAE cache", unit="batch", disable=None):
             decoded = pending.result()
             pending = pool.submit(decode, batches[n + 1]) if n + 1 < len(batches) else None
             if not decoded:
