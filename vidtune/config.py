@@ -83,8 +83,8 @@ class ModelConfig:
         False, "Use Wan 2.1-style time embeddings (fixes Wan 2.2 time-embedding shape mismatches).")
     base_precision: Literal["bf16", "int8"] = opt(
         "bf16", "Precision of the frozen base transformer: bf16, or int8 weights via torchao.")
-    quantize_via: Literal["accelerator", "cpu"] = opt(
-        "accelerator", "Where int8 quantization runs: on the training device or on the CPU (less VRAM).")
+    quantize_via: Literal["device", "cpu"] = opt(
+        "device", "Where int8 quantization runs: on the training device (fast) or on the CPU (less VRAM).")
 
     def resolved_path(self) -> str:
         return self.path or FLAVOURS[self.family][self.flavour]
@@ -145,12 +145,28 @@ class ChunkedFFConfig:
 
 @dataclass
 class OffloadConfig:
-    type: Literal["none", "block_level"] = opt("none", "Group offload of transformer blocks to CPU (or disk).")
+    type: Literal["none", "block_level"] = opt("none", "Group offload of transformer blocks to CPU RAM (or disk).")
     blocks_per_group: int = opt(1, "Blocks moved to the device together.")
-    use_stream: bool = opt(False, "Prefetch the next group on a side stream (CUDA; others run synchronously).")
+    use_stream: bool = opt(True, "Prefetch the next groups while the current one computes (forward and backward).")
+    prefetch_depth: int = opt(1, "Groups loaded ahead; resident block weights <= (prefetch_depth + 1) groups.")
     to_disk_path: Optional[str] = opt(None, "Spill offloaded weights to this directory instead of RAM.")
-    backend: Literal["auto", "native", "torch"] = opt(
-        "auto", "Streamer: native extension, torch fallback, or auto (native when built).")
+    backend: Literal["auto", "native", "python"] = opt(
+        "auto", "Streamer: native extension, Python fallback, or auto (native when built).")
+    num_workers: int = opt(1, "I/O worker threads of the streamer.")
+
+    def validate(self) -> None:
+        if self.blocks_per_group < 1:
+            raise ConfigError(f"memory.offload.blocks_per_group must be >= 1, got {self.blocks_per_group}")
+        if self.prefetch_depth < 0:
+            raise ConfigError(f"memory.offload.prefetch_depth must be >= 0, got {self.prefetch_depth}")
+        if self.type not in ("none", "block_level") or self.backend not in ("auto", "native", "python"):
+            raise ConfigError(f"memory.offload: type must be none|block_level and backend auto|native|python "
+                              f"(got type={self.type!r}, backend={self.backend!r})")
+
+    @property
+    def depth(self) -> int:
+        """Effective prefetch depth: without a stream each group loads on demand."""
+        return self.prefetch_depth if self.use_stream else 0
 
 
 @dataclass

@@ -25,47 +25,15 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from vidtune.config import OffloadConfig
 from vidtune.memory import streamer as _st
 
 ADAPTER_MARKERS = ("lora_", "lokr_", "hada_", "oft_", "boft_", "ia3_", "vera_", "modules_to_save")
 _PIECE_ALIGN = 64
-
-
-@dataclass
-class OffloadConfig:
-    type: str = "none"
-    """'none' or 'block_level' (groups of blocks stream from host RAM or disk)."""
-    blocks_per_group: int = 1
-    """Blocks per offload group: bigger groups mean fewer, larger copies."""
-    use_stream: bool = True
-    """Prefetch the next groups while the current one computes; false loads each group on demand."""
-    prefetch_depth: int = 1
-    """Groups loaded ahead of the current one; resident weights <= (prefetch_depth + 1) groups."""
-    to_disk_path: str | None = None
-    """Spill groups to files in this directory (the disk tier) instead of keeping them in RAM."""
-    backend: str = "auto"
-    """Streamer: 'auto' (native when built, else Python with one log line), 'native' or 'python'."""
-    num_workers: int = 1
-    """I/O worker threads of the streamer."""
-
-    def validate(self) -> None:
-        if self.type not in ("none", "block_level"):
-            raise ValueError(f"offload.type must be 'none' or 'block_level', got {self.type!r}")
-        if self.blocks_per_group < 1:
-            raise ValueError(f"offload.blocks_per_group must be >= 1, got {self.blocks_per_group}")
-        if self.prefetch_depth < 0:
-            raise ValueError(f"offload.prefetch_depth must be >= 0, got {self.prefetch_depth}")
-        if self.backend not in ("auto", "native", "python"):
-            raise ValueError(f"offload.backend must be auto, native or python, got {self.backend!r}")
-
-    @property
-    def depth(self) -> int:
-        return self.prefetch_depth if self.use_stream else 0
 
 
 def _in_backward() -> bool:
