@@ -163,6 +163,18 @@ class Counts:
         return {"flops": self.flops, "peak_live_bytes": self.peak_live_bytes, "materialized_bytes": self.materialized_bytes}
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's ModuleTracker: every count goes to "Global", no hooks."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 @contextlib.contextmanager
 def counting(existing=()):
     """Context manager yielding a ``Counts`` filled in on exit.
@@ -173,6 +185,11 @@ def counting(existing=()):
     _register_cpu_sdpa_flops()
     counts = Counts()
     flop_mode = FlopCounterMode(display=False)
+    # Only the global total is used. FlopCounterMode's per-module tracker registers grad hooks on
+    # every module output, and those keep the graph (and its saved tensors) alive until the mode
+    # exits: under activation checkpointing each recomputed block then stays "live", so peaks grew
+    # with depth. Counting under a fixed "Global" parent keeps the same FLOPs without the hooks.
+    flop_mode.mod_tracker = _GlobalOnly()
     tracker = _StorageTracker()
     tracker.mark_existing(list(existing))
     counts._live = (tracker, flop_mode)
