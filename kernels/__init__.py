@@ -9,6 +9,7 @@ from ._dispatch import HAS_TRITON, mode, use_triton
 from .ffn import ChunkedFeedForward, chunked_feed_forward, resolve_chunk_size
 from .gelu import GeluTanh, gelu_tanh
 from .modulate import Modulate, modulate
+from .norm import RMSNorm, rms_norm
 from .residual import GatedResidual, gated_residual
 from .rope import QKNormRope, Rope, qk_norm_rope, rope, wan_rope_freqs
 from .tread import TreadGather, TreadScatter, select_tokens, tread_gather, tread_scatter
@@ -16,6 +17,7 @@ from .tread import TreadGather, TreadScatter, select_tokens, tread_gather, tread
 __all__ = [
     "HAS_TRITON", "mode", "use_triton",
     "rope", "Rope", "wan_rope_freqs", "qk_norm_rope", "QKNormRope",
+    "rms_norm", "RMSNorm",
     "modulate", "Modulate",
     "gated_residual", "GatedResidual",
     "gelu_tanh", "GeluTanh", "chunked_feed_forward", "ChunkedFeedForward", "resolve_chunk_size",

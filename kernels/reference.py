@@ -40,6 +40,14 @@ def gelu_tanh_ref(x):
     return (0.5 * xf * (1.0 + torch.tanh(inner))).to(x.dtype)
 
 
+def rms_norm_ref(x, weight, eps):
+    """torch.nn.RMSNorm(D, eps) math (kernels/norm.py): fp32 stats, x upcast, x * rstd * weight in
+    fp32, one cast to x.dtype (bit-equal to F.rms_norm on CPU for any x / weight dtypes)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd * weight).to(x.dtype)
+
+
 
 # --- tread gather/scatter, chunked feed-forward (kernels/tread.py, ffn.py) -------------------
 

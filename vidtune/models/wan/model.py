@@ -180,12 +180,13 @@ class WanAttention(nn.Module):
         return self._out(attention(q, k, v, self.backend).type_as(q))
 
     def cross_attention(self, x, context, context_image=None):
-        q = self._heads(self.norm_q(self.to_q(x)))
-        k = self._heads(self.norm_k(self.to_k(context)))
+        q = self._heads(K.rms_norm(self.to_q(x), self.norm_q.weight, self.eps))
+        k = self._heads(K.rms_norm(self.to_k(context), self.norm_k.weight, self.eps))
         v = self._heads(self.to_v(context))
         out = attention(q, k, v, self.backend).type_as(q)
         if context_image is not None:
-            k_img = self._heads(self.norm_added_k(self.add_k_proj(context_image)))
+            k_img = K.rms_norm(self.add_k_proj(context_image), self.norm_added_k.weight, self.eps)
+            k_img = self._heads(k_img)
             v_img = self._heads(self.add_v_proj(context_image))
             out = out + attention(q, k_img, v_img, self.backend).type_as(q)
         return self._out(out)

@@ -1,0 +1,171 @@
+# RMSNorm over the last dim with an elementwise weight: torch.nn.RMSNorm(dim, eps)(x).
+#
+# Shapes / strides
+#   x (..., D), any strides that flatten to rows (a copy only when they do not); weight (D,);
+#   out (..., D) contiguous in x.dtype; rstd x.shape[:-1] fp32, saved for backward.
+# Math (all in fp32, one rounding to x.dtype, the rounding points of torch's rms_norm on CPU:
+# x upcast, x * rstd * weight in fp32, cast to x.dtype; the output dtype is x.dtype whatever
+# weight's dtype is):
+#   rstd = 1 / sqrt(mean_D(x^2) + eps),  xh = x * rstd,  out = xh * w
+#   backward:  dw = sum_rows(g * xh);  dn = g * w;  dx = rstd * (dn - xh * mean_D(dn * xh)).
+# The torch path is written for bytes: forward materialises one fp32 (rows, D) buffer (+ the
+# x.dtype output when x is low precision), backward one fp32 buffer reused for g*xh and dn (+ dx
+# in x.dtype); mean_D(dn * xh) = (g * xh) @ w / D is a matrix-vector product on that buffer.
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._dispatch import HAS_TRITON, use_triton
+from ._triton_common import interpreting, row_programs
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._triton_common import cast_out
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, D, eps, sx_r, sx_d,
+                             BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
+        row = tl.program_id(0)
+        d = tl.arange(0, BLOCK_D)
+        mask = d < D
+        x = tl.load(x_ptr + row * sx_r + d * sx_d, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        w = tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * D + d, cast_out(x * rstd * w, out_ptr.dtype.element_ty, ROUND_BF16),
+                 mask=mask)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, D,
+                             sg_r, sg_d, sx_r, sx_d, COMPUTE_DW: tl.constexpr,
+                             BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
+        # Programs stride over rows and keep a private fp32 dw partial (summed on the host).
+        pid = tl.program_id(0)
+        d = tl.arange(0, BLOCK_D)
+        mask = d < D
+        w = tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for row in range(pid, n_rows, tl.num_programs(0)):
+            g = tl.load(g_ptr + row * sg_r + d * sg_d, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row)
+            xh = tl.load(x_ptr + row * sx_r + d * sx_d, mask=mask, other=0.0).to(tl.float32) * rstd
+            if COMPUTE_DW:
+                dw += g * xh
+            dn = g * w
+            m = tl.sum(dn * xh, axis=0) / D
+            tl.store(dx_ptr + row * D + d,
+                     cast_out(rstd * (dn - xh * m), dx_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+        if COMPUTE_DW:
+            tl.store(dw_ptr + pid * D + d, dw, mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (rows, D): a view when the strides allow it, else a copy."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    D = x.shape[-1]
+    if use_triton(x):
+        x2 = _rows(x)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        if x2.shape[0]:
+            _rms_norm_fwd_kernel[(x2.shape[0],)](
+                x2, weight, out, rstd, D, eps, *x2.stride(),
+                BLOCK_D=triton.next_power_of_2(D), ROUND_BF16=interpreting())
+        return out, rstd
+    # vector_norm reads x in its own dtype (no fp32 copy of x); the (rows,) stats chain is in place.
+    rstd = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).pow_(2).div_(D).add_(eps).rsqrt_()
+    buf = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    torch.mul(x, rstd.unsqueeze(-1), out=buf).mul_(weight)
+    return buf.to(x.dtype), rstd
+
+
+def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    D = x.shape[-1]
+    if use_triton(x):
+        g2, x2 = _rows(grad), _rows(x)
+        n_rows = x2.shape[0]
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        n_prog = row_programs(n_rows, x.device)
+        dw = torch.empty((n_prog, D) if compute_dw else (0,), dtype=torch.float32, device=x.device)
+        if n_rows:
+            _rms_norm_bwd_kernel[(n_prog,)](
+                g2, x2, weight, rstd, dx, dw, n_rows, D, *g2.stride(), *x2.stride(),
+                COMPUTE_DW=compute_dw, BLOCK_D=triton.next_power_of_2(D), ROUND_BF16=interpreting())
+        elif compute_dw:
+            dw.zero_()
+        return dx, (dw.sum(0) if compute_dw else dw).to(weight.dtype)
+    w = weight.float()  # (D,): the only copy besides the one fp32 buffer and dx
+    r = rstd.unsqueeze(-1)
+    buf = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    torch.mul(x, r, out=buf).mul_(grad)  # g * xh
+    dw = buf.sum(tuple(range(buf.dim() - 1))) if compute_dw else weight.new_empty(0)
+    c = torch.matmul(buf, w).div_(D).mul_(rstd).unsqueeze_(-1)  # rstd * mean_D(dn * xh)
+    torch.mul(grad, w, out=buf).addcmul_(x, c, value=-1).mul_(r)  # rstd * (dn - xh * mean)
+    return buf.to(x.dtype), dw.to(weight.dtype)
+
+
+@torch.library.custom_op("vidtune::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_forward(x, weight, eps)
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, eps):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return out, torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+
+
+@torch.library.custom_op("vidtune::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                     compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_backward(grad, x, weight, rstd, compute_dw)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(grad, x, weight, rstd, compute_dw):
+    dw = torch.empty(weight.shape if compute_dw else (0,), dtype=weight.dtype, device=weight.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        out, rstd = torch.ops.vidtune.rms_norm_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.vidtune.rms_norm_bwd(grad, x, weight, rstd, ctx.needs_input_grad[1])
+        return dx, (dw if ctx.needs_input_grad[1] else None), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim of x times weight (D,); equals torch.nn.RMSNorm(D, eps)(x)."""
+    if x.dim() < 1 or weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm expects x (..., D) and weight (D,), got x {tuple(x.shape)} and "
+                         f"weight {tuple(weight.shape)}")
+    return RMSNormFunction.apply(x, weight, float(eps))
+
+
+class RMSNorm(nn.Module):
+    """Drop-in for torch.nn.RMSNorm(dim, eps) with an elementwise affine weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
