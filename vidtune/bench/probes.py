@@ -1,0 +1,322 @@
+"""Full-size measurements without weights, for the planner and the benchmarks.
+
+Everything here runs under ``FakeTensorMode`` (shapes and dtypes only, no memory, no compute):
+- ``probe_step``: one training (or no-grad) step of a *one-block* Wan model at full width and the
+  real token count, cut by counter marks into phases — head (patch/text/time embedding), the
+  block's forward, the tail (norm, proj_out, loss), then the same in backward. The planner chains
+  the block phase once per layer, so a 40-layer step costs one block to measure (~1 s, not ~30 s).
+- ``probe_vae`` / ``probe_text_encoder``: the diffusers Wan 2.1 VAE (encode or decode) and the
+  UMT5-XXL encoder from transformers, at full size.
+- ``OpRecorder``: per-op FLOPs and bytes read+written, for the roofline projections.
+Models are built on the meta device (adapters injected there by peft) and their parameters then
+replaced by fake tensors: peft cannot inject into modules whose parameters are fake.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from vidtune.bench.counters import counting
+
+# Full-size transformer architectures per flavour (diffusers configs; SPEC "Full-size architectures").
+WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096)
+WAN_14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096)
+ARCHS = {
+    "t2v-480p-1.3b-2.1": WAN_1_3B,
+    "t2v-480p-14b-2.1": WAN_14B,
+    "t2v-a14b-2.2": WAN_14B,
+    "i2v-14b-2.2-high": {**WAN_14B, "in_channels": 36},
+    "i2v-14b-2.2-low": {**WAN_14B, "in_channels": 36},
+}
+# UMT5-XXL encoder (Wan's text encoder, ~5.7B parameters).
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                feed_forward_proj="gated-gelu")
+TEXT_LEN = 512  # Wan pads prompts to 512 tokens
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def wan_arch(model_cfg):
+    """The WanConfig a ModelConfig trains: a local checkpoint's config.json, else the flavour's."""
+    from vidtune.models.wan import WanConfig
+
+    for p in (model_cfg.transformer_path, model_cfg.path):
+        if not p:
+            continue
+        d = Path(p).expanduser()
+        for cand in (d / "config.json", d / "transformer" / "config.json"):
+            if cand.is_file():
+                return WanConfig.from_dict(json.loads(cand.read_text()))
+    if model_cfg.family == "wan" and model_cfg.flavour in ARCHS:
+        return WanConfig(**ARCHS[model_cfg.flavour])
+    raise ValueError(f"the planner has no architecture for {model_cfg.family}/{model_cfg.flavour}; "
+                     f"point model.path at a local checkpoint dir with config.json (known: {', '.join(ARCHS)})")
+
+
+def arch_key(arch) -> tuple:
+    d = dataclasses.asdict(arch)
+    d.pop("extra", None)
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+
+
+def fakeify(module: nn.Module) -> nn.Module:
+    """Replace every parameter and buffer by an empty tensor of the active (fake) mode."""
+    for m in module.modules():
+        for n, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[n] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+        for n, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[n] = torch.empty(b.shape, dtype=b.dtype)
+    return module
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    type: str = "lora"  # lora | lokr | full
+    rank: int = 16
+    alpha: float = 16.0
+    targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")
+    decompose_factor: int = -1
+
+    @classmethod
+    def from_config(cls, a) -> "AdapterSpec":
+        return cls(a.type, a.rank, float(a.alpha if a.alpha is not None else a.rank), tuple(a.target_modules),
+                   a.lokr_decompose_factor)
+
+
+def apply_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
+    """What the trainer trains: peft LoRA/LoKr on a frozen base, or every weight."""
+    if spec.type == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoKrConfig, LoraConfig, inject_adapter_in_model
+
+    model.requires_grad_(False)
+    if spec.type == "lora":
+        pc = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets))
+    else:
+        pc = LoKrConfig(r=spec.rank, alpha=spec.alpha, target_modules=list(spec.targets),
+                        decompose_factor=spec.decompose_factor)
+    return inject_adapter_in_model(pc, model)
+
+
+def build_meta_model(arch, num_layers: int, dtype: torch.dtype, adapter: AdapterSpec):
+    """The model the trainer builds (dtype policy, adapter), on the meta device."""
+    from vidtune.models.load import apply_dtype_policy
+    from vidtune.models.wan import WanTransformer
+    from vidtune.models.wan.model import KEEP_FP32
+
+    with torch.device("meta"):
+        m = WanTransformer(dataclasses.replace(arch, num_layers=num_layers))
+        apply_dtype_policy(m, dtype, KEEP_FP32)
+        return apply_adapter(m, adapter)
+
+
+class OpRecorder(TorchDispatchMode):
+    """(op, FLOPs, bytes read + written, element size) per op call; the roofline's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func.overloadpacket
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        flops = 0
+        if packet in flop_registry:
+            flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
+        if packet in _VIEWS:
+            nbytes = 0
+        else:
+            nbytes = sum(t.numel() * t.element_size() for t in ins + outs)
+        elsize = max((t.element_size() for t in ins if t.is_floating_point()), default=4)
+        self.calls.append((packet.__name__, flops, nbytes, elsize))
+        return out
+
+
+aten = torch.ops.aten
+_VIEWS = {aten.view, aten._unsafe_view, aten.t, aten.transpose, aten.permute, aten.expand, aten.unsqueeze,
+          aten.squeeze, aten.split, aten.split_with_sizes, aten.unbind, aten.slice, aten.select, aten.alias,
+          aten.as_strided, aten.detach, aten.unflatten, aten.reshape}
+
+
+@dataclass
+class Segment:
+    """One phase of a probed step. ``peak`` is above the live bytes at the phase start."""
+
+    peak: int = 0
+    live_delta: int = 0
+    flops: int = 0
+    materialized: int = 0
+    calls: list = field(default_factory=list, repr=False)
+
+
+@dataclass
+class StepProbe:
+    """Phases head, block, tail (forward) and tail_bwd, block_bwd, head_bwd (backward; absent
+    without grad); ``peak`` of the one-block step; ``attention_bytes`` held by attention outputs at
+    that peak."""
+
+    segments: dict
+    peak: int
+    attention_bytes: int
+    peak_by_op: dict
+
+
+_PROBES: dict = {}
+
+
+def probe_step(arch, *, latent: tuple[int, int, int], batch: int, dtype: torch.dtype, autocast: torch.dtype | None,
+               adapter: AdapterSpec, ckpt: bool, chunk: int | None, route_ratio: float | None = None,
+               grad: bool = True, text_len: int = TEXT_LEN) -> StepProbe:
+    """Counters of one step of a one-block model (memoised). ``latent`` = (frames, height, width)."""
+    key = (arch_key(arch), latent, batch, dtype, autocast, adapter, ckpt, chunk, route_ratio, grad, text_len)
+    if key not in _PROBES:
+        _PROBES[key] = _probe_step(arch, latent, batch, dtype, autocast, adapter, ckpt, chunk, route_ratio, grad,
+                                   text_len)
+    return _PROBES[key]
+
+
+def _probe_step(arch, latent, batch, dtype, autocast, adapter, ckpt, chunk, route_ratio, grad, text_len):
+    from vidtune.memory.checkpointing import apply_activation_checkpointing
+
+    model = build_meta_model(arch, 1, dtype, adapter)
+    with FakeTensorMode():
+        fakeify(model).train(grad)
+        if ckpt:
+            apply_activation_checkpointing(model.blocks)
+        model.set_ff_chunk_size(chunk)
+        f, h, w = latent
+        x = torch.randn(batch, arch.in_channels, f, h, w, dtype=dtype)
+        target = torch.randn(batch, arch.out_channels, f, h, w, dtype=dtype)
+        t = torch.full((batch,), 500.0)
+        ctx = torch.randn(batch, text_len, arch.text_dim, dtype=dtype)
+        routes = [{"selection_ratio": route_ratio, "start_layer": 0, "end_layer": 0}] if route_ratio else None
+        rec = OpRecorder()
+        marks: list[tuple[str, int]] = []
+        state = {"done": False}
+        existing = [*model.parameters(), *model.buffers(), x, target, t, ctx]
+        with counting(existing) as c:
+
+            def mark(label):
+                c.mark(label)
+                marks.append((label, len(rec.calls)))
+
+            def pre(mod, args, kwargs):
+                if state["done"]:
+                    return
+                mark("head")
+                if grad and args[0].requires_grad:
+                    args[0].register_hook(lambda g: mark("block_bwd"))
+
+            def post(mod, args, kwargs, out):
+                if state["done"]:
+                    return
+                state["done"] = True
+                mark("block")
+                if grad and out.requires_grad:
+                    out.register_hook(lambda g: mark("tail_bwd"))
+
+            hooks = [model.blocks[0].register_forward_pre_hook(pre, with_kwargs=True),
+                     model.blocks[0].register_forward_hook(post, with_kwargs=True)]
+            with rec, contextlib.ExitStack() as stack:
+                if not grad:
+                    stack.enter_context(torch.no_grad())
+                if autocast is not None:
+                    stack.enter_context(torch.autocast("cpu", dtype=autocast))
+                out = model(x, t, ctx, routes=routes, generator=torch.Generator().manual_seed(0))
+                stack.close()  # the loss and backward run outside autocast, as in the trainer
+                loss = (out.float() - target.float()).pow(2).mean()
+                mark("fwd")
+                if grad:
+                    loss.backward()
+                    mark("end")
+            for hk in hooks:
+                hk.remove()
+        del out, loss
+    names = {"head": "head", "block": "block", "fwd": "tail", "tail_bwd": "tail_bwd", "block_bwd": "block_bwd",
+             "end": "head_bwd"}
+    segs, prev_live, prev_flops, prev_mat, prev_call = {}, 0, 0, 0, 0
+    for m, (label, ncalls) in zip(c.marks, marks):
+        segs[names[label]] = Segment(m.peak_since_prev - prev_live, m.live_bytes - prev_live, m.flops - prev_flops,
+                                     m.materialized_bytes - prev_mat, rec.calls[prev_call:ncalls])
+        prev_live, prev_flops, prev_mat, prev_call = m.live_bytes, m.flops, m.materialized_bytes, ncalls
+    if grad and "block_bwd" not in segs:  # frozen head: backward ends in the block
+        segs["block_bwd"], segs["head_bwd"] = segs.pop("head_bwd"), Segment()
+    attn = sum(v for k, v in c.peak_by_op.items() if "attention" in k)
+    return StepProbe(segs, c.peak_live_bytes, attn, dict(c.peak_by_op))
+
+
+_AUX: dict = {}
+
+
+def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decode: bool, batch: int = 1):
+    """(weight bytes, peak activation bytes, FLOPs) of the Wan 2.1 VAE encoding pixels (F, H, W) or
+    decoding their latents, no grad, measured at full size on fake tensors (memoised)."""
+    key = ("vae", frames, height, width, dtype, decode, batch)
+    if key not in _AUX:
+        from diffusers import AutoencoderKLWan
+
+        with torch.device("meta"):
+            vae = AutoencoderKLWan().to(dtype)
+        weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+        with FakeTensorMode():
+            fakeify(vae).eval()
+            if decode:
+                z = torch.randn(batch, 16, (frames - 1) // 4 + 1, height // 8, width // 8, dtype=dtype)
+                fn = lambda: vae.decode(z).sample  # noqa: E731
+            else:
+                z = torch.randn(batch, 3, frames, height, width, dtype=dtype)
+                fn = lambda: vae.encode(z).latent_dist.mode()  # noqa: E731
+            with torch.no_grad(), counting([*vae.parameters(), *vae.buffers(), z]) as c:
+                fn()
+        _AUX[key] = (weights, c.peak_live_bytes, c.flops)
+    return _AUX[key]
+
+
+def probe_text_encoder(batch: int, dtype: torch.dtype, text_len: int = TEXT_LEN):
+    """(weight bytes, peak activation bytes, FLOPs) of the UMT5-XXL encoder on ``batch`` prompts."""
+    key = ("umt5", batch, dtype, text_len)
+    if key not in _AUX:
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        with torch.device("meta"):
+            te = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(dtype)
+        weights = sum(p.numel() * p.element_size() for p in te.parameters())
+        with FakeTensorMode():
+            fakeify(te).eval()
+            ids = torch.zeros(batch, text_len, dtype=torch.long)
+            mask = torch.ones(batch, text_len, dtype=torch.long)
+            with torch.no_grad(), counting([*te.parameters(), *te.buffers(), ids, mask]) as c:
+                te(input_ids=ids, attention_mask=mask)
+        _AUX[key] = (weights, c.peak_live_bytes, c.flops)
+    return _AUX[key]
+
+
+def optimizer_peak(shapes_dtypes: list[tuple[tuple, torch.dtype]], foreach: bool) -> int:
+    """Peak bytes of a first torch AdamW step (state creation + temporaries) over fake parameters
+    of these shapes; the gradients are inputs (counted by the caller)."""
+    key = ("adamw", tuple(shapes_dtypes), foreach)
+    if key not in _AUX:
+        with FakeTensorMode():
+            params = [nn.Parameter(torch.empty(s, dtype=d)) for s, d in shapes_dtypes]
+            for p in params:
+                p.grad = torch.empty_like(p)
+            opt = torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
+            with counting([*params, *(p.grad for p in params)]) as c:
+                opt.step()
+        _AUX[key] = c.peak_live_bytes
+    return _AUX[key]

@@ -1,0 +1,546 @@
+"""Memory planner: predicted peak memory per phase (caching, training step, validation) for a
+config on a device class, a fit/no-fit verdict, and for a plan that does not fit, the combinations
+of memory options that would.
+
+    vidtune-train --plan config.toml [--gpu rtx4090|a6000|mi300x|h100|cpu] [--set k=v ...]
+
+How the step peak is predicted. Weights, adapter, optimizer state and EMA are counted from the
+parameters of the model built on the meta device (the trainer's dtype policy and peft adapter;
+int8 = 1 byte per weight + per-row fp32 scale and int8 zero point, as torchao's Int8Tensor).
+Activations are measured, not modelled: ``vidtune.bench.probes.probe_step`` runs one step of a
+one-block model at full width and the real token count on fake tensors under the counters, with
+marks cutting it into head / block / tail phases, forward and backward. The planner then replays
+the phases for the real depth — head, then each block (at its token count: TREAD routes give
+routed blocks their own probe; checkpoint-every-N gives checkpointed and plain blocks their own),
+tail, and backward in reverse — carrying the live bytes, so the peak lands where it really does
+(start of backward without checkpointing, inside one block's recompute with it). The optimizer
+step's peak (state creation + foreach temporaries) is measured the same way on fake parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import itertools
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from vidtune.bench import devices as D
+from vidtune.bench import probes as P
+from vidtune.config import Config, ConfigError, load_config
+
+GiB = 1 << 30
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:7.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+@dataclass(frozen=True)
+class Shape:
+    width: int
+    height: int
+    frames: int
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        return ((self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+
+    def tokens(self, patch=(1, 2, 2)) -> int:
+        f, h, w = self.latent
+        return (f // patch[0]) * (h // patch[1]) * (w // patch[2])
+
+    def __str__(self):
+        return f"{self.width}x{self.height}x{self.frames}"
+
+
+WAN_ASPECT = 832 / 480  # the aspect Wan was trained at; the planner sizes the largest bucket with it
+
+
+def _round16(x: float) -> int:
+    return max(16, int(round(x / 16)) * 16)
+
+
+def train_shape(cfg: Config) -> Shape:
+    """The largest training sample the datasets produce (a Wan-aspect bucket at their resolution)."""
+    best = None
+    for d in cfg.datasets:
+        frames = d.num_frames if d.type == "video" else 1
+        if d.resolution_type == "pixel":
+            h = _round16(d.resolution)
+            w = _round16(d.resolution * WAN_ASPECT)
+        else:
+            area = d.resolution ** 2
+            w, h = _round16(math.sqrt(area * WAN_ASPECT)), _round16(math.sqrt(area / WAN_ASPECT))
+        s = Shape(w, h, frames)
+        if best is None or s.tokens() > best.tokens():
+            best = s
+    return best or validation_shape(cfg)
+
+
+def validation_shape(cfg: Config) -> Shape:
+    w, h = (int(x) for x in cfg.validation.resolution.lower().split("x"))
+    return Shape(w, h, cfg.validation.num_frames)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+@dataclass
+class Item:
+    label: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Phase:
+    name: str
+    items: list[Item]
+    peak: int
+    fits: bool = True
+    note: str = ""
+
+
+@dataclass
+class Suggestion:
+    changes: list[str]  # human-readable option names
+    overrides: list[str]  # --set assignments
+    step_peak: int
+    max_peak: int
+
+
+@dataclass
+class Plan:
+    config: Config
+    device: D.Device
+    shape: Shape
+    tokens: int
+    phases: list[Phase]
+    counters: dict  # deterministic per-step counters (FLOPs, bytes)
+    notes: list[str] = field(default_factory=list)
+    suggestions: list[Suggestion] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.phases)
+
+    @property
+    def peak(self) -> int:
+        return max(p.peak for p in self.phases)
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+    def report(self) -> str:
+        dev = self.device
+        m, a = self.config.model, self.config.adapter
+        out = [f"vidtune memory plan: {m.family}/{m.flavour} {a.type}"
+               f"{f' rank {a.rank}' if a.type != 'full' else ''} on {dev.label} ({dev.name})",
+               f"  training sample {self.shape} -> latents {'x'.join(map(str, self.shape.latent))} -> "
+               f"{self.tokens:,} tokens, batch {self.config.train.batch_size}",
+               f"  device memory {gib(dev.memory_bytes).strip()}, usable {gib(dev.usable_bytes).strip()} "
+               f"(runtime reserve {gib(dev.reserve_bytes).strip()}, 5% allocator headroom)", ""]
+        for ph in self.phases:
+            verdict = "fits" if ph.fits else "DOES NOT FIT"
+            out.append(f"[{ph.name}] peak {gib(ph.peak).strip()} — {verdict}" + (f"  ({ph.note})" if ph.note else ""))
+            for it in ph.items:
+                out.append(f"  {it.label:<44}{gib(it.bytes)}" + (f"   {it.note}" if it.note else ""))
+            out.append("")
+        c = self.counters
+        out.append(f"per step: forward {c['fwd_flops'] / 1e12:.1f} TFLOP, backward {c['bwd_flops'] / 1e12:.1f} TFLOP, "
+                   f"optimizer {c['opt_flops'] / 1e9:.2f} GFLOP (analytic); materialised "
+                   f"{c['materialized_bytes'] / GiB:.1f} GiB; offload moves {c['offload_bytes'] / GiB:.2f} GiB")
+        for n in self.notes:
+            out.append(f"note: {n}")
+        out.append("")
+        out.append(f"verdict: {'FITS' if self.fits else 'DOES NOT FIT'} on {dev.name} "
+                   f"(largest phase {gib(self.peak).strip()} of {gib(dev.usable_bytes).strip()} usable)")
+        if not self.fits:
+            if self.suggestions:
+                out.append("options that make it fit (each a minimal combination; first = fewest changes):")
+                for s in self.suggestions:
+                    out.append(f"  - {' + '.join(s.changes)}: largest phase {gib(s.max_peak).strip()}  "
+                               f"[{' '.join('--set ' + o for o in s.overrides)}]")
+            else:
+                out.append("no combination of the searched options fits this device "
+                           "(checkpointing, chunked FF, int8, block offload, TREAD, fewer frames, lower resolution)")
+        return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+def _dtype(name: str) -> torch.dtype:
+    return P.DTYPES[name]
+
+
+def _param_bytes(p, int8: bool) -> int:
+    if int8 and p.ndim == 2:
+        return p.numel() + p.shape[0] * 5  # int8 data + fp32 scale + int8 zero point per row
+    return p.numel() * p.element_size()
+
+
+def _weights(model, cfg: Config):
+    """(resident frozen bytes, offloaded block bytes per group list, trainable params list,
+    biggest block linear in compute dtype)"""
+    int8 = cfg.model.base_precision == "int8" and cfg.adapter.type != "full"
+    off = cfg.memory.offload
+    nblocks = len(model.blocks)
+    block_frozen = []
+    trainable = []
+    for i, blk in enumerate(model.blocks):
+        b = 0
+        for name, p in blk.named_parameters():
+            if p.requires_grad:
+                continue
+            is_linear = name.endswith(".weight") and p.ndim == 2
+            b += _param_bytes(p, int8 and is_linear)
+        block_frozen.append(b)
+    other = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            trainable.append(p)
+        elif not name.startswith("blocks."):
+            other += p.numel() * p.element_size()
+    biggest = max((p.numel() * p.element_size() for n, p in model.blocks[0].named_parameters() if p.ndim == 2),
+                  default=0)
+    groups = []
+    if off.type == "block_level" and cfg.adapter.type != "full":
+        bpg = off.blocks_per_group
+        groups = [sum(block_frozen[i:i + bpg]) for i in range(0, nblocks, bpg)]
+        resident = other
+    else:
+        resident = other + sum(block_frozen)
+    return resident, groups, trainable, biggest
+
+
+def offload_loads(num_groups: int, depth: int, *, backward: bool = True) -> list[tuple[str, int]]:
+    """The loads ``GroupOffload`` issues for one forward (+ backward): a window of the current group
+    and the next ``depth`` in this pass's order stays resident, the rest is evicted."""
+    resident: list[int] = []
+    loads = []
+    passes = [("fwd", list(range(num_groups)))] + ([("bwd", list(range(num_groups))[::-1])] if backward else [])
+    for phase, order in passes:
+        for pos, g in enumerate(order):
+            window = order[pos:pos + depth + 1]
+            resident = [r for r in resident if r in window]
+            for w in window:
+                if w not in resident:
+                    resident.append(w)
+                    loads.append((phase, w))
+    return loads
+
+
+_STATE_BYTES = {  # optimizer state bytes per trainable parameter, by the parameter's element size
+    "adamw": lambda e: 2 * e, "adamw_bf16": lambda e: 3 * 2, "lion": lambda e: e,
+    "adamw_8bit": lambda e: 2 * 1 + 2 * 4 / 256, "paged_adamw_8bit": lambda e: 2 * 1 + 2 * 4 / 256,
+    "lion_8bit": lambda e: 1 + 4 / 256, "paged_lion_8bit": lambda e: 1 + 4 / 256,
+}
+_OPT_FLOPS = {"adamw": 12, "adamw_bf16": 14, "lion": 7}  # elementwise FLOPs per parameter per step
+
+
+def _classes(cfg: Config, nblocks: int):
+    """Per block: (route ratio or None, checkpointed); plus the resolved routes."""
+    routes = cfg.tread.resolve(nblocks) if cfg.tread.routes else []
+    mem = cfg.memory
+    out = []
+    for i in range(nblocks):
+        ratio = next((r for r, s, e in routes if s <= i <= e), None)
+        ckpt = mem.gradient_checkpointing and i % mem.gradient_checkpointing_every_n == 0
+        out.append((ratio, ckpt))
+    return out, routes
+
+
+def _probe_kwargs(cfg: Config, arch, shape: Shape, batch: int):
+    mp = cfg.train.mixed_precision
+    return dict(latent=shape.latent, batch=batch, dtype=_dtype(cfg.model.dtype),
+                autocast=None if mp == "no" else _dtype(mp),
+                adapter=P.AdapterSpec.from_config(cfg.adapter),
+                chunk=cfg.memory.chunked_ff.chunk_size if cfg.memory.chunked_ff.enabled else None)
+
+
+def simulate_step(cfg: Config, arch, shape: Shape) -> dict:
+    """Replay the probed phases over the real depth; returns peak, FLOPs and bytes of fwd+bwd."""
+    nblocks = arch.num_layers
+    classes, routes = _classes(cfg, nblocks)
+    kw = _probe_kwargs(cfg, arch, shape, cfg.train.batch_size)
+    base_ckpt = classes[0][1]
+    base = P.probe_step(arch, ckpt=base_ckpt, **kw)
+    probes = {c: P.probe_step(arch, ckpt=c[1], route_ratio=c[0], **kw) for c in set(classes)}
+    unrouted = {c[1]: P.probe_step(arch, ckpt=c[1], **kw) for c in set(classes)}
+    starts = {s: r for r, s, e in routes}
+    ends = {e: r for r, s, e in routes}
+
+    def route_cost(ratio, ckpt):
+        pr, pu = probes[(ratio, ckpt)], unrouted[ckpt]
+        return (max(0, pr.segments["head"].live_delta - pu.segments["head"].live_delta),
+                max(0, pr.segments["tail"].live_delta - pu.segments["tail"].live_delta))
+
+    S = base.segments
+    live, peak = S["head"].live_delta, S["head"].peak
+    fwd_flops = S["head"].flops + S["tail"].flops
+    mat = S["head"].materialized + S["tail"].materialized + S["tail_bwd"].materialized + S["head_bwd"].materialized
+    calls = {"head": S["head"].calls, "tail": S["tail"].calls + S["tail_bwd"].calls, "head_bwd": S["head_bwd"].calls}
+    block_calls = []
+    for i, c in enumerate(classes):
+        seg = probes[c].segments
+        if i in starts:
+            live += route_cost(starts[i], c[1])[0]
+        peak = max(peak, live + seg["block"].peak)
+        live += seg["block"].live_delta
+        if i in ends:
+            live += route_cost(ends[i], c[1])[1]
+        fwd_flops += seg["block"].flops
+        mat += seg["block"].materialized + seg["block_bwd"].materialized
+        block_calls.append((c, seg["block"].calls + seg["block_bwd"].calls))
+    peak = max(peak, live + S["tail"].peak)
+    live += S["tail"].live_delta
+    peak = max(peak, live + S["tail_bwd"].peak)
+    live += S["tail_bwd"].live_delta
+    bwd_flops = S["tail_bwd"].flops + S["head_bwd"].flops
+    for i in reversed(range(nblocks)):
+        c = classes[i]
+        seg = probes[c].segments
+        if i in ends:
+            live -= route_cost(ends[i], c[1])[1]
+        peak = max(peak, live + seg["block_bwd"].peak)
+        live += seg["block_bwd"].live_delta
+        if i in starts:
+            live -= route_cost(starts[i], c[1])[0]
+        bwd_flops += seg["block_bwd"].flops
+    peak = max(peak, live + S["head_bwd"].peak)
+    attn = max(p.attention_bytes for p in probes.values())
+    return dict(peak=peak, fwd_flops=fwd_flops, bwd_flops=bwd_flops, materialized=mat, attention=attn,
+                calls=calls, block_calls=block_calls, classes=classes)
+
+
+def _caching_phase(cfg: Config, dev: D.Device, shape: Shape) -> Phase:
+    te_w, te_act, _ = P.probe_text_encoder(cfg.cache.text_batch_size, _dtype(cfg.model.text_encoder_dtype))
+    vae_w, vae_act, _ = P.probe_vae(shape.frames, shape.height, shape.width, _dtype(cfg.model.vae_dtype),
+                                    decode=False, batch=cfg.cache.vae_batch_size)
+    items = []
+    if cfg.memory.offload_during_startup:
+        te_peak, vae_peak = te_w + te_act, vae_w + vae_act
+        first = max(te_peak, vae_peak)
+        items = [Item("text encoder UMT5-XXL weights", te_w, "alone on the device (offload_during_startup)"),
+                 Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
+                 Item("VAE weights", vae_w, "alone on the device"),
+                 Item(f"VAE encode activations ({shape})", vae_act)]
+        peak = first
+        note = "encoders one at a time"
+    else:
+        items = [Item("text encoder UMT5-XXL weights", te_w), Item("VAE weights", vae_w),
+                 Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
+                 Item(f"VAE encode activations ({shape})", vae_act)]
+        peak = te_w + vae_w + max(te_act, vae_act)
+        note = "both encoders resident"
+    return Phase("caching", items, peak, peak <= dev.usable_bytes, note)
+
+
+def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None) -> Plan:
+    """Predict the peak of each phase of ``config`` on device class ``gpu``."""
+    dev = D.device(gpu)
+    arch = arch or P.wan_arch(config.model)
+    shape = train_shape(config)
+    tokens = shape.tokens(arch.patch_size)
+    cfg = config
+    notes = []
+    model = P.build_meta_model(arch, arch.num_layers, _dtype(cfg.model.dtype), P.AdapterSpec.from_config(cfg.adapter))
+    resident, groups, trainable, biggest = _weights(model, cfg)
+    full = cfg.adapter.type == "full"
+    if cfg.memory.offload.type == "block_level" and full:
+        notes.append("block offload moves frozen weights only: ignored for a full fine-tune")
+    if cfg.model.base_precision == "int8" and full:
+        notes.append("int8 base is for adapters only: ignored for a full fine-tune")
+    int8 = cfg.model.base_precision == "int8" and not full
+    slots = (1 + (1 if cfg.memory.offload.use_stream else 0)) * max(groups, default=0)
+    train_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    state = int(sum(p.numel() * _STATE_BYTES[cfg.train.optimizer](p.element_size()) for p in trainable))
+    ema = train_bytes if cfg.ema.enabled else 0
+    dequant = biggest if int8 else 0  # torchao int8 weight-only dequantises one weight per matmul
+    b = cfg.train.batch_size
+    f, h, w = shape.latent
+    inputs = b * (2 * arch.in_channels * f * h * w + P.TEXT_LEN * arch.text_dim) * _dtype(cfg.model.dtype).itemsize
+
+    sim = simulate_step(cfg, arch, shape)
+    grads = train_bytes  # grads in the parameters' dtype
+    if cfg.train.optimizer in ("adamw", "adamw_bf16"):
+        # Measured: a first torch AdamW step on fake parameters (state creation + temporaries);
+        # torch defaults to foreach on accelerators and a per-parameter loop on CPU.
+        opt_peak = P.optimizer_peak([(tuple(p.shape), p.dtype) for p in trainable], dev.name != "cpu")
+        opt_transient = max(0, opt_peak - 2 * train_bytes)
+    else:
+        opt_transient = 0  # 8-bit / Lion: state counted above, temporaries are per-parameter
+    static = resident + slots + train_bytes + state + ema + inputs
+    act_peak = sim["peak"] + dequant
+    opt_phase = grads + max(0, opt_transient)
+    step_peak = static + max(act_peak, opt_phase)
+    step_items = [
+        Item("weights resident (frozen base" + (", int8)" if int8 else ")") if not full else "weights (trained, full)",
+             resident + (train_bytes if full else 0)),
+        Item("offload slots (" + (f"{1 + int(cfg.memory.offload.use_stream)} x group of "
+                                  f"{cfg.memory.offload.blocks_per_group} blocks)" if groups else "off)"), slots,
+             f"{sum(groups) / GiB:.1f} GiB of blocks in host RAM" if groups else ""),
+        Item(f"adapter weights ({cfg.adapter.type})" if not full else "adapter weights (none: full)",
+             0 if full else train_bytes),
+        Item(f"optimizer state ({cfg.train.optimizer})", state),
+        Item("EMA", ema, "" if cfg.ema.enabled else "off"),
+        Item("inputs (latents, target, text embeddings)", inputs),
+        Item("activations + gradients, fwd/bwd peak", sim["peak"],
+             f"{len(sim['classes'])} blocks replayed from probes"),
+        Item("  of which attention workspace at the probe peak", sim["attention"], "(included above)"),
+        Item("int8 dequantised weight (one matmul)", dequant),
+        Item("optimizer step: gradients + temporaries", opt_phase, "peak is the larger of this and activations"),
+    ]
+    for label, mutate in (("checkpointing", _no_ckpt), ("chunked FF", _no_chunk)):
+        alt = mutate(cfg)
+        if alt is not None:
+            saved = simulate_step(alt, arch, shape)["peak"] - sim["peak"]
+            step_items.append(Item(f"  saving from {label}", saved, "(already subtracted)"))
+    step = Phase("training step", step_items, step_peak, step_peak <= dev.usable_bytes)
+
+    phases = [_caching_phase(cfg, dev, shape), step]
+    if cfg.validation.every > 0:
+        vshape = validation_shape(cfg)
+        vkw = _probe_kwargs(cfg, arch, vshape, 2)
+        den = P.probe_step(arch, ckpt=False, grad=False, **{**vkw, "chunk": vkw["chunk"]})
+        vae_w, vae_act, _ = P.probe_vae(vshape.frames, vshape.height, vshape.width, _dtype(cfg.model.vae_dtype),
+                                        decode=True)
+        train_state = resident + slots + train_bytes + state + ema
+        vpeak = train_state + vae_w + max(den.peak + dequant, vae_act)
+        phases.append(Phase("validation", [
+            Item("training state kept (weights, slots, adapter, optimizer, EMA)", train_state),
+            Item("VAE weights", vae_w),
+            Item(f"denoiser forward, CFG batch 2 at {vshape}", den.peak + dequant),
+            Item(f"VAE decode of all {vshape.frames} frames", vae_act),
+        ], vpeak, vpeak <= dev.usable_bytes, "prompt embeddings cached at startup; peak of denoise or decode"))
+
+    loads = offload_loads(len(groups), int(cfg.memory.offload.use_stream)) if groups else []
+    counters = dict(
+        tokens=tokens, fwd_flops=sim["fwd_flops"], bwd_flops=sim["bwd_flops"],
+        opt_flops=_OPT_FLOPS.get(cfg.train.optimizer.replace("paged_", "").replace("_8bit", ""), 12)
+        * sum(p.numel() for p in trainable),
+        materialized_bytes=sim["materialized"], step_peak_bytes=step_peak, act_peak_bytes=sim["peak"],
+        offload_bytes=sum(groups[g] for _, g in loads), offload_loads=len(loads),
+        group_bytes=groups, trainable_params=sum(p.numel() for p in trainable),
+    )
+    if cfg.memory.model_cpu_offload:
+        notes.append("model_cpu_offload moves whole models between phases; it does not lower the step peak")
+    p = Plan(cfg, dev, shape, tokens, phases, counters, notes)
+    p._sim = sim
+    if search and not p.fits:
+        p.suggestions = search_options(cfg, gpu, arch)
+    return p
+
+
+def _no_ckpt(cfg):
+    if not cfg.memory.gradient_checkpointing:
+        return None
+    c = copy.deepcopy(cfg)
+    c.memory.gradient_checkpointing = False
+    return c
+
+
+def _no_chunk(cfg):
+    if not cfg.memory.chunked_ff.enabled:
+        return None
+    c = copy.deepcopy(cfg)
+    c.memory.chunked_ff.enabled = False
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+
+def _options(cfg: Config):
+    """(name, overrides) alternatives per option group; a group contributes at most one."""
+    mem, full = cfg.memory, cfg.adapter.type == "full"
+    groups = []
+    if not mem.gradient_checkpointing or mem.gradient_checkpointing_every_n > 1:
+        groups.append([("gradient_checkpointing", ["memory.gradient_checkpointing=true",
+                                                    "memory.gradient_checkpointing_every_n=1"])])
+    if not mem.chunked_ff.enabled:
+        groups.append([("chunked_ff 4096", ["memory.chunked_ff.enabled=true", "memory.chunked_ff.chunk_size=4096"])])
+    if not full and cfg.model.base_precision != "int8":
+        groups.append([("int8 base", ['model.base_precision="int8"'])])
+    if not full and mem.offload.type != "block_level":
+        groups.append([(f"block offload, blocks_per_group={n}",
+                        ['memory.offload.type="block_level"', f"memory.offload.blocks_per_group={n}",
+                         "memory.offload.use_stream=true"]) for n in (4, 2, 1)])
+    if not cfg.tread.routes:
+        groups.append([("TREAD 0.5 over layers 2..-2", ["tread.routes=[{selection_ratio=0.5, start_layer=2, end_layer=-2}]"])])
+    shrink = []
+    frames = [d.num_frames for d in cfg.datasets if d.type == "video"]
+    if frames and max(frames) > 49:
+        shrink.append(("49 frames", [f"dataset.{i}.num_frames=49" for i, d in enumerate(cfg.dataset) if d.type == "video"]))
+    res = [d.resolution for d in cfg.datasets]
+    if res and max(res) > 384:
+        shrink.append(("resolution 384", [f"dataset.{i}.resolution=384" for i in range(len(cfg.dataset))]))
+    if shrink:
+        groups.append(shrink)
+    return groups
+
+
+def _apply(cfg: Config, overrides: list[str]) -> Config:
+    from vidtune.config import _to_toml_data, config_from_dict
+
+    return config_from_dict(_to_toml_data(cfg), "<plan search>", overrides)
+
+
+def search_options(cfg: Config, gpu: str, arch, limit: int = 6) -> list[Suggestion]:
+    """Minimal combinations of the option groups that fit, fewest changes first."""
+    groups = _options(cfg)
+    found: list[tuple[frozenset, Suggestion]] = []
+    for k in range(1, len(groups) + 1):
+        for combo in itertools.combinations(range(len(groups)), k):
+            if any(f <= frozenset(combo) for f, _ in found):
+                continue  # a subset already fits
+            for choice in itertools.product(*(groups[g] for g in combo)):
+                overrides = [o for _, ov in choice for o in ov]
+                try:
+                    alt = _apply(cfg, overrides)
+                except ConfigError:
+                    continue
+                p = plan(alt, gpu, search=False, arch=arch)
+                if p.fits:
+                    found.append((frozenset(combo), Suggestion([n for n, _ in choice], overrides,
+                                                               p.phase("training step").peak, p.peak)))
+                    break  # first alternative in a group = the least costly (e.g. biggest offload groups)
+        if len(found) >= limit:
+            break
+    return [s for _, s in found[:limit]]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def plan_main(config_path, gpu: str = "rtx4090", overrides=()) -> int:
+    """Print the plan of ``config_path`` on ``gpu``; 0 if it fits, 1 if not, 2 on a config error."""
+    try:
+        cfg = load_config(config_path, list(overrides))
+        p = plan(cfg, gpu)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(p.report())
+    return 0 if p.fits else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="vidtune-plan", description="Predicted peak memory of a vidtune config.")
+    ap.add_argument("config", nargs="?", help="TOML config (default: all defaults)")
+    ap.add_argument("--gpu", default="rtx4090", choices=D.names())
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = ap.parse_args(argv)
+    return plan_main(args.config, args.gpu, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
