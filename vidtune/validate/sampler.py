@@ -1,0 +1,347 @@
+"""Validation sampling with our transformer and diffusers' flow schedulers.
+
+``sample`` reproduces ``diffusers.WanPipeline.__call__`` step for step so that the same seed,
+scheduler config, CFG scale and step count give the same latents (tests/integration/
+test_sampler.py checks it against the real pipeline for UniPC and flow-match Euler):
+
+- noise: ``randn_tensor`` of shape (B, C, (F-1)//4+1, H//8, W//8) in fp32 from a
+  ``torch.Generator(generator_device).manual_seed(seed)``, exactly ``WanPipeline.prepare_latents``;
+- ``scheduler.set_timesteps(steps)`` then ``set_begin_index(0)``;
+- per step a conditional and (when ``guidance > 1``) a separate unconditional forward on the
+  latents cast to the transformer dtype, ``uncond + guidance * (cond - uncond)``, then
+  ``scheduler.step`` on the fp32 latents.
+
+Skip-layer guidance (SLG) follows diffusers' StableDiffusion3Pipeline: on steps ``i`` with
+``skip_layers_start <= i / steps <= skip_layers_stop`` one more conditional forward runs with
+``skip_layers=...`` and ``noise_pred += (cond - cond_skip) * skip_layers_scale`` (SimpleTuner's
+``validation_guidance_skip_scale``, default 2.8). Unlike SD3 it is applied with or without CFG.
+SimpleTuner's own Wan pipeline does something else (it drops the layers from the unconditional
+pass, outside the window); we keep the SD3 form because it is the documented one and leaves the
+CFG terms untouched.
+
+Decoding un-normalises like WanPipeline (``latents / (1/std) + mean``) and returns uint8 frames.
+``save_video`` writes mp4 with torchcodec's encoder (ffmpeg through a pipe when torchcodec cannot
+be imported) and ``save_contact_sheet`` a PNG grid; both write atomically.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Wan's published scheduler (Wan2.1-T2V-*-Diffusers/scheduler/scheduler_config.json): UniPC with
+# flow sigmas; used when the pipeline directory has no scheduler/ to read.
+WAN_UNIPC_CONFIG = dict(
+    num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction", use_flow_sigmas=True,
+    flow_shift=3.0, predict_x0=True, solver_type="bh2", lower_order_final=True, final_sigmas_type="zero",
+    timestep_spacing="linspace", steps_offset=0,
+)
+SCHEDULERS = ("unipc", "euler")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts.
+
+def load_prompts(prompts: Sequence[str] = (), library: str | Path | dict | None = None) -> list[tuple[str, str]]:
+    """[(name, prompt)]: the listed prompts as ``prompt0, prompt1...`` then the library's
+    ``{nickname: prompt}`` entries (a JSON file or a dict) in file order."""
+    out = [(f"prompt{i}", p) for i, p in enumerate(prompts)]
+    if library is not None:
+        where = "prompt library" if isinstance(library, dict) else str(library)
+        if not isinstance(library, dict):
+            try:
+                library = json.loads(Path(library).read_text())
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{where}: no such prompt library file") from None
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON: {exc}") from None
+        if not isinstance(library, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in library.items()):
+            raise ValueError(f"{where}: expected a JSON object {{\"nickname\": \"prompt\", ...}}")
+        out += list(library.items())
+    seen = set()
+    for name, _ in out:
+        if safe_name(name) in seen:
+            raise ValueError(f"validation prompt name {name!r} is used twice (file names must be unique)")
+        seen.add(safe_name(name))
+    return out
+
+
+def safe_name(name: str) -> str:
+    """A file-system-safe version of a prompt nickname."""
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9._-]", "_", name)).strip("._") or "prompt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedulers.
+
+def load_scheduler_config(pipeline: str | Path) -> dict | None:
+    """The ``scheduler/scheduler_config.json`` of a pipeline dir or hub id; None when absent."""
+    p = Path(pipeline).expanduser()
+    if p.is_dir():
+        f = p / "scheduler" / "scheduler_config.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(str(pipeline), "scheduler_config.json",
+                                               subfolder="scheduler")).read_text())
+    except Exception as exc:  # offline, no such file: the Wan default is still right for Wan
+        log.info("no scheduler config from %s (%s); using Wan's UniPC defaults", pipeline, exc)
+        return None
+
+
+def make_scheduler(kind: str = "unipc", flow_shift: float | None = None, config: dict | None = None):
+    """A fresh diffusers scheduler: ``unipc`` (UniPCMultistepScheduler with flow sigmas, Wan's
+    default) or ``euler`` (FlowMatchEulerDiscreteScheduler). ``config`` (e.g. from
+    ``load_scheduler_config``) supplies the other settings, whichever class wrote it;
+    ``flow_shift`` (None: the config's) becomes UniPC's ``flow_shift`` or Euler's ``shift``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if kind not in SCHEDULERS:
+        raise ValueError(f"scheduler {kind!r}: choose one of {SCHEDULERS}")
+    cfg = {k: v for k, v in (config or WAN_UNIPC_CONFIG).items() if not k.startswith("_")}
+    src_shift = cfg.get("flow_shift", cfg.get("shift", 3.0))
+    shift = float(src_shift if flow_shift is None else flow_shift)
+    if kind == "unipc":
+        cls = UniPCMultistepScheduler
+        if config is None or config.get("_class_name") != cls.__name__:
+            # Settings from another class (or none): UniPC must predict flow with flow sigmas.
+            cfg = {**WAN_UNIPC_CONFIG, **{k: v for k, v in cfg.items() if k == "num_train_timesteps"}}
+        cfg.update(flow_shift=shift, prediction_type="flow_prediction", use_flow_sigmas=True)
+    else:
+        cls = FlowMatchEulerDiscreteScheduler
+        cfg["shift"] = shift
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in cfg.items() if k in accepted})
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling.
+
+def _model_dtype(transformer) -> torch.dtype:
+    if isinstance(getattr(transformer, "dtype", None), torch.dtype):
+        return transformer.dtype
+    pe = getattr(transformer, "patch_embedding", None)
+    if pe is not None:
+        return pe.weight.dtype
+    return next(p.dtype for p in transformer.parameters() if p.is_floating_point())
+
+
+def _vae_scale_factors(vae) -> tuple[int, int]:
+    """(temporal, spatial) compression like WanPipeline: the VAE config's, else Wan's 4 and 8."""
+    if vae is None:
+        return 4, 8
+    return vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+
+
+def initial_latents(batch: int, channels: int, num_frames: int, height: int, width: int, seed: int,
+                    device, generator_device="cpu", vae=None) -> torch.Tensor:
+    """The starting noise, exactly ``WanPipeline.prepare_latents`` with a seeded generator."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    ft, sp = _vae_scale_factors(vae)
+    shape = (batch, channels, (num_frames - 1) // ft + 1, int(height) // sp, int(width) // sp)
+    generator = torch.Generator(generator_device).manual_seed(int(seed))
+    return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample(
+    transformer,
+    *,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    num_frames: int,
+    height: int,
+    width: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    scheduler="unipc",
+    flow_shift: float | None = None,
+    scheduler_config: dict | None = None,
+    skip_layers: Sequence[int] = (),
+    skip_layers_start: float = 0.0,
+    skip_layers_stop: float = 1.0,
+    skip_layers_scale: float = 2.8,
+    generator_device: str = "cpu",
+    device: str | torch.device | None = None,
+    vae=None,
+    output_type: str = "latent",
+    latents: torch.Tensor | None = None,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+):
+    """Sample videos for ``prompt_embeds`` (B, L, D) (padded like ``WanPipeline.encode_prompt``).
+
+    scheduler: "unipc" | "euler" (built by ``make_scheduler`` from ``scheduler_config`` and
+    ``flow_shift``) or a ready diffusers scheduler instance (used as is). CFG runs when
+    ``guidance > 1`` and needs ``negative_prompt_embeds``. ``device``: where the forward runs
+    (default: the transformer's first parameter's device). ``callback(i, latents)`` after each
+    step (streaming previews). ``output_type``: "latent" returns the fp32 latents (B, C, F', H', W')
+    before decoding; "video" decodes with ``vae`` and returns uint8 frames (B, F, 3, H, W).
+    """
+    if output_type not in ("latent", "video"):
+        raise ValueError(f"output_type {output_type!r}: choose 'latent' or 'video'")
+    if output_type == "video" and vae is None:
+        raise ValueError("output_type='video' needs the VAE (vae=AutoencoderKLWan)")
+    cfg_on = guidance > 1.0  # WanPipeline.do_classifier_free_guidance
+    if cfg_on and negative_prompt_embeds is None:
+        raise ValueError(f"guidance {guidance} > 1 runs CFG and needs negative_prompt_embeds")
+    if not 0.0 <= skip_layers_start <= skip_layers_stop <= 1.0:
+        raise ValueError("skip-layer guidance needs 0 <= skip_layers_start <= skip_layers_stop <= 1")
+    if isinstance(scheduler, str):
+        scheduler = make_scheduler(scheduler, flow_shift, scheduler_config)
+
+    device = torch.device(device) if device is not None else next(transformer.parameters()).device
+    dtype = _model_dtype(transformer)
+    cond = prompt_embeds.to(device, dtype)
+    uncond = negative_prompt_embeds.to(device, dtype) if cfg_on else None
+    batch = cond.shape[0]
+    if uncond is not None and uncond.shape[0] != batch:
+        uncond = uncond.expand(batch, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
+    channels = transformer.config.in_channels
+
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
+    if latents is None:
+        latents = initial_latents(batch, channels, num_frames, height, width, seed, device,
+                                  generator_device, vae)
+    else:
+        latents = latents.to(device, torch.float32)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+
+    was_training = transformer.training
+    transformer.eval()  # no TREAD routes, no dropout while sampling
+    try:
+        for i, t in enumerate(timesteps):
+            x = latents.to(dtype)
+            timestep = t.expand(batch)
+            noise_pred = transformer(x, timestep, cond)
+            cond_pred = noise_pred
+            if cfg_on:
+                noise_uncond = transformer(x, timestep, uncond)
+                noise_pred = noise_uncond + guidance * (noise_pred - noise_uncond)
+            if skip_layers and skip_layers_start <= i / steps <= skip_layers_stop:
+                cond_skip = transformer(x, timestep, cond, skip_layers=tuple(skip_layers))
+                noise_pred = noise_pred + (cond_pred - cond_skip) * skip_layers_scale
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if callback is not None:
+                callback(i, latents)
+    finally:
+        transformer.train(was_training)
+    if output_type == "latent":
+        return latents
+    return decode(vae, latents)
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents (B, z, F', H', W') -> uint8 frames (B, F, 3, H, W), un-normalised with
+    the VAE's latents_mean/std exactly like WanPipeline, rounded like diffusers' numpy_to_pil."""
+    vdev = next(vae.parameters()).device
+    z = latents.to(vdev, vae.dtype)
+    zd = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, zd, 1, 1, 1).to(z.device, z.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, zd, 1, 1, 1).to(z.device, z.dtype)
+    video = vae.decode(z / inv_std + mean, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
+    video = (video.float() / 2 + 0.5).clamp(0, 1)
+    return (video * 255).round().to(torch.uint8).permute(0, 2, 1, 3, 4).cpu().contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing results.
+
+def _tmp_beside(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
+    """Write uint8 frames (F, 3, H, W) as an H.264 mp4 (yuv420p; odd sizes are padded by one
+    pixel, which yuv420p needs). torchcodec encodes; ffmpeg through a pipe if it is missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = frames.to("cpu", torch.uint8).contiguous()
+    f, _, h, w = frames.shape
+    if h % 2 or w % 2:
+        frames = torch.nn.functional.pad(frames, (0, w % 2, 0, h % 2), mode="replicate")
+    tmp = _tmp_beside(path)
+    try:
+        try:
+            from torchcodec.encoders import VideoEncoder
+        except ImportError:
+            VideoEncoder = None
+        if VideoEncoder is not None:
+            VideoEncoder(frames, frame_rate=fps).to_file(tmp, codec="libx264", pixel_format="yuv420p")
+        else:
+            _ffmpeg_encode(frames, tmp, fps)
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _ffmpeg_encode(frames: torch.Tensor, path: Path, fps: int) -> None:
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise RuntimeError("saving validation videos needs torchcodec or ffmpeg: pip install torchcodec "
+                           "or sudo apt-get install -y ffmpeg")
+    _, _, h, w = frames.shape
+    raw = frames.permute(0, 2, 3, 1).contiguous().numpy().tobytes()  # rgb24, frame after frame
+    subprocess.run([ffmpeg, "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                    "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    str(path)], input=raw, check=True)
+
+
+def save_contact_sheet(frames: torch.Tensor, path: str | Path, max_frames: int = 8, columns: int = 4) -> Path:
+    """A PNG grid of up to ``max_frames`` evenly spaced frames (F, 3, H, W uint8), first and last
+    included, ``columns`` per row."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f, _, h, w = frames.shape
+    n = min(f, max_frames)
+    idx = sorted({round(i * (f - 1) / max(n - 1, 1)) for i in range(n)})
+    cols = min(columns, len(idx))
+    rows = math.ceil(len(idx) / cols)
+    sheet = Image.new("RGB", (cols * w, rows * h))
+    for k, i in enumerate(idx):
+        tile = Image.fromarray(frames[i].permute(1, 2, 0).cpu().numpy())
+        sheet.paste(tile, ((k % cols) * w, (k // cols) * h))
+    tmp = _tmp_beside(path)
+    try:
+        sheet.save(tmp, format="PNG")
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_outputs(frames: torch.Tensor, out_dir: str | Path, name: str, fps: int = 16) -> tuple[Path, Path]:
+    """``<out_dir>/<name>.mp4`` and ``<out_dir>/<name>.png`` for one video (F, 3, H, W uint8)."""
+    out_dir = Path(out_dir)
+    stem = safe_name(name)
+    return (save_video(frames, out_dir / f"{stem}.mp4", fps),
+            save_contact_sheet(frames, out_dir / f"{stem}.png"))
