@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from vidtune.bench import probes as P
-from vidtune.bench.counters import counting
+from vidtune.bench.measure import real_step
 from vidtune.config import config_from_dict
-from vidtune.memory.checkpointing import apply_activation_checkpointing
 from vidtune.memory.planner import offload_loads, plan, plan_main, train_shape
 from vidtune.models.wan import WanConfig, WanTransformer
 
@@ -30,31 +29,6 @@ def small_config(**sections):
     return config_from_dict(data)
 
 
-def measured_step_peak(cfg, arch):
-    """Weights + inputs + the counters' peak of one real step (fwd, loss, bwd, AdamW step)."""
-    torch.manual_seed(0)
-    model = P.apply_adapter(WanTransformer(arch), P.AdapterSpec.from_config(cfg.adapter)).train()
-    mem = cfg.memory
-    if mem.gradient_checkpointing:
-        apply_activation_checkpointing(model.blocks, mem.gradient_checkpointing_every_n)
-    model.set_ff_chunk_size(mem.chunked_ff.chunk_size if mem.chunked_ff.enabled else None)
-    f, h, w = train_shape(cfg).latent
-    b = cfg.train.batch_size
-    x, target = torch.randn(b, 16, f, h, w), torch.randn(b, 16, f, h, w)
-    t, ctx = torch.full((b,), 500.0), torch.randn(b, P.TEXT_LEN, arch.text_dim)
-    routes = [dataclasses.asdict(r) for r in cfg.tread.routes] or None
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    existing = [*model.parameters(), *model.buffers(), x, target, t, ctx]
-    with counting(existing) as c:
-        out = model(x, t, ctx, routes=routes, generator=torch.Generator().manual_seed(0))
-        loss = (out.float() - target.float()).pow(2).mean()
-        loss.backward()
-        opt.step()
-    held = sum(p.numel() * p.element_size() for p in existing)
-    return held + c.peak_live_bytes
-
-
 CASES = {
     "lora+ckpt+chunked": {},
     "lora, no checkpointing": {"memory": {"gradient_checkpointing": False, "chunked_ff": {"enabled": False}}},
@@ -68,7 +42,7 @@ CASES = {
 def test_step_peak_within_15_percent_of_measured(name):
     cfg = small_config(**CASES[name])
     predicted = plan(cfg, "cpu", search=False, arch=SMALL).phase("training step").peak
-    measured = measured_step_peak(cfg, SMALL)
+    measured = real_step(cfg, SMALL, train_shape(cfg).latent)["peak_bytes"]
     assert abs(predicted - measured) <= 0.15 * measured, (name, predicted, measured, predicted / measured)
 
 

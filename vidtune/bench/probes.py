@@ -1,10 +1,10 @@
 """Full-size measurements without weights, for the planner and the benchmarks.
 
 Everything here runs under ``FakeTensorMode`` (shapes and dtypes only, no memory, no compute):
-- ``probe_step``: one training (or no-grad) step of a *one-block* Wan model at full width and the
-  real token count, cut by counter marks into phases — head (patch/text/time embedding), the
-  block's forward, the tail (norm, proj_out, loss), then the same in backward. The planner chains
-  the block phase once per layer, so a 40-layer step costs one block to measure (~1 s, not ~30 s).
+- ``probe_step``: one training (or no-grad) step of a *two-block* Wan model at full width and the
+  real token count, cut by counter marks into phases — head (patch/text/time embedding), block 0,
+  the probed block 1, the tail (norm, proj_out, loss), then backward. The planner chains the
+  probed block once per layer, so a 40-layer step costs two blocks to measure (~2 s, not ~30 s).
 - ``probe_vae`` / ``probe_text_encoder``: the diffusers Wan 2.1 VAE (encode or decode) and the
   UMT5-XXL encoder from transformers, at full size.
 - ``OpRecorder``: per-op FLOPs and bytes read+written, for the roofline projections.
@@ -138,11 +138,14 @@ class OpRecorder(TorchDispatchMode):
         flops = 0
         if packet in flop_registry:
             flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
-        if packet in _VIEWS:
+        if packet in _VIEWS or not outs:  # views and metadata queries move no data
             nbytes = 0
         else:
             nbytes = sum(t.numel() * t.element_size() for t in ins + outs)
-        elsize = max((t.element_size() for t in ins if t.is_floating_point()), default=4)
+        # The precision an op runs in is that of its biggest operand (an fp32 bias or logsumexp
+        # beside bf16 matrices does not make a matmul or attention fp32).
+        floats = [t for t in ins if t.is_floating_point()]
+        elsize = max(floats, key=lambda t: t.numel()).element_size() if floats else 4
         self.calls.append((packet.__name__, flops, nbytes, elsize))
         return out
 
@@ -166,9 +169,10 @@ class Segment:
 
 @dataclass
 class StepProbe:
-    """Phases head, block, tail (forward) and tail_bwd, block_bwd, head_bwd (backward; absent
-    without grad); ``peak`` of the one-block step; ``attention_bytes`` held by attention outputs at
-    that peak."""
+    """Phases of a two-block step, forward: head, block0, gap (a route's gather), block (the
+    probed block), tail; backward: tail_bwd, block_bwd (the probed block), rest_bwd (block 0 and
+    the head). Absent backward phases without grad. ``peak`` of the whole probe;
+    ``attention_bytes`` held by attention outputs at that peak."""
 
     segments: dict
     peak: int
@@ -182,7 +186,11 @@ _PROBES: dict = {}
 def probe_step(arch, *, latent: tuple[int, int, int], batch: int, dtype: torch.dtype, autocast: torch.dtype | None,
                adapter: AdapterSpec, ckpt: bool, chunk: int | None, route_ratio: float | None = None,
                grad: bool = True, text_len: int = TEXT_LEN) -> StepProbe:
-    """Counters of one step of a one-block model (memoised). ``latent`` = (frames, height, width)."""
+    """Counters of one step of a two-block model (memoised), block 1 being the probed one.
+
+    Block 0 (unrouted, same checkpointing) stands between the head and the probed block, so the
+    probed block sees what blocks 1..N-1 of the real model see: an input that needs its grad, and a
+    backward that ends before any head node can run (the head's grads wait for every block)."""
     key = (arch_key(arch), latent, batch, dtype, autocast, adapter, ckpt, chunk, route_ratio, grad, text_len)
     if key not in _PROBES:
         _PROBES[key] = _probe_step(arch, latent, batch, dtype, autocast, adapter, ckpt, chunk, route_ratio, grad,
@@ -193,7 +201,7 @@ def probe_step(arch, *, latent: tuple[int, int, int], batch: int, dtype: torch.d
 def _probe_step(arch, latent, batch, dtype, autocast, adapter, ckpt, chunk, route_ratio, grad, text_len):
     from vidtune.memory.checkpointing import apply_activation_checkpointing
 
-    model = build_meta_model(arch, 1, dtype, adapter)
+    model = build_meta_model(arch, 2, dtype, adapter)
     with FakeTensorMode():
         fakeify(model).train(grad)
         if ckpt:
@@ -204,34 +212,39 @@ def _probe_step(arch, latent, batch, dtype, autocast, adapter, ckpt, chunk, rout
         target = torch.randn(batch, arch.out_channels, f, h, w, dtype=dtype)
         t = torch.full((batch,), 500.0)
         ctx = torch.randn(batch, text_len, arch.text_dim, dtype=dtype)
-        routes = [{"selection_ratio": route_ratio, "start_layer": 0, "end_layer": 0}] if route_ratio else None
+        routes = [{"selection_ratio": route_ratio, "start_layer": 1, "end_layer": 1}] if route_ratio else None
         rec = OpRecorder()
         marks: list[tuple[str, int]] = []
-        state = {"done": False}
+        fired: set = set()
         existing = [*model.parameters(), *model.buffers(), x, target, t, ctx]
         with counting(existing) as c:
 
             def mark(label):
+                if label in fired:  # recompute under checkpointing re-enters the hooks
+                    return
+                fired.add(label)
                 c.mark(label)
                 marks.append((label, len(rec.calls)))
 
-            def pre(mod, args, kwargs):
-                if state["done"]:
-                    return
-                mark("head")
-                if grad and args[0].requires_grad:
-                    args[0].register_hook(lambda g: mark("block_bwd"))
+            def pre(i):
+                def hook(mod, args, kwargs):
+                    mark(f"pre{i}")
+                    if i == 1 and grad and args[0].requires_grad and "hooked" not in fired:
+                        fired.add("hooked")
+                        args[0].register_hook(lambda g: mark("block_bwd"))
+                return hook
 
             def post(mod, args, kwargs, out):
-                if state["done"]:
+                if "post1" in fired:
                     return
-                state["done"] = True
-                mark("block")
+                mark("post1")
                 if grad and out.requires_grad:
                     out.register_hook(lambda g: mark("tail_bwd"))
 
-            hooks = [model.blocks[0].register_forward_pre_hook(pre, with_kwargs=True),
-                     model.blocks[0].register_forward_hook(post, with_kwargs=True)]
+            hooks = [model.blocks[0].register_forward_pre_hook(pre(0), with_kwargs=True),
+                     model.blocks[0].register_forward_hook(lambda *a: mark("post0"), with_kwargs=True),
+                     model.blocks[1].register_forward_pre_hook(pre(1), with_kwargs=True),
+                     model.blocks[1].register_forward_hook(post, with_kwargs=True)]
             with rec, contextlib.ExitStack() as stack:
                 if not grad:
                     stack.enter_context(torch.no_grad())
@@ -247,15 +260,13 @@ def _probe_step(arch, latent, batch, dtype, autocast, adapter, ckpt, chunk, rout
             for hk in hooks:
                 hk.remove()
         del out, loss
-    names = {"head": "head", "block": "block", "fwd": "tail", "tail_bwd": "tail_bwd", "block_bwd": "block_bwd",
-             "end": "head_bwd"}
+    names = {"pre0": "head", "post0": "block0", "pre1": "gap", "post1": "block", "fwd": "tail",
+             "tail_bwd": "tail_bwd", "block_bwd": "block_bwd", "end": "rest_bwd"}
     segs, prev_live, prev_flops, prev_mat, prev_call = {}, 0, 0, 0, 0
     for m, (label, ncalls) in zip(c.marks, marks):
         segs[names[label]] = Segment(m.peak_since_prev - prev_live, m.live_bytes - prev_live, m.flops - prev_flops,
                                      m.materialized_bytes - prev_mat, rec.calls[prev_call:ncalls])
         prev_live, prev_flops, prev_mat, prev_call = m.live_bytes, m.flops, m.materialized_bytes, ncalls
-    if grad and "block_bwd" not in segs:  # frozen head: backward ends in the block
-        segs["block_bwd"], segs["head_bwd"] = segs.pop("head_bwd"), Segment()
     attn = sum(v for k, v in c.peak_by_op.items() if "attention" in k)
     return StepProbe(segs, c.peak_live_bytes, attn, dict(c.peak_by_op))
 

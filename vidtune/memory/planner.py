@@ -8,7 +8,7 @@ How the step peak is predicted. Weights, adapter, optimizer state and EMA are co
 parameters of the model built on the meta device (the trainer's dtype policy and peft adapter;
 int8 = 1 byte per weight + per-row fp32 scale and int8 zero point, as torchao's Int8Tensor).
 Activations are measured, not modelled: ``vidtune.bench.probes.probe_step`` runs one step of a
-one-block model at full width and the real token count on fake tensors under the counters, with
+two-block model at full width and the real token count on fake tensors under the counters, with
 marks cutting it into head / block / tail phases, forward and backward. The planner then replays
 the phases for the real depth — head, then each block (at its token count: TREAD routes give
 routed blocks their own probe; checkpoint-every-N gives checkpointed and plain blocks their own),
@@ -271,23 +271,20 @@ def simulate_step(cfg: Config, arch, shape: Shape) -> dict:
     nblocks = arch.num_layers
     classes, routes = _classes(cfg, nblocks)
     kw = _probe_kwargs(cfg, arch, shape, cfg.train.batch_size)
-    base_ckpt = classes[0][1]
-    base = P.probe_step(arch, ckpt=base_ckpt, **kw)
     probes = {c: P.probe_step(arch, ckpt=c[1], route_ratio=c[0], **kw) for c in set(classes)}
-    unrouted = {c[1]: P.probe_step(arch, ckpt=c[1], **kw) for c in set(classes)}
+    unrouted = {k: P.probe_step(arch, ckpt=k, **kw) for k in {c[1] for c in classes}}
+    S = unrouted[classes[0][1]].segments  # head, tail and block 0's backward (+ the head's)
     starts = {s: r for r, s, e in routes}
     ends = {e: r for r, s, e in routes}
 
-    def route_cost(ratio, ckpt):
-        pr, pu = probes[(ratio, ckpt)], unrouted[ckpt]
-        return (max(0, pr.segments["head"].live_delta - pu.segments["head"].live_delta),
-                max(0, pr.segments["tail"].live_delta - pu.segments["tail"].live_delta))
+    def route_cost(ratio, ckpt):  # (gathered tensors kept from the route's start, scatter output)
+        pr, pu = probes[(ratio, ckpt)].segments, unrouted[ckpt].segments
+        return (max(0, pr["gap"].live_delta - pu["gap"].live_delta),
+                max(0, pr["tail"].live_delta - pu["tail"].live_delta))
 
-    S = base.segments
     live, peak = S["head"].live_delta, S["head"].peak
     fwd_flops = S["head"].flops + S["tail"].flops
-    mat = S["head"].materialized + S["tail"].materialized + S["tail_bwd"].materialized + S["head_bwd"].materialized
-    calls = {"head": S["head"].calls, "tail": S["tail"].calls + S["tail_bwd"].calls, "head_bwd": S["head_bwd"].calls}
+    mat = S["head"].materialized + S["tail"].materialized + S["tail_bwd"].materialized + S["rest_bwd"].materialized
     block_calls = []
     for i, c in enumerate(classes):
         seg = probes[c].segments
@@ -298,14 +295,15 @@ def simulate_step(cfg: Config, arch, shape: Shape) -> dict:
         if i in ends:
             live += route_cost(ends[i], c[1])[1]
         fwd_flops += seg["block"].flops
-        mat += seg["block"].materialized + seg["block_bwd"].materialized
-        block_calls.append((c, seg["block"].calls + seg["block_bwd"].calls))
+        mat += seg["block"].materialized + (seg["block_bwd"].materialized if i else 0)
+        # block 0's backward runs inside rest_bwd (with the head's), counted there
+        block_calls.append((c, seg["block"].calls, seg["block_bwd"].calls if i else [], seg["block"].flops))
     peak = max(peak, live + S["tail"].peak)
     live += S["tail"].live_delta
     peak = max(peak, live + S["tail_bwd"].peak)
     live += S["tail_bwd"].live_delta
-    bwd_flops = S["tail_bwd"].flops + S["head_bwd"].flops
-    for i in reversed(range(nblocks)):
+    bwd_flops = S["tail_bwd"].flops + S["rest_bwd"].flops
+    for i in reversed(range(1, nblocks)):
         c = classes[i]
         seg = probes[c].segments
         if i in ends:
@@ -315,8 +313,9 @@ def simulate_step(cfg: Config, arch, shape: Shape) -> dict:
         if i in starts:
             live -= route_cost(starts[i], c[1])[0]
         bwd_flops += seg["block_bwd"].flops
-    peak = max(peak, live + S["head_bwd"].peak)
+    peak = max(peak, live + S["rest_bwd"].peak)
     attn = max(p.attention_bytes for p in probes.values())
+    calls = {"head": S["head"].calls, "tail": S["tail"].calls + S["tail_bwd"].calls, "head_bwd": S["rest_bwd"].calls}
     return dict(peak=peak, fwd_flops=fwd_flops, bwd_flops=bwd_flops, materialized=mat, attention=attn,
                 calls=calls, block_calls=block_calls, classes=classes)
 
@@ -344,9 +343,10 @@ def _caching_phase(cfg: Config, dev: D.Device, shape: Shape) -> Phase:
     return Phase("caching", items, peak, peak <= dev.usable_bytes, note)
 
 
-def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None) -> Plan:
-    """Predict the peak of each phase of ``config`` on device class ``gpu``."""
-    dev = D.device(gpu)
+def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None, device: D.Device | None = None) -> Plan:
+    """Predict the peak of each phase of ``config`` on device class ``gpu`` (``device``: a budget
+    that replaces the class's, e.g. a suite's ``[device]`` table)."""
+    dev = device or D.device(gpu)
     arch = arch or P.wan_arch(config.model)
     shape = train_shape(config)
     tokens = shape.tokens(arch.patch_size)
@@ -361,6 +361,9 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
         notes.append("int8 base is for adapters only: ignored for a full fine-tune")
     int8 = cfg.model.base_precision == "int8" and not full
     slots = (1 + (1 if cfg.memory.offload.use_stream else 0)) * max(groups, default=0)
+    if groups and dev.name == "cpu":
+        resident += sum(groups)  # on a CPU the "host" copies live in the same RAM
+        notes.append("on the CPU, offloaded groups stay in the same RAM: offload cannot lower its peak")
     train_bytes = sum(p.numel() * p.element_size() for p in trainable)
     state = int(sum(p.numel() * _STATE_BYTES[cfg.train.optimizer](p.element_size()) for p in trainable))
     ema = train_bytes if cfg.ema.enabled else 0
@@ -436,7 +439,7 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
     p = Plan(cfg, dev, shape, tokens, phases, counters, notes)
     p._sim = sim
     if search and not p.fits:
-        p.suggestions = search_options(cfg, gpu, arch)
+        p.suggestions = search_options(cfg, gpu, arch, device=dev)
     return p
 
 
@@ -494,7 +497,7 @@ def _apply(cfg: Config, overrides: list[str]) -> Config:
     return config_from_dict(_to_toml_data(cfg), "<plan search>", overrides)
 
 
-def search_options(cfg: Config, gpu: str, arch, limit: int = 6) -> list[Suggestion]:
+def search_options(cfg: Config, gpu: str, arch, limit: int = 6, device: D.Device | None = None) -> list[Suggestion]:
     """Minimal combinations of the option groups that fit, fewest changes first."""
     groups = _options(cfg)
     found: list[tuple[frozenset, Suggestion]] = []
@@ -508,7 +511,7 @@ def search_options(cfg: Config, gpu: str, arch, limit: int = 6) -> list[Suggesti
                     alt = _apply(cfg, overrides)
                 except ConfigError:
                     continue
-                p = plan(alt, gpu, search=False, arch=arch)
+                p = plan(alt, gpu, search=False, arch=arch, device=device)
                 if p.fits:
                     found.append((frozenset(combo), Suggestion([n for n, _ in choice], overrides,
                                                                p.phase("training step").peak, p.peak)))

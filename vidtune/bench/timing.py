@@ -1,0 +1,156 @@
+"""The timed parts of the benchmarks (reported, never gated).
+
+- ``cpu_vs_diffusers``: vidtune's Wan vs diffusers' ``WanTransformer3DModel``, both with a peft LoRA
+  on the same weights (base and adapter), forward + loss + backward, interleaved repeats, medians
+  and the vidtune/diffusers ratio; MFU against this machine's measured fp32 GEMM peak.
+- ``gpu_window``: on a GPU matching the suite, a warmed-up window of full training steps with
+  synchronisation (step time, tokens/s, MFU, peak memory).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from vidtune.bench import probes as P
+from vidtune.bench.counters import count
+
+
+def _quantiles(xs):
+    xs = sorted(xs)
+    q = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else [xs[0]] * 9
+    return q[1], statistics.median(xs), q[7]  # p20, p50, p80
+
+
+def cpu_vs_diffusers(spec: dict, repeats: int | None = None) -> dict:
+    from diffusers import WanTransformer3DModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from vidtune.bench.devices import measure_cpu_fp32_flops
+    from vidtune.models.wan import WanConfig, WanTransformer
+
+    arch = dict(patch_size=(1, 2, 2), num_attention_heads=spec["num_attention_heads"],
+                attention_head_dim=spec["attention_head_dim"], in_channels=16, out_channels=16,
+                text_dim=spec["text_dim"], freq_dim=spec["freq_dim"], ffn_dim=spec["ffn_dim"],
+                num_layers=spec["num_layers"], cross_attn_norm=True)
+    repeats = repeats or spec.get("repeats", 7)
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(**arch)
+    ours = WanTransformer(WanConfig(**arch))
+    lora = LoraConfig(r=spec["lora_rank"], lora_alpha=spec["lora_rank"], target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                      init_lora_weights="gaussian")  # non-zero B too, so the adapter path does real work
+    for m in (ref, ours):
+        m.requires_grad_(False)
+        inject_adapter_in_model(lora, m)
+        m.train()
+    ours.load_state_dict(ref.state_dict(), strict=True)  # same base and adapter weights
+    f, h, w = spec["latent"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, f, h, w, generator=g)
+    target = torch.randn(1, 16, f, h, w, generator=g)
+    t, ctx = torch.tensor([500.0]), torch.randn(1, spec["text_len"], spec["text_dim"], generator=g)
+
+    def step_ref():
+        out = ref(x, t, ctx, return_dict=False)[0]
+        (out.float() - target).pow(2).mean().backward()
+
+    def step_ours():
+        out = ours(x, t, ctx)
+        (out.float() - target).pow(2).mean().backward()
+
+    steps = {"diffusers+peft": (ref, step_ref), "vidtune": (ours, step_ours)}
+    res = {}
+    for name, (m, fn) in steps.items():
+        c, _ = count(fn, existing=[*m.parameters(), x, target, t, ctx])
+        m.zero_grad(set_to_none=True)
+        res[name] = {"flops": c.flops, "peak_bytes": c.peak_live_bytes, "times": []}
+    for m, fn in steps.values():  # warm-up
+        fn()
+        m.zero_grad(set_to_none=True)
+    for _ in range(repeats):  # interleaved, so drift hits both alike
+        for name, (m, fn) in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            res[name]["times"].append(time.perf_counter() - t0)
+            m.zero_grad(set_to_none=True)
+    peak = measure_cpu_fp32_flops()
+    tokens = f * (h // 2) * (w // 2)
+    base = statistics.median(res["diffusers+peft"]["times"])
+    for r in res.values():
+        r["p20"], r["p50"], r["p80"] = _quantiles(r["times"])
+        r["ratio"] = r["p50"] / base
+        r["mfu"] = r["flops"] / r["p50"] / peak
+        r["tokens_per_s"] = tokens / r["p50"]
+    return {"providers": res, "cpu_fp32_peak_flops": peak, "tokens": tokens, "threads": torch.get_num_threads(),
+            "repeats": repeats}
+
+
+def gpu_matches(dev) -> bool:
+    if not torch.cuda.is_available() or not dev.match:
+        return False
+    name = torch.cuda.get_device_name()
+    return any(m.lower() in name.lower() for m in dev.match)
+
+
+def gpu_window(cfg, arch, shape, dev, plan, *, warmup: int = 3, steps: int = 10) -> dict:
+    """Full training steps on the GPU: random weights in the config's dtype, the trainer's apply order
+    (quantize -> adapter -> offload -> checkpointing), AdamW; synchronised timed window."""
+    from vidtune.memory.checkpointing import apply_activation_checkpointing
+    from vidtune.memory.offload import OffloadConfig, apply_group_offload
+    from vidtune.memory.quant import QuantConfig, apply_quantization
+    from vidtune.models.load import apply_dtype_policy
+    from vidtune.models.wan import WanTransformer
+    from vidtune.models.wan.model import KEEP_FP32
+
+    dtype = P.DTYPES[cfg.model.dtype]
+    torch.manual_seed(0)
+    model = apply_dtype_policy(WanTransformer(arch), dtype, KEEP_FP32)
+    mem = cfg.memory
+    offload = mem.offload.type == "block_level" and cfg.adapter.type != "full"
+    if not offload:
+        model.to("cuda")
+    if cfg.adapter.type != "full":
+        apply_quantization(model, QuantConfig(cfg.model.base_precision, "cpu" if offload else "device"), "cuda")
+    model = P.apply_adapter(model, P.AdapterSpec.from_config(cfg.adapter))
+    if offload:
+        apply_group_offload(model, OffloadConfig(type="block_level", blocks_per_group=mem.offload.blocks_per_group,
+                                                 use_stream=mem.offload.use_stream), "cuda")
+    if mem.gradient_checkpointing:
+        apply_activation_checkpointing(model.blocks, mem.gradient_checkpointing_every_n)
+    model.set_ff_chunk_size(mem.chunked_ff.chunk_size if mem.chunked_ff.enabled else None)
+    model.train()
+    routes = [{"selection_ratio": r.selection_ratio, "start_layer": r.start_layer, "end_layer": r.end_layer}
+              for r in cfg.tread.routes] or None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    f, h, w = shape.latent
+    b = cfg.train.batch_size
+    x = torch.randn(b, arch.in_channels, f, h, w, device="cuda", dtype=dtype)
+    target = torch.randn_like(x)
+    t = torch.full((b,), 500.0, device="cuda")
+    ctx = torch.randn(b, P.TEXT_LEN, arch.text_dim, device="cuda", dtype=dtype)
+    amp = cfg.train.mixed_precision != "no"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def step():
+        with torch.autocast("cuda", dtype=P.DTYPES.get(cfg.train.mixed_precision, dtype), enabled=amp):
+            out = model(x, t, ctx, routes=routes, generator=gen)
+        (out.float() - target.float()).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()  # sync: the window starts with an idle device
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()  # sync: each step's time includes all its kernels
+        times.append(time.perf_counter() - t0)
+    p20, p50, p80 = _quantiles(times)
+    c = plan.counters
+    flops = c["fwd_flops"] + c["bwd_flops"]
+    return {"step_time_s": (p20, p50, p80), "tokens_per_s": c["tokens"] * b / p50,
+            "mfu": flops / p50 / dev.bf16_flops, "peak_memory_bytes": torch.cuda.max_memory_allocated()}
