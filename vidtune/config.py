@@ -229,6 +229,7 @@ class ValidationConfig:
     skip_layers: list[int] = opt(help="Skip-layer guidance layers (empty: off).", factory=list)
     skip_layers_start: float = opt(0.0, "Fraction of sampling where skip-layer guidance starts.")
     skip_layers_stop: float = opt(1.0, "Fraction of sampling where skip-layer guidance stops.")
+    skip_layers_scale: float = opt(2.8, "Skip-layer guidance scale: pred += (cond - cond_skipped) * scale (SD3 form).")
     load_other_stage: bool = opt(False, "Wan 2.2 two-stage models: load the other stage for validation.")
     preview_every: int = opt(0, "Save a preview every K sampling steps (0: off).")
 
