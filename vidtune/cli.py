@@ -71,16 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.prepare_only:
         return 0
+    from .adapters import AdapterError
+    from .train.trainer import TrainingStopped, train
+
     try:
-        from .train.trainer import train
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("vidtune.train"):
-            print("error: this build has no training loop yet (vidtune.train.trainer); "
-                  "--prepare-only fills the caches", file=sys.stderr)
-            return 3
-        raise
-    train(cfg, prepared)
-    return 0
+        return train(cfg, prepared)
+    except (ConfigError, AdapterError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

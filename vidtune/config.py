@@ -103,6 +103,8 @@ class AdapterConfig:
         help="Module name suffixes the adapter wraps.", factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     lokr_decompose_factor: int = opt(-1, "LoKr Kronecker factor (-1: as square as possible).")
     init_from: Optional[str] = opt(None, "Start from an existing adapter (.safetensors, any supported key layout).")
+    export_format: Literal["diffusers", "wan", "both"] = opt(
+        "diffusers", "Final LoRA key layout: diffusers/peft (load_lora_weights), original Wan/ComfyUI, or both.")
 
 
 @dataclass
@@ -134,7 +136,7 @@ class TrainConfig:
     keep_checkpoints: int = opt(5, "Checkpoints kept on disk (oldest removed first; 0 keeps all).")
     resume: Optional[str] = opt(None, "\"latest\" or a checkpoint dir to resume from exactly.")
     max_consecutive_nonfinite: int = opt(
-        3, "Non-finite losses in a row that stop the run (each such step is skipped).")
+        3, "Non-finite steps in a row that stop the run (each such step is skipped; 0: never stop).")
 
 
 @dataclass

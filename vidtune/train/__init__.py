@@ -1,0 +1,1 @@
+"""Training: the loop (trainer), flow matching, optimizers, checkpoints, logging."""

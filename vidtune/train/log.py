@@ -1,0 +1,117 @@
+"""Per-step records: the progress bar, TensorBoard/wandb scalars and ``losses.jsonl``.
+
+``losses.jsonl`` holds one line per optimizer step with the loss as ``float.hex`` (exact), so two
+runs can be compared bit for bit; on resume it is cut back to the checkpoint's step.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, LoggingConfig
+from ..fsutil import atomic_write_bytes
+
+LOSSES = "losses.jsonl"
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory, or this process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def read_losses(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / LOSSES
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
+            break
+    return rows
+
+
+def loss_values(run_dir: str | Path) -> list[float]:
+    return [float.fromhex(r["loss"]) for r in read_losses(run_dir)]
+
+
+class StepLog:
+    """Writes each step's numbers to the bar, the metrics backend and ``losses.jsonl``."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, start_step: int, total_steps: int):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        path = run_dir / LOSSES
+        # Keep the steps up to the resumed checkpoint: a killed run may have logged past it.
+        kept = [r for r in read_losses(run_dir) if r["step"] <= start_step]
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self._losses = open(path, "a")
+        self.writer = None
+        self._wandb = None
+        log_dir = cfg.log_dir or str(run_dir / "logs")
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir, purge_step=start_step + 1)
+        elif cfg.report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("logging.report_to = \"wandb\" needs wandb: pip install wandb "
+                                  "(or set logging.report_to = \"tensorboard\")") from None
+            self._wandb = wandb.init(project=cfg.project, name=cfg.run_name or run_dir.name, dir=log_dir,
+                                     resume="allow")
+        self.bar = None
+        if cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, step_time: float, tokens: int,
+             mem: int, skipped: bool) -> None:
+        row = {"step": step, "loss": float.hex(loss), "lr": lr, "skipped": skipped}
+        self._losses.write(json.dumps(row) + "\n")
+        self._losses.flush()
+        tok_s = tokens / step_time if step_time > 0 else 0.0
+        text = (f"loss {loss:.4f}{' (skipped)' if skipped else ''} lr {lr:.2e} {step_time:.2f}s/step "
+                f"{tok_s:,.0f} tok/s mem {mem / 2**30:.2f} GiB")
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        elif step % self.cfg.log_every == 0:
+            print(f"step {step}: {text}", flush=True)
+        if step % self.cfg.log_every:
+            return
+        scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                   "perf/step_time_s": step_time, "perf/tokens_per_s": tok_s, "perf/memory_gib": mem / 2**30,
+                   "train/skipped": float(skipped)}
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._losses.flush()
+        os.fsync(self._losses.fileno())
+        self._losses.close()
