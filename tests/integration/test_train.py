@@ -180,6 +180,16 @@ def test_full_finetune_writes_loadable_transformer(run, tiny_wan_dir):
     no_partial_files(out)
 
 
+def test_int8_base_with_offload_trains_lora(run):
+    # The 24 GB recipe's stack on CPU: int8 base -> peft LoRA -> block offload -> checkpointing.
+    rc, out = run('model.base_precision="int8"', 'model.quantize_via="cpu"', 'memory.offload.type="block_level"',
+                  'memory.offload.backend="python"', "train.max_train_steps=2", "train.checkpoint_every=1")
+    assert rc == 0
+    w1, w2 = (load_file(c / "weights.safetensors") for c in checkpoint_dirs(out / "checkpoints")[-2:])
+    assert all(torch.isfinite(v).all() for v in w2.values())
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+
 def test_adamw_8bit_steps(run):
     pytest.importorskip("bitsandbytes")
     rc, out = run('train.optimizer="adamw_8bit"', "train.max_train_steps=2", "train.checkpoint_every=1")

@@ -17,12 +17,17 @@ original-Wan and musubi layouts (alpha baked in) to the diffusers one.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import AdapterConfig
+
+# peft imports bitsandbytes, whose CPU backend warns on import that an optional 4-bit matmul kernel
+# from the hub is missing; vidtune never runs 4-bit matmuls (Wan refuses NF4/INT4).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 ADAPTER = "default"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
