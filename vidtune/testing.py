@@ -47,8 +47,9 @@ def tiny_transformer_config(text_dim: int = 32) -> dict:
                 rope_max_seq_len=32)
 
 
-def build_tiny_wan_pipeline(seed: int = 0, d_model: int = 32):
-    """A random ``WanPipeline`` with every component tiny (fp32, CPU)."""
+def build_tiny_wan_pipeline(seed: int = 0, d_model: int = 32, transformer: dict | None = None):
+    """A random ``WanPipeline`` with every component tiny (fp32, CPU); ``transformer`` overrides
+    entries of ``tiny_transformer_config``."""
     from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline,
                            WanTransformer3DModel)
     from transformers import UMT5Config, UMT5EncoderModel
@@ -61,17 +62,18 @@ def build_tiny_wan_pipeline(seed: int = 0, d_model: int = 32):
         feed_forward_proj="gated-gelu", is_encoder_decoder=False,
     )).eval()
     vae = AutoencoderKLWan(**tiny_vae_config()).eval()
-    transformer = WanTransformer3DModel(**tiny_transformer_config(text_dim=d_model)).eval()
+    transformer = WanTransformer3DModel(**{**tiny_transformer_config(text_dim=d_model), **(transformer or {})}).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                        scheduler=scheduler, transformer=transformer)
 
 
-def build_tiny_wan_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 32) -> Path:
+def build_tiny_wan_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 32,
+                                transformer: dict | None = None) -> Path:
     """Save a tiny random Wan pipeline in the diffusers layout (model_index.json, transformer/,
     vae/, text_encoder/, tokenizer/, scheduler/) under ``path`` and return it."""
     path = Path(path)
-    build_tiny_wan_pipeline(seed=seed, d_model=d_model).save_pretrained(path)
+    build_tiny_wan_pipeline(seed=seed, d_model=d_model, transformer=transformer).save_pretrained(path)
     return path
 
 
@@ -102,3 +104,49 @@ def make_test_image(path: str | Path, width: int = 32, height: int = 32, seed: i
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels.numpy()).save(path)
     return path
+
+
+# The training demo (scripts/demo.sh, examples/quickstart.toml): a small random Wan and a few
+# captioned ffmpeg clips to overfit, so the loss visibly falls within a few CPU minutes.
+DEMO_TRANSFORMER = dict(num_attention_heads=4, attention_head_dim=16, ffn_dim=256, num_layers=4)
+DEMO_CLIPS = [("testsrc", "a red cat"), ("testsrc2", "a blue dog"), ("smptebars", "the video of a cat"),
+              ("rgbtestsrc", "a dog on the red video")]
+
+
+def demo_setup(root: str | Path) -> Path:
+    """``root/model`` (diffusers-layout pipeline) and ``root/videos`` (clips + captions)."""
+    root = Path(root)
+    if not (root / "model" / "model_index.json").is_file():
+        build_tiny_wan_pipeline_dir(root / "model", transformer=DEMO_TRANSFORMER)
+    for i, (pattern, caption) in enumerate(DEMO_CLIPS):
+        make_test_video(root / "videos" / f"clip{i}.mp4", 64, 64, frames=9, pattern=pattern)
+        (root / "videos" / f"clip{i}.txt").write_text(caption)
+    print(f"demo model: {root / 'model'}; {len(DEMO_CLIPS)} clips in {root / 'videos'}")
+    return root
+
+
+def demo_check(run_dir: str | Path) -> bool:
+    """Print and check the demo's learning criterion: last-10 mean loss < half the first-10 mean."""
+    from .train.log import loss_values
+
+    losses = loss_values(run_dir)
+    if len(losses) < 20:
+        print(f"learning check: only {len(losses)} steps logged in {run_dir}; need 20")
+        return False
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    ok = last < first / 2
+    print(f"learning check: mean loss of the first 10 steps {first:.4f}, of the last 10 {last:.4f} "
+          f"(ratio {last / first:.2f}, need < 0.50): {'PASS' if ok else 'FAIL'}")
+    return ok
+
+
+if __name__ == "__main__":
+    import sys
+
+    usage = "usage: python -m vidtune.testing demo-setup DIR | demo-check RUN_DIR"
+    if len(sys.argv) != 3 or sys.argv[1] not in ("demo-setup", "demo-check"):
+        sys.exit(usage)
+    if sys.argv[1] == "demo-setup":
+        demo_setup(sys.argv[2])
+    else:
+        sys.exit(0 if demo_check(sys.argv[2]) else 1)
