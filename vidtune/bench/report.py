@@ -108,7 +108,11 @@ def write_report(out: Path, results: dict) -> Path:
             lines += [f"![memory {name}](memory_{name}.png)", ""]
             if not cpu:
                 fig, ax = plt.subplots(figsize=(9, 4))
-                ax.bar(list(xs), [_get(rows, w, "projection", "step_time_s") for w in wls])
+                bars = ax.bar(list(xs), [_get(rows, w, "projection", "step_time_s") for w in wls])
+                for bar, w in zip(bars, wls):  # a plan that does not fit: pale and hatched
+                    if not _get(rows, w, "plan", "fits"):
+                        bar.set_alpha(0.35)
+                        bar.set_hatch("//")
                 ax.set_xticks(list(xs), wls, rotation=25, ha="right", fontsize=7)
                 ax.set_ylabel("s / step (projection)")
                 ax.set_title(f"{name}: projected step time (roofline, spec-sheet peaks)")
@@ -123,11 +127,15 @@ def write_report(out: Path, results: dict) -> Path:
         width = 0.8 / len(gpu)
         for i, (n, (s, rows)) in enumerate(gpu.items()):
             ys = [_get(rows, w, "projection", "step_time_s") or 0 for w in wls]
-            ax.bar([x + i * width for x in range(len(wls))], ys, width=width, label=n)
+            bars = ax.bar([x + i * width for x in range(len(wls))], ys, width=width, label=n)
+            for bar, w in zip(bars, wls):
+                if _get(rows, w, "plan", "fits") == 0:
+                    bar.set_alpha(0.35)
+                    bar.set_hatch("//")
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(wls))], wls, rotation=25, ha="right", fontsize=7)
         ax.set_ylabel("s / step (projection)")
         ax.set_yscale("log")
-        ax.set_title("projected step time per GPU class")
+        ax.set_title("projected step time per GPU class (hatched: does not fit)")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "step_time_by_gpu.png", dpi=110)
