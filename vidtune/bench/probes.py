@@ -62,6 +62,20 @@ def wan_arch(model_cfg):
                      f"point model.path at a local checkpoint dir with config.json (known: {', '.join(ARCHS)})")
 
 
+def local_component_config(model_cfg, component: str) -> dict | None:
+    """config.json of a pipeline component (``vae``, ``text_encoder``) in a local checkpoint dir,
+    so plans of small or custom checkpoints use their real sizes; None for hub ids."""
+    override = {"vae": model_cfg.vae_path, "text_encoder": model_cfg.text_encoder_path}.get(component)
+    for p in (override, model_cfg.path):
+        if not p:
+            continue
+        cand = Path(p).expanduser() / component / "config.json"
+        if cand.is_file():
+            cfg = json.loads(cand.read_text())
+            return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return None
+
+
 def arch_key(arch) -> tuple:
     d = dataclasses.asdict(arch)
     d.pop("extra", None)
@@ -274,20 +288,22 @@ def _probe_step(arch, latent, batch, dtype, autocast, adapter, ckpt, chunk, rout
 _AUX: dict = {}
 
 
-def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decode: bool, batch: int = 1):
-    """(weight bytes, peak activation bytes, FLOPs) of the Wan 2.1 VAE encoding pixels (F, H, W) or
-    decoding their latents, no grad, measured at full size on fake tensors (memoised)."""
-    key = ("vae", frames, height, width, dtype, decode, batch)
+def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decode: bool, batch: int = 1,
+              config: dict | None = None):
+    """(weight bytes, peak activation bytes, FLOPs) of the Wan VAE (``config``: its config.json;
+    default the Wan 2.1 VAE) encoding pixels (F, H, W) or decoding their latents, no grad,
+    measured at full size on fake tensors (memoised)."""
+    key = ("vae", frames, height, width, dtype, decode, batch, json.dumps(config, sort_keys=True))
     if key not in _AUX:
         from diffusers import AutoencoderKLWan
 
         with torch.device("meta"):
-            vae = AutoencoderKLWan().to(dtype)
+            vae = AutoencoderKLWan(**(config or {})).to(dtype)
         weights = sum(p.numel() * p.element_size() for p in vae.parameters())
         with FakeTensorMode():
             fakeify(vae).eval()
             if decode:
-                z = torch.randn(batch, 16, (frames - 1) // 4 + 1, height // 8, width // 8, dtype=dtype)
+                z = torch.randn(batch, vae.config.z_dim, (frames - 1) // 4 + 1, height // 8, width // 8, dtype=dtype)
                 fn = lambda: vae.decode(z).sample  # noqa: E731
             else:
                 z = torch.randn(batch, 3, frames, height, width, dtype=dtype)
@@ -298,14 +314,15 @@ def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decod
     return _AUX[key]
 
 
-def probe_text_encoder(batch: int, dtype: torch.dtype, text_len: int = TEXT_LEN):
-    """(weight bytes, peak activation bytes, FLOPs) of the UMT5-XXL encoder on ``batch`` prompts."""
-    key = ("umt5", batch, dtype, text_len)
+def probe_text_encoder(batch: int, dtype: torch.dtype, text_len: int = TEXT_LEN, config: dict | None = None):
+    """(weight bytes, peak activation bytes, FLOPs) of the UMT5 encoder (``config``: its
+    config.json; default UMT5-XXL, Wan's) on ``batch`` prompts."""
+    key = ("umt5", batch, dtype, text_len, json.dumps(config, sort_keys=True))
     if key not in _AUX:
         from transformers import UMT5Config, UMT5EncoderModel
 
         with torch.device("meta"):
-            te = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(dtype)
+            te = UMT5EncoderModel(UMT5Config(**(config or UMT5_XXL))).to(dtype)
         weights = sum(p.numel() * p.element_size() for p in te.parameters())
         with FakeTensorMode():
             fakeify(te).eval()

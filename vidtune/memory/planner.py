@@ -321,21 +321,25 @@ def simulate_step(cfg: Config, arch, shape: Shape) -> dict:
 
 
 def _caching_phase(cfg: Config, dev: D.Device, shape: Shape) -> Phase:
-    te_w, te_act, _ = P.probe_text_encoder(cfg.cache.text_batch_size, _dtype(cfg.model.text_encoder_dtype))
+    te_cfg = P.local_component_config(cfg.model, "text_encoder")
+    te_w, te_act, _ = P.probe_text_encoder(cfg.cache.text_batch_size, _dtype(cfg.model.text_encoder_dtype),
+                                           config=te_cfg)
     vae_w, vae_act, _ = P.probe_vae(shape.frames, shape.height, shape.width, _dtype(cfg.model.vae_dtype),
-                                    decode=False, batch=cfg.cache.vae_batch_size)
+                                    decode=False, batch=cfg.cache.vae_batch_size,
+                                    config=P.local_component_config(cfg.model, "vae"))
+    te_name = "text encoder UMT5-XXL weights" if te_cfg is None else "text encoder weights (local config)"
     items = []
     if cfg.memory.offload_during_startup:
         te_peak, vae_peak = te_w + te_act, vae_w + vae_act
         first = max(te_peak, vae_peak)
-        items = [Item("text encoder UMT5-XXL weights", te_w, "alone on the device (offload_during_startup)"),
+        items = [Item(te_name, te_w, "alone on the device (offload_during_startup)"),
                  Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
                  Item("VAE weights", vae_w, "alone on the device"),
                  Item(f"VAE encode activations ({shape})", vae_act)]
         peak = first
         note = "encoders one at a time"
     else:
-        items = [Item("text encoder UMT5-XXL weights", te_w), Item("VAE weights", vae_w),
+        items = [Item(te_name, te_w), Item("VAE weights", vae_w),
                  Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
                  Item(f"VAE encode activations ({shape})", vae_act)]
         peak = te_w + vae_w + max(te_act, vae_act)
@@ -415,7 +419,7 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
         vkw = _probe_kwargs(cfg, arch, vshape, 2)
         den = P.probe_step(arch, ckpt=False, grad=False, **{**vkw, "chunk": vkw["chunk"]})
         vae_w, vae_act, _ = P.probe_vae(vshape.frames, vshape.height, vshape.width, _dtype(cfg.model.vae_dtype),
-                                        decode=True)
+                                        decode=True, config=P.local_component_config(cfg.model, "vae"))
         train_state = resident + slots + train_bytes + state + ema
         vpeak = train_state + vae_w + max(den.peak + dequant, vae_act)
         phases.append(Phase("validation", [
