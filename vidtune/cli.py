@@ -1,6 +1,7 @@
 """``vidtune-train``: config handling and data preparation, then the training loop.
 
     vidtune-train config.toml [--set section.key=value ...] [--print-config] [--prepare-only]
+    vidtune-train --from-simpletuner config.json [--backend multidatabackend.json] [--set ...]
     vidtune-train --help-config
 """
 from __future__ import annotations
@@ -21,16 +22,24 @@ def resolve_device(name: str):
 
 
 def prepare(cfg: Config):
-    """Discover the datasets and fill the caches (each component gets its own section)."""
+    """Discover the datasets and fill the caches (each component gets its own section); the
+    validation prompts are encoded with the same text encoder before it is released."""
     from .data import prepare_data
+    from .data.encode import Encoders
 
-    return prepare_data(
+    encoders = Encoders(cfg.model, resolve_device(cfg.train.device), cfg.memory.offload_during_startup)
+    prepared = prepare_data(
         cfg.datasets, cfg.cache, cfg.model,
         batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        device=resolve_device(cfg.train.device),
-        offload_during_startup=cfg.memory.offload_during_startup,
+        encoders=encoders, release_encoders=False,
     )
+    if cfg.validation.every > 0:
+        from .train.validate import cache_validation_text
+
+        cache_validation_text(cfg, prepared.store, encoders)
+    encoders.release()
+    return prepared
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key (value read as TOML); repeatable")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--from-simpletuner", metavar="CONFIG_JSON",
+                   help="convert a SimpleTuner config.json, write the TOML to the run directory, train with it")
+    p.add_argument("--backend", metavar="DATALOADER_JSON",
+                   help="with --from-simpletuner: its multidatabackend.json (default: the config's data_backend_config)")
     p.add_argument("--help-config", action="store_true", help="print every config section and key and exit")
     p.add_argument("--prepare-only", action="store_true",
                    help="discover the data and fill the latent/text caches, then exit")
@@ -51,7 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(render_config_docs())
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.from_simpletuner:
+            from .convert import from_simpletuner
+
+            if args.config:
+                raise ConfigError(f"give a config file ({args.config}) or --from-simpletuner, not both")
+            cfg, args.config = from_simpletuner(args.from_simpletuner, args.backend, args.overrides,
+                                                write=not args.print_config)
+        else:
+            cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -114,14 +114,18 @@ class TrainConfig:
     batch_size: int = opt(1, "Samples per device per micro-step.")
     gradient_accumulation_steps: int = opt(1, "Micro-steps accumulated per optimizer step.")
     learning_rate: float = opt(1e-4, "Peak learning rate.")
-    lr_scheduler: Literal["constant", "cosine", "linear"] = opt("constant", "Learning-rate schedule after warmup.")
+    lr_scheduler: Literal["constant", "cosine", "linear", "polynomial"] = opt(
+        "constant", "Learning-rate schedule after warmup (diffusers' get_scheduler).")
+    lr_power: float = opt(1.0, "polynomial: decay power (1 = linear to 1e-7).")
     lr_warmup_steps: int = opt(0, "Linear warmup steps.")
     optimizer: Literal["adamw", "adamw_bf16", "lion", "adamw_8bit", "lion_8bit", "paged_adamw_8bit",
-                       "paged_lion_8bit"] = opt("adamw", "Optimizer (adamw_bf16: Kahan-summed bf16 states).")
+                       "paged_lion_8bit"] = opt(
+        "adamw", "Optimizer: torch AdamW; adamw_bf16 (torch-optimi, bf16 weights with Kahan summation); "
+        "lion (torch-optimi); 8-bit AdamW/Lion and paged variants (bitsandbytes).")
     weight_decay: float = opt(0.01, "Decoupled weight decay.")
     betas: list[float] = opt(help="Optimizer betas.", factory=lambda: [0.9, 0.999])
     eps: float = opt(1e-8, "Optimizer epsilon.")
-    max_grad_norm: float = opt(1.0, "Gradient clipping threshold; 0 disables clipping.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping threshold (global norm, or each value); 0 disables clipping.")
     grad_clip_method: Literal["norm", "value"] = opt("norm", "Clip the global gradient norm or each value.")
     mixed_precision: Literal["bf16", "fp16", "no"] = opt("bf16", "Autocast dtype of the forward pass.")
     seed: int = opt(42, "Seed of noise, timesteps, data order and adapter init.")
@@ -219,6 +223,7 @@ class LoggingConfig:
 @dataclass
 class ValidationConfig:
     every: int = opt(0, "Run validation every N optimizer steps (0: never).")
+    baseline: bool = opt(True, "Also validate before the first step (not on resume), as a baseline.")
     prompts: list[str] = opt(help="Validation prompts.", factory=list)
     prompt_library: Optional[str] = opt(None, "JSON file {nickname: prompt} of extra prompts.")
     negative_prompt: str = opt("", "Negative prompt for classifier-free guidance.")
@@ -239,8 +244,9 @@ class ValidationConfig:
 @dataclass
 class EmaConfig:
     enabled: bool = opt(False, "Keep an EMA of the trained weights.")
-    decay: float = opt(0.999, "EMA decay per update.")
+    decay: float = opt(0.999, "EMA decay cap; update n uses min(decay, (1+n)/(10+n)) (diffusers' EMAModel).")
     update_interval: int = opt(1, "Update the EMA every N optimizer steps.")
+    device: Literal["same", "cpu"] = opt("same", "Where the EMA weights live: with the model, or in CPU RAM.")
     validation: Literal["ema_only", "both", "none"] = opt("both", "Validate with the EMA weights, both, or the live ones.")
 
 

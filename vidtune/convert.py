@@ -44,7 +44,7 @@ OPTIMIZERS = {
     "bnb-lion8bit-paged": ("paged_lion_8bit", (0.9, 0.99), 0.0, None),
 }
 LR_SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "cosine": "cosine",
-                 "linear": "linear"}
+                 "linear": "linear", "polynomial": "polynomial"}
 ATTENTION = {"diffusers": "sdpa", "sdpa": "sdpa", "sageattention": "sage", "flash-attn": "flash",
              "flash_attn": "flash", "flash-attention": "flash"}
 INT8 = ("int8-quanto", "int8-torchao")
@@ -701,6 +701,34 @@ def read_simpletuner(config_path: str | Path, backend_path: str | Path | None = 
         if not isinstance(backends, list):
             raise ConvertError(f"{backend_path}: expected a JSON list of dataset entries")
     return cfg, backends, msgs
+
+
+def from_simpletuner(config_path: str | Path, backend_path: str | Path | None = None, overrides: list[str] = (),
+                     *, write: bool = True, log=None):
+    """``vidtune-train --from-simpletuner``: convert, report notes and unmapped options, write the
+    TOML as ``<output_dir>/simpletuner.toml`` (``write``) and return (Config with the ``--set``
+    overrides applied, path written or None)."""
+    from .config import tomllib
+    from .fsutil import atomic_write_bytes
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    try:
+        cfg, backends, msgs = read_simpletuner(config_path, backend_path)
+        text, unmapped, notes = convert_simpletuner(cfg, backends, source=str(config_path))
+    except ConvertError as exc:
+        raise ConfigError(f"--from-simpletuner: {exc}") from None
+    for m in msgs:
+        log(m)
+    for n in notes:
+        log(f"not carried over: {n}")
+    for u in unmapped:
+        log(f"unmapped: {u}")
+    resolved = config_from_dict(tomllib.loads(text), f"{config_path} (converted)", overrides)
+    if not write:
+        return resolved, None
+    path = atomic_write_bytes(Path(resolved.train.output_dir) / "simpletuner.toml", text.encode())
+    log(f"converted {config_path} -> {path}")
+    return resolved, path
 
 
 def _load_json(path: Path):

@@ -7,6 +7,7 @@ finds every entry and loads no encoder at all.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class PreparedData:
     weights: dict[str, float]
     skips: SkipLog
     stats: dict[str, int] = field(default_factory=dict)  # encoded / reused counts
+    seconds: float = 0.0  # discovery + caching time
 
     def summary(self) -> str:
         used = Counter(e.dataset_id for e in self.entries)
@@ -118,6 +120,7 @@ def prepare_data(
     encoder). Raises ``DataError`` for a missing dataset directory or a dataset too small for one
     optimizer step ("no samples detected in dataset ..."); bad files are skipped and counted.
     """
+    t0 = time.perf_counter()
     datasets = [d for d in datasets if not d.disabled]
     if not datasets:
         raise DataError("no [[dataset]] configured: add at least one [[dataset]] with id and path")
@@ -213,7 +216,7 @@ def prepare_data(
     entries = [CacheEntry(i.dataset_id, i.path, i.caption, i.bucket, k, text_keys[i.caption])
                for i, k, _ in keyed if k not in failed]
     prepared = PreparedData(entries, store, text_keys[""], {d.id: d.repeats for d in datasets},
-                            {d.id: d.weight for d in datasets}, skips, dict(stats))
+                            {d.id: d.weight for d in datasets}, skips, dict(stats), time.perf_counter() - t0)
     log(prepared.summary())
     if failed:  # decode failures may have shrunk a dataset below one optimizer step
         for ds in datasets:

@@ -1,7 +1,9 @@
-"""Per-step records: the progress bar, TensorBoard/wandb scalars and ``losses.jsonl``.
+"""Per-step records: the progress bar, TensorBoard/wandb scalars and ``losses.jsonl``; the run
+directory's plots (``plots/*.png``) and ``summary.json``.
 
 ``losses.jsonl`` holds one line per optimizer step with the loss as ``float.hex`` (exact), so two
-runs can be compared bit for bit; on resume it is cut back to the checkpoint's step.
+runs can be compared bit for bit, plus lr, grad norm and memory; on resume it is cut back to the
+checkpoint's step. Plots are drawn from it (matplotlib, Agg) at every checkpoint and at the end.
 """
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ class StepLog:
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, step_time: float, tokens: int,
              mem: int, skipped: bool) -> None:
-        row = {"step": step, "loss": float.hex(loss), "lr": lr, "skipped": skipped}
+        row = {"step": step, "loss": float.hex(loss), "lr": lr, "grad_norm": grad_norm, "mem": mem,
+               "skipped": skipped}
         self._losses.write(json.dumps(row) + "\n")
         self._losses.flush()
         tok_s = tokens / step_time if step_time > 0 else 0.0
@@ -99,6 +102,23 @@ class StepLog:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def images(self, step: int, outputs: dict[str, tuple[Path, Path]]) -> None:
+        """Validation contact sheets (tag -> (mp4, png)) to TensorBoard / wandb."""
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+
+            for tag, (_, png) in outputs.items():
+                with Image.open(png) as im:
+                    self.writer.add_image(f"validation/{tag}", np.asarray(im.convert("RGB")), step,
+                                          dataformats="HWC")
+            self.writer.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({f"validation/{tag}": wandb.Image(str(png)) for tag, (_, png) in outputs.items()},
+                            step=step)
+
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
@@ -115,3 +135,45 @@ class StepLog:
         self._losses.flush()
         os.fsync(self._losses.fileno())
         self._losses.close()
+
+
+PLOTS = {"loss": ("loss", "loss"), "lr": ("lr", "learning rate"), "grad_norm": ("grad_norm", "gradient norm"),
+         "memory": ("mem", "memory (GiB)")}
+
+
+def write_plots(run_dir: str | Path) -> list[Path]:
+    """``<run>/plots/{loss,lr,grad_norm,memory}.png`` from ``losses.jsonl`` (atomic writes)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = read_losses(run_dir)
+    out = []
+    for name, (key, label) in PLOTS.items():
+        pts = [(r["step"], float.fromhex(r[key]) if key == "loss" else r[key]) for r in rows if key in r]
+        if key == "mem":
+            pts = [(s, v / 2**30) for s, v in pts]
+        fig = Figure(figsize=(6, 3.5), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        if pts:
+            ax.plot(*zip(*pts), lw=1)
+        if key == "loss" and len(pts) >= 10:  # the trend under per-step noise
+            w = max(5, len(pts) // 20)
+            vals = [v for _, v in pts]
+            ax.plot([s for s, _ in pts[w - 1:]], [sum(vals[i - w + 1:i + 1]) / w for i in range(w - 1, len(vals))],
+                    lw=2, label=f"mean of {w}")
+            ax.legend()
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        out.append(atomic_write_bytes(Path(run_dir) / "plots" / f"{name}.png", buf.getvalue()))
+    return out
+
+
+def write_summary(run_dir: str | Path, summary: dict) -> Path:
+    return atomic_write_bytes(Path(run_dir) / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())

@@ -1,38 +1,79 @@
-"""Optimizers (torch, bitsandbytes) and LR schedules (diffusers.optimization.get_scheduler)."""
+"""Optimizers (torch, torch-optimi, bitsandbytes) and LR schedules (diffusers' get_scheduler).
+
+- ``adamw``: torch AdamW (fused/foreach as torch picks).
+- ``adamw_bf16``: torch-optimi AdamW with Kahan summation. The trained weights are kept in bf16
+  (``trains_in_bf16``) and optimi's compensation buffer carries the low bits each update would
+  lose, so bf16 weights and states train like fp32 ones at half the memory.
+- ``lion``: torch-optimi Lion (32-bit state; Kahan summation too when the weights are bf16).
+- ``adamw_8bit`` / ``lion_8bit`` and their ``paged_`` variants: bitsandbytes blockwise 8-bit
+  states. Paging needs CUDA unified memory; elsewhere bitsandbytes keeps the states in ordinary
+  memory (said once in the log).
+"""
 from __future__ import annotations
 
 import torch
 
 from ..config import ConfigError, TrainConfig
 
-_BNB = {"lion": "Lion", "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+_BNB = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
         "lion_8bit": "Lion8bit", "paged_lion_8bit": "PagedLion8bit"}
+_OPTIMI = {"adamw_bf16": "AdamW", "lion": "Lion"}
+OPTIMIZERS = ("adamw", *_OPTIMI, *_BNB)
 
 
-def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+def trains_in_bf16(cfg: TrainConfig) -> bool:
+    """Whether the trained weights are stored in bf16 (else LoRA weights are fp32)."""
+    return cfg.optimizer == "adamw_bf16"
+
+
+def build_optimizer(params, cfg: TrainConfig, device: torch.device | None = None, log=print) -> torch.optim.Optimizer:
     """The optimizer ``cfg.optimizer`` over ``params``; clear errors for the ones not available."""
     params = list(params)
     kw = dict(lr=cfg.learning_rate, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, eps=cfg.eps, **kw)
+    if cfg.optimizer in _OPTIMI:
+        try:
+            import optimi
+        except ImportError:
+            raise ConfigError(f"train.optimizer = {cfg.optimizer!r} needs torch-optimi: pip install torch-optimi "
+                              f"(or set train.optimizer = \"adamw\")") from None
+        if cfg.optimizer == "lion":
+            return optimi.Lion(params, **kw)
+        # kahan_sum=None: optimi turns it on exactly for the low-precision (bf16) parameters.
+        return optimi.AdamW(params, eps=cfg.eps, kahan_sum=None, **kw)
     if cfg.optimizer in _BNB:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ConfigError(f"train.optimizer = {cfg.optimizer!r} needs bitsandbytes: pip install bitsandbytes "
                               f"(or set train.optimizer = \"adamw\")") from None
+        if cfg.optimizer.startswith("paged_") and (device is None or device.type != "cuda"):
+            log(f"train.optimizer = {cfg.optimizer!r}: paging needs CUDA; on {device} bitsandbytes keeps the "
+                f"8-bit states in ordinary memory (same numbers as the unpaged optimizer)")
         cls = getattr(bnb.optim, _BNB[cfg.optimizer])
-        if "lion" in cfg.optimizer:
-            return cls(params, **kw)
         # min_8bit_size=0: small adapter tensors get 8-bit states too (bnb's default keeps < 4096 in fp32).
+        if "lion" in cfg.optimizer:
+            return cls(params, min_8bit_size=0, **kw)
         return cls(params, eps=cfg.eps, min_8bit_size=0, **kw)
-    raise ConfigError(f"train.optimizer = {cfg.optimizer!r} is not available in this build; use \"adamw\" "
-                      f"or one of {sorted(_BNB)} (bitsandbytes; \"lion\" keeps 32-bit states)")
+    raise ConfigError(f"train.optimizer = {cfg.optimizer!r} is not available; use one of {list(OPTIMIZERS)}")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """Warmup then constant / cosine / linear / polynomial (to 1e-7, power ``lr_power``) decay."""
     from diffusers.optimization import get_scheduler
 
     name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                         num_training_steps=cfg.max_train_steps)
+                         num_training_steps=cfg.max_train_steps, power=cfg.lr_power)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.Tensor:
+    """Clip by global norm or by value (``max_grad_norm = 0``: no clipping); returns the total
+    gradient norm before clipping, as a device tensor (no host sync here)."""
+    if cfg.max_grad_norm > 0 and cfg.grad_clip_method == "norm":
+        return torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_value_(params, cfg.max_grad_norm)
+    return norm

@@ -5,11 +5,13 @@ offload -> checkpointing), each with its own config section. The loop then reads
 Randomness comes from named generators, all saved in checkpoints so a resumed run continues
 bit for bit: ``flow`` (noise and timesteps, CPU), ``tread`` (token routing, on the device), the
 loader's (data order and caption dropout) and torch's global RNG (LoRA init and dropout).
+Validation samples from its own seeded generator, so it never shifts any of them.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import signal
 import time
@@ -27,8 +29,9 @@ from ..memory.offload import apply_group_offload
 from ..memory.quant import QuantConfig, apply_quantization
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .flow import flow_loss, noisy_input, sample_sigmas
-from .log import StepLog, loss_values, memory_bytes
-from .optim import build_optimizer, build_scheduler
+from .ema import Ema
+from .log import StepLog, loss_values, memory_bytes, write_plots, write_summary
+from .optim import build_optimizer, build_scheduler, clip_gradients, trains_in_bf16
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -81,8 +84,6 @@ def _trigger_words(cfg: Config) -> str:
 def export_final(cfg: Config, model, run_dir: Path, step: int) -> list[Path]:
     """The run's product: the LoRA file(s), or the full transformer in the diffusers layout."""
     if cfg.adapter.type == "full":
-        import json
-
         from safetensors.torch import save
 
         out = run_dir / "transformer"
@@ -114,11 +115,6 @@ def train(cfg: Config, prepared: PreparedData, log=print) -> int:
         log(f"train.mixed_precision = {t.mixed_precision!r} is ignored on CPU (no fast bf16 matmul): "
             f"computing in the weights' dtype {cfg.model.dtype}")
 
-    for on, what in ((cfg.validation.every > 0, "validation sampling (validation.every)"),
-                     (cfg.ema.enabled, "EMA (ema.enabled)")):
-        if on:
-            log(f"note: {what} is not in this build yet and is skipped; the run trains without it")
-
     # -- model and memory features, in order: quantize -> adapter -> offload -> checkpointing --
     torch.manual_seed(t.seed)  # LoRA init (and LoRA dropout) draw from the global RNG
     model = load_transformer(cfg.model)
@@ -127,8 +123,11 @@ def train(cfg: Config, prepared: PreparedData, log=print) -> int:
     apply_quantization(model, QuantConfig(cfg.model.base_precision, cfg.model.quantize_via), device)
     if cfg.adapter.type == "lora":
         params = apply_lora(model, cfg.adapter)
-        for p in params:  # adapter weights and their optimizer states in fp32
-            p.data = p.data.float()
+        # Adapter weights (and optimizer states) in fp32; in bf16 for adamw_bf16, whose Kahan
+        # summation keeps the bits a bf16 update would round away.
+        lora_dtype = torch.bfloat16 if trains_in_bf16(t) else torch.float32
+        for p in params:
+            p.data = p.data.to(lora_dtype)
         if cfg.adapter.init_from:
             n = load_lora_into(model, cfg.adapter.init_from, log=log)
             log(f"adapter: started from {cfg.adapter.init_from} ({n} modules)")
@@ -148,8 +147,18 @@ def train(cfg: Config, prepared: PreparedData, log=print) -> int:
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{sum(p.numel() for p in trainable.values()) / 1e6:.3f}M trained ({cfg.adapter.type}) on {device}")
 
-    optimizer = build_optimizer(trainable.values(), t)
+    if trains_in_bf16(t) and cfg.adapter.type == "full" and cfg.model.dtype != "bf16":
+        log(f"train.optimizer = \"adamw_bf16\" with model.dtype = {cfg.model.dtype!r}: weights stay "
+            f"{cfg.model.dtype}, so Kahan summation is off (it applies to bf16 weights)")
+    optimizer = build_optimizer(trainable.values(), t, device, log)
     scheduler = build_scheduler(optimizer, t)
+    ema = Ema(trainable.values(), cfg.ema) if cfg.ema.enabled else None
+    validator = None
+    if cfg.validation.every > 0:
+        from .validate import Validator
+
+        validator = Validator(cfg, prepared.store, device, run_dir, log)
+    seconds = {"caching": prepared.seconds, "training": 0.0, "validation": 0.0, "checkpointing": 0.0}
     loader = CachedLoader(prepared, t.batch_size, seed=t.seed, caption_dropout=t.caption_dropout,
                           gradient_accumulation_steps=t.gradient_accumulation_steps)
     flow_gen = torch.Generator("cpu").manual_seed(_seed(t.seed, "flow"))
@@ -170,6 +179,11 @@ def train(cfg: Config, prepared: PreparedData, log=print) -> int:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
+        if ema is not None:
+            if "ema" not in state:
+                raise ConfigError(f"train.resume: {ckpt} was saved without EMA; resume with ema.enabled = false")
+            ema.load_state_dict(state["ema"])
+        seconds.update({k: v for k, v in state.get("seconds", {}).items() if k != "caching"})
         flow_gen.set_state(state["rng"]["flow"])
         tread_gen.set_state(state["rng"]["tread"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -180,14 +194,31 @@ def train(cfg: Config, prepared: PreparedData, log=print) -> int:
     elif t.resume and t.resume != "latest":
         raise ConfigError(f"train.resume = {t.resume!r}: nothing to resume")
 
+    def summary() -> dict:
+        return {"steps": step, "samples_seen": step * t.batch_size * t.gradient_accumulation_steps,
+                "skipped_files": len(prepared.skips.entries), "skipped_steps": skipped,
+                "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+
+    def validate():
+        t1 = time.perf_counter()
+        outputs = validator.run(model, step, ema)
+        logger.images(step, outputs)
+        seconds["validation"] += time.perf_counter() - t1
+
     def checkpoint():
+        t1 = time.perf_counter()
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "loader": loader.state_dict(), "skipped": skipped, "consecutive": consecutive,
+                 **({"ema": ema.state_dict()} if ema is not None else {}),
+                 "seconds": dict(seconds),
                  "rng": {"flow": flow_gen.get_state(), "tread": tread_gen.get_state(),
                          "torch": torch.get_rng_state(),
                          **({"cuda": torch.cuda.get_rng_state_all()} if device.type == "cuda" else {})}}
         path = save_checkpoint(ckpt_root, step, {n: p.detach() for n, p in trainable.items()}, state,
                                {"adapter": cfg.adapter.type, "seed": t.seed}, keep=t.keep_checkpoints)
+        write_plots(run_dir)
+        seconds["checkpointing"] += time.perf_counter() - t1
+        write_summary(run_dir, summary())
         logger.write(f"checkpoint: {path}")
 
     logger = StepLog(cfg.logging, run_dir, step, t.max_train_steps)
@@ -195,6 +226,8 @@ def train(cfg: Config, prepared: PreparedData, log=print) -> int:
     saved_at = step
     try:
         with _StopFlag() as stop:
+            if validator is not None and step == 0 and cfg.validation.baseline:
+                validate()
             while step < t.max_train_steps:
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=device)
@@ -215,13 +248,7 @@ def train(cfg: Config, prepared: PreparedData, log=print) -> int:
                     loss = flow_loss(pred, target) / t.gradient_accumulation_steps
                     loss.backward()
                     loss_sum += loss.detach()
-                grads = [p.grad for p in trainable.values() if p.grad is not None]
-                if t.max_grad_norm > 0 and t.grad_clip_method == "value":
-                    torch.nn.utils.clip_grad_value_(list(trainable.values()), t.max_grad_norm)
-                if t.max_grad_norm > 0 and t.grad_clip_method == "norm":
-                    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm(grads)
+                grad_norm = clip_gradients(list(trainable.values()), t)
                 # Host sync (one per step): the loss and norm decide whether this step is applied.
                 loss_val, norm_val = loss_sum.item(), float(grad_norm)
                 bad = not (math.isfinite(loss_val) and math.isfinite(norm_val))
@@ -234,7 +261,11 @@ def train(cfg: Config, prepared: PreparedData, log=print) -> int:
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 step += 1
-                logger.step(step, loss_val, lr, norm_val, time.perf_counter() - t0, tokens, memory_bytes(device), bad)
+                if ema is not None and not bad:
+                    ema.maybe_update(step)
+                step_time = time.perf_counter() - t0
+                seconds["training"] += step_time
+                logger.step(step, loss_val, lr, norm_val, step_time, tokens, memory_bytes(device), bad)
                 if bad:
                     logger.write(f"step {step}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} "
                                  f"(loss {loss_val}, grad norm {norm_val}); step skipped "
@@ -246,6 +277,8 @@ def train(cfg: Config, prepared: PreparedData, log=print) -> int:
                         f"train.learning_rate (now {t.learning_rate}), keep train.max_grad_norm > 0, check the "
                         f"data (a corrupt cache entry: delete {cfg.cache.dir}), then resume from the last "
                         f"checkpoint with train.resume = \"latest\"")
+                if validator is not None and validator.due(step):
+                    validate()
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     checkpoint()
                     saved_at = step
@@ -261,6 +294,11 @@ def train(cfg: Config, prepared: PreparedData, log=print) -> int:
     finally:
         logger.close()
     files = export_final(cfg, model, run_dir, step)
+    if ema is not None:
+        with ema.swapped_in():
+            files += export_final(cfg, model, run_dir / "ema", step)
+    write_plots(run_dir)
+    write_summary(run_dir, summary())
     losses = loss_values(run_dir)
     if len(losses) >= 20:
         first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10

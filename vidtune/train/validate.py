@@ -1,0 +1,106 @@
+"""Validation during training: sample the validation prompts with the model being trained.
+
+Prompt embeddings go through the same text cache as the captions (``cache_validation_text``
+runs while the text encoder is loaded for the captions, before it is released), so the loop
+never holds a text encoder. The VAE is loaded once and waits on the CPU between validations.
+Sampling is ``vidtune.validate.sample`` (WanPipeline's loop): the model in eval mode, so no
+TREAD routing and no dropout. Outputs per prompt: ``<run>/validation/step_XXXXXX/<name>.mp4``
+and ``<name>.png`` (contact sheet); with EMA, the EMA weights' are ``<name>_ema.*``.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError, ValidationConfig
+from ..data.cache import pad_prompt_embeds, settings_key
+from ..data.prepare import TEXT, text_settings
+from ..validate import load_prompts, load_scheduler_config, sample, save_outputs
+from ..validate.sampler import safe_name
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def validation_prompts(v: ValidationConfig) -> list[tuple[str, str]]:
+    try:
+        prompts = load_prompts(v.prompts, v.prompt_library or None)  # "" (from --set): no library
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"validation.prompt_library: {exc}") from None
+    if v.every > 0 and not prompts:
+        raise ConfigError("validation.every > 0 needs validation.prompts or validation.prompt_library "
+                          "(or set validation.every = 0)")
+    return prompts
+
+
+def cache_validation_text(cfg: Config, store, encoders) -> dict[str, str]:
+    """Encode the validation prompts and the negative prompt into the text cache (only the
+    missing ones; the encoder loads only then). Returns text -> cache key."""
+    texts = sorted({p for _, p in validation_prompts(cfg.validation)} | {cfg.validation.negative_prompt})
+    keys = {t: settings_key(**text_settings(t, encoders)) for t in texts}
+    missing = [t for t in texts if not store.has(TEXT, keys[t])]
+    for s in range(0, len(missing), cfg.cache.text_batch_size):
+        chunk = missing[s:s + cfg.cache.text_batch_size]
+        for text, emb in zip(chunk, encoders.encode_text(chunk)):
+            store.save(TEXT, keys[text], {"prompt_embeds": emb}, {"caption": text})
+    return keys
+
+
+class Validator:
+    """Everything validation needs, set up once before the loop."""
+
+    def __init__(self, cfg: Config, store, device: torch.device, run_dir: Path, log=print):
+        from diffusers import AutoencoderKLWan
+
+        from ..data.encode import Encoders
+
+        self.v, self.device, self.log = cfg.validation, device, log
+        self.root = Path(run_dir) / "validation"
+        self.fps = cfg.model.resolved_fps()
+        self.width, self.height = (int(x) for x in self.v.resolution.lower().split("x"))
+        encoders = Encoders(cfg.model, device)
+        keys = cache_validation_text(cfg, store, encoders)  # a no-op when the CLI cached them
+        encoders.release()
+        embed = {t: pad_prompt_embeds([store.load(TEXT, k)["prompt_embeds"]]) for t, k in keys.items()}
+        self.prompts = [(name, embed[text]) for name, text in validation_prompts(self.v)]
+        self.negative = embed[self.v.negative_prompt]
+        m = cfg.model
+        self.vae = AutoencoderKLWan.from_pretrained(m.vae_path or m.resolved_path(), subfolder="vae",
+                                                    torch_dtype=DTYPES[m.vae_dtype], revision=m.revision)
+        self.vae.eval().requires_grad_(False)
+        self.scheduler_config = load_scheduler_config(m.resolved_path())
+
+    def due(self, step: int) -> bool:
+        return self.v.every > 0 and step % self.v.every == 0
+
+    def variants(self, ema) -> list[tuple[str, object]]:
+        """(file suffix, EMA or None for the live weights) per pass, from ema.validation."""
+        if ema is None:
+            return [("", None)]
+        mode = ema.cfg.validation
+        return {"ema_only": [("_ema", ema)], "both": [("", None), ("_ema", ema)], "none": [("", None)]}[mode]
+
+    @torch.no_grad()
+    def run(self, model, step: int, ema=None) -> dict[str, tuple[Path, Path]]:
+        """Sample every prompt (per variant); returns tag -> (mp4, png)."""
+        out_dir = self.root / f"step_{step:06d}"
+        v, outputs = self.v, {}
+        self.vae.to(self.device)
+        try:
+            for suffix, e in self.variants(ema):
+                with e.swapped_in() if e is not None else contextlib.nullcontext():
+                    for name, pe in self.prompts:
+                        frames = sample(model, prompt_embeds=pe, negative_prompt_embeds=self.negative,
+                                        num_frames=v.num_frames, height=self.height, width=self.width,
+                                        steps=v.steps, guidance=v.guidance, seed=v.seed, scheduler=v.scheduler,
+                                        scheduler_config=self.scheduler_config, skip_layers=v.skip_layers,
+                                        skip_layers_start=v.skip_layers_start, skip_layers_stop=v.skip_layers_stop,
+                                        skip_layers_scale=v.skip_layers_scale, device=self.device, vae=self.vae,
+                                        output_type="video")
+                        tag = safe_name(name) + suffix
+                        outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps)
+        finally:
+            self.vae.to("cpu")
+        self.log(f"validation: step {step}: {len(outputs)} video(s) in {out_dir}")
+        return outputs
