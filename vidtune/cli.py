@@ -2,6 +2,7 @@
 
     vidtune-train config.toml [--set section.key=value ...] [--print-config] [--prepare-only]
     vidtune-train --from-simpletuner config.json [--backend multidatabackend.json] [--set ...]
+    vidtune-train --plan config.toml [--gpu rtx4090|a6000|mi300x|h100|cpu]
     vidtune-train --help-config
 """
 from __future__ import annotations
@@ -19,6 +20,35 @@ def resolve_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def device_budget(device):
+    """The memory budget of the training device, for the planner: a known GPU class when the name
+    matches one, else the device's own total memory; the CPU's is this machine's RAM."""
+    from dataclasses import replace
+
+    import torch
+
+    from .bench import devices as D
+
+    if device.type != "cuda":
+        return D.device("cpu")
+    props = torch.cuda.get_device_properties(device)
+    known = next((d for d in D.DEVICES.values() if any(m in props.name for m in d.match)), D.DEVICES["rtx4090"])
+    return replace(known, name="local", label=props.name, memory_bytes=props.total_memory)
+
+
+def check_plan(cfg: Config, gpu: str | None = None, *, search: bool = True) -> tuple[bool, str]:
+    """The memory planner's verdict for this run: (fits, report). ``gpu`` names a device class;
+    default: the training device. ``search`` adds the option combinations that would fit."""
+    from .memory.planner import plan
+
+    if gpu:
+        p = plan(cfg, gpu, search=search)
+    else:
+        dev = device_budget(resolve_device(cfg.train.device))
+        p = plan(cfg, dev.name, device=dev, search=search)
+    return p.fits, p.report()
 
 
 def prepare(cfg: Config):
@@ -53,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", metavar="DATALOADER_JSON",
                    help="with --from-simpletuner: its multidatabackend.json (default: the config's data_backend_config)")
     p.add_argument("--help-config", action="store_true", help="print every config section and key and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the predicted peak memory per phase and the fit verdict, then exit (1 if it does not fit)")
+    p.add_argument("--gpu", metavar="CLASS",
+                   help="with --plan: rtx4090, a6000, mi300x, h100 or cpu (default: the training device)")
     p.add_argument("--prepare-only", action="store_true",
                    help="discover the data and fill the latent/text caches, then exit")
     return p
@@ -82,6 +116,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None:
         print("error: a config file is required (vidtune-train config.toml)", file=sys.stderr)
         return 2
+    if args.plan:
+        try:
+            fits, report = check_plan(cfg, args.gpu)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(report)
+        return 0 if fits else 1
+    check = cfg.memory.plan_check
+    if check == "on" or (check == "auto" and resolve_device(cfg.train.device).type == "cuda"):
+        try:
+            # Before caching: a run that cannot fit never starts. The option search (slower) is --plan's.
+            fits, report = check_plan(cfg, search=False)
+        except ValueError as exc:
+            print(f"error: memory plan: {exc}", file=sys.stderr)
+            return 2
+        if not fits:
+            print(report, file=sys.stderr)
+            print(f"error: this run does not fit the device's memory (plan above). `vidtune-train --plan "
+                  f"{args.config}` lists the option combinations that fit; memory.plan_check = \"off\" "
+                  f"starts it anyway", file=sys.stderr)
+            return 2
     from .data import DataError
 
     save_resolved_config(cfg, Path(cfg.train.output_dir))

@@ -182,6 +182,9 @@ class MemoryConfig:
     offload_during_startup: bool = opt(
         False, "While caching, keep only the encoder in use on the device (VAE or text encoder).")
     model_cpu_offload: bool = opt(False, "Whole-model CPU offload (exclusive with offload.type = block_level).")
+    plan_check: Literal["auto", "on", "off"] = opt(
+        "auto", "Before caching, refuse a run whose predicted peak memory does not fit the device "
+        "(auto: on GPUs only).")
     chunked_ff: ChunkedFFConfig = opt(help="Chunked feed-forward.", factory=ChunkedFFConfig)
     offload: OffloadConfig = opt(help="Group offload of transformer blocks.", factory=OffloadConfig)
 

@@ -324,3 +324,15 @@ def test_sigterm_writes_checkpoint(tmp_path, tiny_wan_dir, data_dir, cache_dir):
     meta = json.loads((ckpts[0] / "meta.json").read_text())
     assert meta["step"] == len(read_losses(out)) >= 3
     no_partial_files(out)
+
+
+def test_plan_flag_and_refusal_before_caching(tmp_path, tiny_wan_dir, data_dir, capsys):
+    cfg = write_config(tmp_path / "p.toml", tiny_wan_dir, data_dir, tmp_path / "cache", tmp_path / "out")
+    assert cli_main([str(cfg), "--plan", "--gpu", "rtx4090"]) == 0
+    assert "verdict: FITS on rtx4090" in capsys.readouterr().out
+    # A batch of 200,000 clips does not fit this machine's RAM: refused before caching, with the
+    # plan in the message, and nothing written.
+    rc = cli_main([str(cfg), "--set", "memory.plan_check=\"on\"", "--set", "train.batch_size=200000"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not fit" in err and "DOES NOT FIT" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

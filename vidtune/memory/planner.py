@@ -513,9 +513,9 @@ def search_options(cfg: Config, gpu: str, arch, limit: int = 6, device: D.Device
                 overrides = [o for _, ov in choice for o in ov]
                 try:
                     alt = _apply(cfg, overrides)
-                except ConfigError:
+                    p = plan(alt, gpu, search=False, arch=arch, device=device)
+                except (ConfigError, ValueError):  # an option this model cannot take (e.g. a route on 2 layers)
                     continue
-                p = plan(alt, gpu, search=False, arch=arch, device=device)
                 if p.fits:
                     found.append((frozenset(combo), Suggestion([n for n, _ in choice], overrides,
                                                                p.phase("training step").peak, p.peak)))
