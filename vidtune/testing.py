@@ -77,6 +77,28 @@ def build_tiny_wan_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 
     return path
 
 
+def tiny_wan_transformer(seed: int = 0, **config):
+    """A small vidtune Wan transformer (4 blocks, 2 heads x 16) with every parameter drawn from
+    N(0, 0.2), so no term is trivially zero; ``config`` overrides WanConfig fields."""
+    from vidtune.models.wan import WanConfig, WanTransformer
+
+    base = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                out_channels=4, text_dim=24, freq_dim=16, ffn_dim=40, num_layers=4, rope_max_seq_len=64)
+    torch.manual_seed(seed)
+    model = WanTransformer(WanConfig(**{**base, **config}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.train()
+
+
+def tiny_wan_inputs(b: int = 2, f: int = 3, h: int = 4, w: int = 6, seed: int = 1, text_len: int = 5):
+    """(latents, timesteps, text embeddings) for ``tiny_wan_transformer``: 3 x 2 x 3 = 18 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 4, f, h, w, generator=g), torch.tensor([900.0, 40.0])[:b],
+            torch.randn(b, text_len, 24, generator=g))
+
+
 def make_test_video(path: str | Path, width: int = 32, height: int = 32, frames: int = 9,
                     fps: int = 16, pattern: str = "testsrc") -> Path:
     """Encode ``frames`` frames of an ffmpeg test pattern (h264 for .mp4/.mkv/.mov, vp8 for .webm)."""
@@ -93,6 +115,15 @@ def make_test_video(path: str | Path, width: int = 32, height: int = 32, frames:
         check=True,
     )
     return path
+
+
+def write_captioned_clips(root: str | Path) -> Path:
+    """Two 32x32, 9-frame ffmpeg clips with captions (tests add their own bad files beside them)."""
+    root = Path(root)
+    for i, pattern in enumerate(["testsrc", "testsrc2"]):
+        make_test_video(root / f"clip{i}.mp4", 32, 32, frames=9, pattern=pattern)
+        (root / f"clip{i}.txt").write_text(["a red cat", "the blue dog"][i])
+    return root
 
 
 def make_test_image(path: str | Path, width: int = 32, height: int = 32, seed: int = 0) -> Path:

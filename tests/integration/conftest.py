@@ -7,3 +7,4 @@ from vidtune.testing import build_tiny_wan_pipeline_dir
 def tiny_wan_dir(tmp_path_factory):
     """A tiny random Wan pipeline saved in the diffusers layout (shared by the session)."""
     return build_tiny_wan_pipeline_dir(tmp_path_factory.mktemp("tiny_wan") / "model")
+

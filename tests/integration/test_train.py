@@ -18,7 +18,7 @@ from vidtune.adapters import DIFFUSERS_FILE, WAN_FILE, apply_lora, load_lora_int
 from vidtune.cli import main as cli_main
 from vidtune.config import AdapterConfig
 from vidtune.models import from_pretrained
-from vidtune.testing import make_test_video
+from vidtune.testing import write_captioned_clips
 from vidtune.train.checkpoint import checkpoint_dirs
 from vidtune.train.log import loss_values, read_losses
 
@@ -31,10 +31,7 @@ ALL_LINEAR = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clips")
-    for i, pattern in enumerate(["testsrc", "testsrc2"]):
-        make_test_video(root / f"clip{i}.mp4", 32, 32, frames=9, pattern=pattern)
-        (root / f"clip{i}.txt").write_text(["a red cat", "the blue dog"][i])
+    root = write_captioned_clips(tmp_path_factory.mktemp("clips"))
     (root / "empty.mp4").write_bytes(b"")  # bad files: skipped and counted, never a crash
     (root / "notavideo.mp4").write_text("this is not a video")
     good = (root / "clip0.mp4").read_bytes()

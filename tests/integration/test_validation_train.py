@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from vidtune.cli import main as cli_main
-from vidtune.testing import make_test_video
+from vidtune.testing import write_captioned_clips
 from vidtune.train.checkpoint import checkpoint_dirs
 from vidtune.train.log import read_losses
 
@@ -21,10 +21,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "simpletuner"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clips")
-    for i, pattern in enumerate(["testsrc", "testsrc2"]):
-        make_test_video(root / f"clip{i}.mp4", 32, 32, frames=9, pattern=pattern)
-        (root / f"clip{i}.txt").write_text(["a red cat", "the blue dog"][i])
+    root = write_captioned_clips(tmp_path_factory.mktemp("clips"))
     (root / "broken.mp4").write_text("not a video")  # counted in summary.json
     return root
 

@@ -15,26 +15,9 @@ from vidtune.models import from_pretrained
 from vidtune.models.load import apply_dtype_policy
 from vidtune.models.wan import WanConfig, WanTransformer
 from vidtune.models.wan.model import KEEP_FP32
+from vidtune.testing import tiny_wan_inputs, tiny_wan_transformer
 
-TINY = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-    text_dim=24, freq_dim=16, ffn_dim=40, num_layers=4, rope_max_seq_len=64,
-)
-
-
-def tiny_model(seed=0, **over):
-    torch.manual_seed(seed)
-    m = WanTransformer(WanConfig(**{**TINY, **over}))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m.train()
-
-
-def inputs(b=2, f=3, h=4, w=6, seed=1, text_len=5):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, 4, f, h, w, generator=g), torch.tensor([900.0, 40.0])[:b],
-            torch.randn(b, text_len, 24, generator=g))
+tiny_model, inputs = tiny_wan_transformer, tiny_wan_inputs
 
 
 def fwd_bwd(model, x, t, ctx, **kw):

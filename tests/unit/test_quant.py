@@ -8,31 +8,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from vidtune.memory.quant import QuantConfig, apply_quantization, weight_bytes
+from vidtune.testing import tiny_wan_inputs, tiny_wan_transformer
 
-TINY_WAN = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-    text_dim=24, freq_dim=16, ffn_dim=40, num_layers=4, rope_max_seq_len=64,
-)
-
-
-def tiny_model(seed=0, **over):
-    """A tiny random Wan (same config as tests/models)."""
-    from vidtune.models.wan import WanConfig, WanTransformer
-
-    torch.manual_seed(seed)
-    m = WanTransformer(WanConfig(**{**TINY_WAN, **over}))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m.train()
-
-
-def inputs(b=2, f=3, h=4, w=6, seed=1, text_len=5):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, 4, f, h, w, generator=g), torch.tensor([900.0, 40.0])[:b],
-            torch.randn(b, text_len, 24, generator=g))
-
-
+tiny_model, inputs = tiny_wan_transformer, tiny_wan_inputs
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj", "net.2"]
 
 
