@@ -124,6 +124,14 @@ class _Converter:
         self.unmapped.append(f"{key}={json.dumps(value)}: {reason}")
 
 
+def _copy(c: "_Converter", cfg: dict, used: set, table) -> None:
+    """Copy each present SimpleTuner key to its vidtune key through its converter."""
+    for key, target, conv in table:
+        if cfg.get(key) is not None:
+            used.add(key)
+            c.set(target, conv(cfg[key]))
+
+
 def _truthy(v) -> bool:
     if isinstance(v, str):
         return v.strip().lower() in ("1", "true", "yes", "on")
@@ -246,11 +254,8 @@ def _adapter(c: _Converter, cfg: dict, used: set) -> None:
             c.unmap("lora_type", lt, "expected standard or lycoris")
     else:
         c.unmap("model_type", mt, "expected lora or full")
-    for key, target, conv in (("lora_rank", "adapter.rank", int), ("lora_alpha", "adapter.alpha", float),
-                              ("lora_dropout", "adapter.dropout", float), ("init_lora", "adapter.init_from", str)):
-        if cfg.get(key) is not None:
-            used.add(key)
-            c.set(target, conv(cfg[key]))
+    _copy(c, cfg, used, (("lora_rank", "adapter.rank", int), ("lora_alpha", "adapter.alpha", float),
+                              ("lora_dropout", "adapter.dropout", float), ("init_lora", "adapter.init_from", str)))
 
 
 def _train(c: _Converter, cfg: dict, used: set, family: str) -> None:
@@ -261,10 +266,7 @@ def _train(c: _Converter, cfg: dict, used: set, family: str) -> None:
               ("checkpointing_steps", "train.checkpoint_every", int),
               ("checkpoints_total_limit", "train.keep_checkpoints", int),
               ("caption_dropout_probability", "train.caption_dropout", float))
-    for key, target, conv in simple:
-        if cfg.get(key) is not None:
-            used.add(key)
-            c.set(target, conv(cfg[key]))
+    _copy(c, cfg, used, simple)
     if "resume_from_checkpoint" in cfg:
         used.add("resume_from_checkpoint")
         if cfg["resume_from_checkpoint"]:
@@ -359,12 +361,9 @@ def _memory(c: _Converter, cfg: dict, used: set) -> None:
         used.add("group_offload_type")
         if cfg["group_offload_type"] != "block_level":
             c.unmap("group_offload_type", cfg["group_offload_type"], "vidtune offloads block_level groups only")
-    for key, target, conv in (("group_offload_blocks_per_group", "memory.offload.blocks_per_group", int),
+    _copy(c, cfg, used, (("group_offload_blocks_per_group", "memory.offload.blocks_per_group", int),
                               ("group_offload_use_stream", "memory.offload.use_stream", _truthy),
-                              ("group_offload_to_disk_path", "memory.offload.to_disk_path", str)):
-        if cfg.get(key) is not None:
-            used.add(key)
-            c.set(target, conv(cfg[key]))
+                              ("group_offload_to_disk_path", "memory.offload.to_disk_path", str)))
 
     if "enable_chunked_feed_forward" in cfg:
         used.add("enable_chunked_feed_forward")
@@ -414,10 +413,7 @@ def _validation(c: _Converter, cfg: dict, used: set) -> None:
               ("validation_guidance_skip_layers_stop", "validation.skip_layers_stop", float),
               ("validation_guidance_skip_scale", "validation.skip_layers_scale", float),
               ("user_prompt_library", "validation.prompt_library", str))
-    for key, target, conv in simple:
-        if cfg.get(key) is not None:
-            used.add(key)
-            c.set(target, conv(cfg[key]))
+    _copy(c, cfg, used, simple)
     if cfg.get("validation_prompt"):
         used.add("validation_prompt")
         c.set("validation.prompts", [cfg["validation_prompt"]])
@@ -479,10 +475,7 @@ def _validation(c: _Converter, cfg: dict, used: set) -> None:
             c.set("ema.validation", v)
         else:
             c.unmap("ema_validation", cfg["ema_validation"], "expected ema_only, comparison or none")
-    for key, target, conv in (("ema_update_interval", "ema.update_interval", int), ("ema_decay", "ema.decay", float)):
-        if cfg.get(key) is not None:
-            used.add(key)
-            c.set(target, conv(cfg[key]))
+    _copy(c, cfg, used, (("ema_update_interval", "ema.update_interval", int), ("ema_decay", "ema.decay", float)))
 
 
 # ---------------------------------------------------------------------------------------------
