@@ -255,7 +255,7 @@ def _adapter(c: _Converter, cfg: dict, used: set) -> None:
     else:
         c.unmap("model_type", mt, "expected lora or full")
     _copy(c, cfg, used, (("lora_rank", "adapter.rank", int), ("lora_alpha", "adapter.alpha", float),
-                              ("lora_dropout", "adapter.dropout", float), ("init_lora", "adapter.init_from", str)))
+                         ("lora_dropout", "adapter.dropout", float), ("init_lora", "adapter.init_from", str)))
 
 
 def _train(c: _Converter, cfg: dict, used: set, family: str) -> None:
@@ -362,8 +362,8 @@ def _memory(c: _Converter, cfg: dict, used: set) -> None:
         if cfg["group_offload_type"] != "block_level":
             c.unmap("group_offload_type", cfg["group_offload_type"], "vidtune offloads block_level groups only")
     _copy(c, cfg, used, (("group_offload_blocks_per_group", "memory.offload.blocks_per_group", int),
-                              ("group_offload_use_stream", "memory.offload.use_stream", _truthy),
-                              ("group_offload_to_disk_path", "memory.offload.to_disk_path", str)))
+                         ("group_offload_use_stream", "memory.offload.use_stream", _truthy),
+                         ("group_offload_to_disk_path", "memory.offload.to_disk_path", str)))
 
     if "enable_chunked_feed_forward" in cfg:
         used.add("enable_chunked_feed_forward")
