@@ -132,6 +132,19 @@ def _copy(c: "_Converter", cfg: dict, used: set, table) -> None:
             c.set(target, conv(cfg[key]))
 
 
+def _choose(c: "_Converter", cfg: dict, used: set, key: str, target: str, table: dict, reason: str) -> None:
+    """Map a present SimpleTuner choice through ``table`` to ``target``; unknown values are listed
+    as unmapped with ``reason``."""
+    if key not in cfg:
+        return
+    used.add(key)
+    value = table.get(str(cfg[key]))
+    if value:
+        c.set(target, value)
+    else:
+        c.unmap(key, cfg[key], reason)
+
+
 def _truthy(v) -> bool:
     if isinstance(v, str):
         return v.strip().lower() in ("1", "true", "yes", "on")
@@ -205,26 +218,16 @@ def _model(c: _Converter, cfg: dict, used: set) -> str:
         elif p not in BF16:
             c.unmap("base_model_precision", cfg["base_model_precision"],
                     "vidtune keeps the base in bf16 or int8 (torchao); use int8-quanto for the smallest base")
-    if "base_model_default_dtype" in cfg:
-        used.add("base_model_default_dtype")
-        d = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}.get(str(cfg["base_model_default_dtype"]))
-        if d:
-            c.set("model.dtype", d)
-        else:
-            c.unmap("base_model_default_dtype", cfg["base_model_default_dtype"], "expected bf16, fp16 or fp32")
+    _choose(c, cfg, used, "base_model_default_dtype", "model.dtype",
+            {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}, "expected bf16, fp16 or fp32")
     if "text_encoder_1_precision" in cfg:
         used.add("text_encoder_1_precision")
         if cfg["text_encoder_1_precision"] not in BF16:
             c.unmap("text_encoder_1_precision", cfg["text_encoder_1_precision"],
                     "vidtune runs the text encoder in model.text_encoder_dtype (bf16/fp16/fp32), unquantized; "
                     "it is only used while caching")
-    if "quantize_via" in cfg:
-        used.add("quantize_via")
-        q = {"cpu": "cpu", "accelerator": "device", "device": "device"}.get(cfg["quantize_via"])
-        if q:
-            c.set("model.quantize_via", q)
-        else:
-            c.unmap("quantize_via", cfg["quantize_via"], "expected cpu or accelerator")
+    _choose(c, cfg, used, "quantize_via", "model.quantize_via",
+            {"cpu": "cpu", "accelerator": "device", "device": "device"}, "expected cpu or accelerator")
     if "attention_mechanism" in cfg:
         used.add("attention_mechanism")
         a = str(cfg["attention_mechanism"])
@@ -281,13 +284,8 @@ def _train(c: _Converter, cfg: dict, used: set, family: str) -> None:
     elif epochs:
         c.unmap("num_train_epochs", epochs, "vidtune trains for train.max_train_steps optimizer steps; set it "
                 "to epochs x samples / (batch x accumulation)")
-    if "lr_scheduler" in cfg:
-        used.add("lr_scheduler")
-        s = LR_SCHEDULERS.get(cfg["lr_scheduler"])
-        if s:
-            c.set("train.lr_scheduler", s)
-        else:
-            c.unmap("lr_scheduler", cfg["lr_scheduler"], f"vidtune has {sorted(set(LR_SCHEDULERS.values()))}")
+    _choose(c, cfg, used, "lr_scheduler", "train.lr_scheduler", LR_SCHEDULERS,
+            f"vidtune has {sorted(set(LR_SCHEDULERS.values()))}")
     if "optimizer" in cfg:
         used.add("optimizer")
         o = OPTIMIZERS.get(cfg["optimizer"])
@@ -329,13 +327,9 @@ def _train(c: _Converter, cfg: dict, used: set, family: str) -> None:
     elif _truthy(cfg.get("flow_use_uniform_schedule", False)):
         c.set("train.timestep_sampling", "uniform")
 
-    if "report_to" in cfg:
-        used.add("report_to")
-        r = {"wandb": "wandb", "tensorboard": "tensorboard", "none": "none"}.get(cfg["report_to"])
-        if r:
-            c.set("logging.report_to", r)
-        else:
-            c.unmap("report_to", cfg["report_to"], "vidtune logs to tensorboard, wandb or none")
+    _choose(c, cfg, used, "report_to", "logging.report_to",
+            {"wandb": "wandb", "tensorboard": "tensorboard", "none": "none"},
+            "vidtune logs to tensorboard, wandb or none")
     for key, target in (("tracker_project_name", "logging.project"), ("tracker_run_name", "logging.run_name")):
         if cfg.get(key):
             used.add(key)
@@ -443,14 +437,8 @@ def _validation(c: _Converter, cfg: dict, used: set) -> None:
         c.set("validation.resolution", first)
         if len(res) > 1:
             c.note("validation_resolution", f"vidtune validates at one resolution; kept {first}, dropped {res[1:]}")
-    if "validation_noise_scheduler" in cfg:
-        used.add("validation_noise_scheduler")
-        s = {"unipc": "unipc", "euler": "euler"}.get(cfg["validation_noise_scheduler"])
-        if s:
-            c.set("validation.scheduler", s)
-        else:
-            c.unmap("validation_noise_scheduler", cfg["validation_noise_scheduler"],
-                    "vidtune samples Wan with unipc (default) or euler (flow matching)")
+    _choose(c, cfg, used, "validation_noise_scheduler", "validation.scheduler", {"unipc": "unipc", "euler": "euler"},
+            "vidtune samples Wan with unipc (default) or euler (flow matching)")
     if "validation_preview" in cfg or "validation_preview_steps" in cfg:
         used.update(("validation_preview", "validation_preview_steps"))
         if _truthy(cfg.get("validation_preview", False)):
@@ -468,13 +456,7 @@ def _validation(c: _Converter, cfg: dict, used: set) -> None:
     if "use_ema" in cfg:
         used.add("use_ema")
         c.set("ema.enabled", _truthy(cfg["use_ema"]))
-    if "ema_validation" in cfg:
-        used.add("ema_validation")
-        v = EMA_VALIDATION.get(cfg["ema_validation"])
-        if v:
-            c.set("ema.validation", v)
-        else:
-            c.unmap("ema_validation", cfg["ema_validation"], "expected ema_only, comparison or none")
+    _choose(c, cfg, used, "ema_validation", "ema.validation", EMA_VALIDATION, "expected ema_only, comparison or none")
     _copy(c, cfg, used, (("ema_update_interval", "ema.update_interval", int), ("ema_decay", "ema.decay", float)))
 
 
