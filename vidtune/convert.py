@@ -389,12 +389,8 @@ def _memory(c: _Converter, cfg: dict, used: set) -> None:
         if routes:
             c.set("tread.routes", routes)
 
-    if "vae_batch_size" in cfg:
-        used.add("vae_batch_size")
-        c.set("cache.vae_batch_size", int(cfg["vae_batch_size"]))
-    if "compress_disk_cache" in cfg:
-        used.add("compress_disk_cache")
-        c.set("cache.compress", _truthy(cfg["compress_disk_cache"]))
+    _copy(c, cfg, used, (("vae_batch_size", "cache.vae_batch_size", int),
+                         ("compress_disk_cache", "cache.compress", _truthy)))
 
 
 def _validation(c: _Converter, cfg: dict, used: set) -> None:
@@ -449,15 +445,11 @@ def _validation(c: _Converter, cfg: dict, used: set) -> None:
             c.unmap("validation_prompt_library", cfg["validation_prompt_library"],
                     "SimpleTuner's built-in prompt library is not shipped; point user_prompt_library "
                     "(validation.prompt_library) at a {nickname: prompt} JSON")
-    if "wan_validation_load_other_stage" in cfg:
-        used.add("wan_validation_load_other_stage")
-        c.set("validation.load_other_stage", _truthy(cfg["wan_validation_load_other_stage"]))
+    _copy(c, cfg, used, (("wan_validation_load_other_stage", "validation.load_other_stage", _truthy),))
 
-    if "use_ema" in cfg:
-        used.add("use_ema")
-        c.set("ema.enabled", _truthy(cfg["use_ema"]))
     _choose(c, cfg, used, "ema_validation", "ema.validation", EMA_VALIDATION, "expected ema_only, comparison or none")
-    _copy(c, cfg, used, (("ema_update_interval", "ema.update_interval", int), ("ema_decay", "ema.decay", float)))
+    _copy(c, cfg, used, (("use_ema", "ema.enabled", _truthy), ("ema_update_interval", "ema.update_interval", int),
+                         ("ema_decay", "ema.decay", float)))
 
 
 # ---------------------------------------------------------------------------------------------
