@@ -12,7 +12,7 @@ from vidtune.config import ModelConfig
 from vidtune.data.cache import pad_prompt_embeds
 from vidtune.data.encode import Encoders
 from vidtune.models import from_pretrained
-from vidtune.validate import (initial_latents, load_prompts, load_scheduler_config, make_scheduler, sample,
+from vidtune.sample import (initial_latents, load_prompts, load_scheduler_config, make_scheduler, sample,
                               save_outputs)
 
 PROMPT, NEGATIVE = "a red cat on the video", "the blue dog"

@@ -108,3 +108,21 @@ def test_too_small_dataset_error(tmp_path):
         CachedLoader(data, batch_size=2, gradient_accumulation_steps=2)
     data.repeats["tiny"] = 1
     CachedLoader(data, batch_size=2, gradient_accumulation_steps=2)
+
+
+def test_conditioning_cached_beside_latents_reaches_the_batch(tmp_path):
+    store = CacheStore(tmp_path)
+    null = settings_key(text="")
+    store.save(TEXT, null, {"prompt_embeds": torch.zeros(1, 8)})
+    entries = []
+    for i in range(2):
+        lk = settings_key(i=i)
+        store.save(LATENTS, lk, {"latents": torch.full((4, 1, 2, 2), float(i)),
+                                 "condition": torch.full((5, 1, 2, 2), float(10 + i))})
+        entries.append(CacheEntry("a", Path(f"{i}.mp4"), "", Bucket(16, 16, 1), lk, null))
+    b = next(CachedLoader(PreparedData(entries, store, null, {"a": 0}, {"a": 1.0}, SkipLog()), 2, seed=0))
+    assert set(b.cond) == {"condition"} and b.cond["condition"].shape == (2, 5, 1, 2, 2)
+    for lat, cond in zip(b.latents, b.cond["condition"]):  # each sample's own conditioning
+        assert cond[0, 0, 0, 0] == lat[0, 0, 0, 0] + 10
+    moved = b.to("cpu", torch.float64)
+    assert moved.cond["condition"].dtype == torch.float64 and moved.prompt_lengths.dtype == torch.int64

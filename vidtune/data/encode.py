@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..runtime import DTYPES
 from .cache import TEXT_MAX_LENGTH, model_fingerprint
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _local_component(src: str, subfolder: str, revision: str | None) -> tuple[Path | None, str]:

@@ -13,11 +13,11 @@ rank``, so ranks see different batches without talking to each other.
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..runtime import seed_for
 from .cache import TEXT_MAX_LENGTH, CacheStore, pad_prompt_embeds
 from .discover import DataError
 from .prepare import LATENTS, TEXT, CacheEntry, PreparedData
@@ -32,16 +32,19 @@ class Batch:
     dropped: torch.Tensor        # (B,) bool, caption dropout applied
     dataset_ids: list[str]
     sources: list[str]
+    # Conditioning cached beside the latents (every other tensor of a latent cache entry, stacked
+    # per key): what a family's training forward needs besides latents and text.
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device, dtype: torch.dtype | None = None) -> "Batch":
+        """Move to ``device``; floating tensors (latents, text, conditioning) also to ``dtype``."""
         def move(t):
-            return t.to(device, dtype, non_blocking=True) if dtype is not None else t.to(device, non_blocking=True)
+            if dtype is not None and t.is_floating_point():
+                return t.to(device, dtype, non_blocking=True)
+            return t.to(device, non_blocking=True)
         return Batch(move(self.latents), move(self.prompt_embeds), self.prompt_lengths.to(device),
-                     self.captions, self.dropped.to(device), self.dataset_ids, self.sources)
-
-
-def _seed_for(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+                     self.captions, self.dropped.to(device), self.dataset_ids, self.sources,
+                     {k: move(v) for k, v in self.cond.items()})
 
 
 class CachedLoader:
@@ -75,7 +78,7 @@ class CachedLoader:
         w = torch.tensor([data.weights.get(d, 1.0) * self.batches_per_epoch[d] for d in self.dataset_ids],
                          dtype=torch.float64)
         self.probs = w / w.sum()
-        self._generator = torch.Generator().manual_seed(_seed_for(seed, "loader"))
+        self._generator = torch.Generator().manual_seed(seed_for(seed, "loader"))
         self._pos = {d: [0, 0] for d in self.dataset_ids}  # dataset -> [epoch, batch index]
         self._plans: dict[str, tuple[int, list[list[int]]]] = {}
         self.step = 0  # batches yielded on this rank
@@ -83,7 +86,7 @@ class CachedLoader:
     # -- plan ----------------------------------------------------------------------------------
     def _plan(self, d: str, epoch: int) -> list[list[int]]:
         """Batches (lists of entry indices) of dataset ``d``'s epoch ``epoch``."""
-        g = torch.Generator().manual_seed(_seed_for(self.seed, d, epoch))
+        g = torch.Generator().manual_seed(seed_for(self.seed, d, epoch))
         groups: dict = {}
         for i, e in enumerate(self.entries[d]):
             groups.setdefault(e.bucket, []).extend([i] * (1 + self.repeats[d]))
@@ -123,7 +126,9 @@ class CachedLoader:
         return self._load([self.entries[d][i] for i in idx], drop)
 
     def _load(self, entries: list[CacheEntry], drop: torch.Tensor) -> Batch:
-        latents = torch.stack([self.store.load(LATENTS, e.latent_key)["latents"] for e in entries])
+        loaded = [self.store.load(LATENTS, e.latent_key) for e in entries]
+        latents = torch.stack([x["latents"] for x in loaded])
+        cond = {k: torch.stack([x[k] for x in loaded]) for k in loaded[0] if k != "latents"}
         embeds = [self.store.load(TEXT, self.null_text_key if dr else e.text_key)["prompt_embeds"]
                   for e, dr in zip(entries, drop.tolist())]
         return Batch(
@@ -134,6 +139,7 @@ class CachedLoader:
             dropped=drop,
             dataset_ids=[e.dataset_id for e in entries],
             sources=[str(e.source) for e in entries],
+            cond=cond,
         )
 
     # -- resume --------------------------------------------------------------------------------

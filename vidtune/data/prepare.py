@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -48,6 +48,7 @@ class PreparedData:
     skips: SkipLog
     stats: dict[str, int] = field(default_factory=dict)  # encoded / reused counts
     seconds: float = 0.0  # discovery + caching time
+    text_keys: dict[str, str] = field(default_factory=dict)  # extra text (validation prompts) -> cache key
 
     def summary(self) -> str:
         used = Counter(e.dataset_id for e in self.entries)
@@ -112,8 +113,12 @@ def prepare_data(
     log: Callable[[str], None] = print,
     encoders: Encoders | None = None,
     release_encoders: bool = True,
+    extra_texts: Sequence[str] = (),
 ) -> PreparedData:
     """Find every sample, fill the caches, print the data summary; return the cache entries.
+
+    ``extra_texts`` (validation prompts, the negative prompt) are encoded with the captions, so
+    the text encoder loads once per run; their cache keys are in ``PreparedData.text_keys``.
 
     ``encoders`` defaults to ``Encoders(model, device, offload_during_startup)``; with
     ``release_encoders`` they are freed once the caches are full (the training loop needs no
@@ -141,7 +146,7 @@ def prepare_data(
     stats = Counter()
 
     # Text first: cheap, and the empty caption (caption dropout) is always needed.
-    captions = sorted({i.caption for i in items} | {""})
+    captions = sorted({i.caption for i in items} | {""} | set(extra_texts))
     text_keys = {c: settings_key(**text_settings(c, encoders)) for c in captions}
     missing = [c for c in captions if not store.has(TEXT, text_keys[c])]
     stats["text reused"] = len(captions) - len(missing)
@@ -216,7 +221,8 @@ def prepare_data(
     entries = [CacheEntry(i.dataset_id, i.path, i.caption, i.bucket, k, text_keys[i.caption])
                for i, k, _ in keyed if k not in failed]
     prepared = PreparedData(entries, store, text_keys[""], {d.id: d.repeats for d in datasets},
-                            {d.id: d.weight for d in datasets}, skips, dict(stats), time.perf_counter() - t0)
+                            {d.id: d.weight for d in datasets}, skips, dict(stats), time.perf_counter() - t0,
+                            {t: text_keys[t] for t in extra_texts})
     log(prepared.summary())
     if failed:  # decode failures may have shrunk a dataset below one optimizer step
         for ds in datasets:

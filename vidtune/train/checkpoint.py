@@ -10,26 +10,15 @@ as trained), ``state.pt`` (optimizer, scheduler, every RNG, loader position, cou
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..config import ConfigError
-from ..fsutil import _fsync_dir
+from ..fsutil import TMP_DIR_PREFIX, atomic_dir
 
 PREFIX = "step-"
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def checkpoint_dirs(root: str | Path) -> list[Path]:
     """Complete checkpoints under ``root`` (``<run>/checkpoints``), oldest first."""
@@ -47,24 +36,13 @@ def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".tmp-{PREFIX}*"):  # left by a crash mid-write
+    for stale in root.glob(f"{TMP_DIR_PREFIX}{PREFIX}*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
-    try:
+    with atomic_dir(final) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "weights.safetensors")
         torch.save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
-        if final.exists():  # same step saved again (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(root)
     if keep > 0:
         for old in checkpoint_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

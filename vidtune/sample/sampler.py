@@ -29,15 +29,15 @@ import inspect
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from ..fsutil import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -265,18 +265,6 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Writing results.
 
-def _tmp_beside(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
     """Write uint8 frames (F, 3, H, W) as an H.264 mp4 (yuv420p; odd sizes are padded by one
     pixel, which yuv420p needs). torchcodec encodes; ffmpeg through a pipe if it is missing."""
@@ -286,19 +274,15 @@ def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
     f, _, h, w = frames.shape
     if h % 2 or w % 2:
         frames = torch.nn.functional.pad(frames, (0, w % 2, 0, h % 2), mode="replicate")
-    tmp = _tmp_beside(path)
     try:
-        try:
-            from torchcodec.encoders import VideoEncoder
-        except ImportError:
-            VideoEncoder = None
+        from torchcodec.encoders import VideoEncoder
+    except ImportError:
+        VideoEncoder = None
+    with atomic_path(path) as tmp:
         if VideoEncoder is not None:
             VideoEncoder(frames, frame_rate=fps).to_file(tmp, codec="libx264", pixel_format="yuv420p")
         else:
             _ffmpeg_encode(frames, tmp, fps)
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -330,12 +314,8 @@ def save_contact_sheet(frames: torch.Tensor, path: str | Path, max_frames: int =
     for k, i in enumerate(idx):
         tile = Image.fromarray(frames[i].permute(1, 2, 0).cpu().numpy())
         sheet.paste(tile, ((k % cols) * w, (k // cols) * h))
-    tmp = _tmp_beside(path)
-    try:
+    with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Validation: sampling videos with the trained transformer, decoding and saving them."""
+"""Sampling: videos with the trained transformer, decoding and saving them."""
 from .sampler import (decode, initial_latents, load_prompts, load_scheduler_config, make_scheduler, sample,
                       save_contact_sheet, save_outputs, save_video)
 
