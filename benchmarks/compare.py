@@ -28,7 +28,7 @@ def key(r: dict) -> tuple:
 
 
 def fresh_rows(suite=None, *, timed: bool = False, log=print) -> list[dict]:
-    from vidtune.bench.cli import run_suite
+    from vidtune.bench.run import run_suite
     from vidtune.bench.suite import load_suite
 
     suite = suite or load_suite("cpu")

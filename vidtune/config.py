@@ -190,8 +190,22 @@ class MemoryConfig:
 
 
 @dataclass
+class CompileConfig:
+    enabled: Literal["auto", "on", "off"] = opt(
+        "auto", "Regional torch.compile of the transformer blocks (one compiled graph serves every block). "
+        "auto: off on CPU (1-3.5% faster steps do not repay 5-15 s of compile, benchmarks/README.md) and on "
+        "GPUs until the GPU check measures it.")
+    backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager compiles without code generation).")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = opt(
+        "default", "torch.compile mode.")
+    dynamic: Literal["auto", "on", "off"] = opt(
+        "auto", "Token count (TREAD routes, buckets): auto recompiles once with it symbolic when a second count "
+        "appears; on: symbolic from the start; off: one graph per count.")
+
+
+@dataclass
 class TreadRoute:
-    selection_ratio: float = opt(help="Fraction of video tokens routed around the layers (0 < r < 1).")
+    selection_ratio: float = opt(help="Fraction of video tokens routed around the layers (0 <= r < 1).")
     start_layer: int = opt(help="First routed layer (negative counts from the end).")
     end_layer: int = opt(help="Last routed layer, inclusive (negative counts from the end).")
 
@@ -285,6 +299,7 @@ class Config:
     train: TrainConfig = opt(help="The optimization loop.", factory=TrainConfig)
     memory: MemoryConfig = opt(help="Memory features.", factory=MemoryConfig)
     tread: TreadConfig = opt(help="TREAD token routing (training only).", factory=TreadConfig)
+    compile: CompileConfig = opt(help="torch.compile of the transformer blocks.", factory=CompileConfig)
     cache: CacheConfig = opt(help="Latent and text-embedding caches.", factory=CacheConfig)
     logging: LoggingConfig = opt(help="Metrics and progress.", factory=LoggingConfig)
     validation: ValidationConfig = opt(help="Sampling during training.", factory=ValidationConfig)
@@ -382,14 +397,18 @@ def _placeholder(tp):
 # --------------------------------------------------------------------------------------------
 # Validation of values (types are checked while building).
 
-def resolve_routes(routes: list[TreadRoute], num_layers: int) -> list[tuple[float, int, int]]:
-    """Absolute (ratio, start, end) per route; errors on bad ratios, bounds, order or overlap."""
+def resolve_routes(routes, num_layers: int) -> list[tuple[float, int, int]]:
+    """The one TREAD route resolver: ``TreadRoute`` entries (or dicts with the same keys) ->
+    absolute ``(ratio, start, end)`` tuples, the form the models take. Errors (a ConfigError, so
+    a ValueError) on a bad ratio, bounds, order or overlap. Ratio 0 routes nothing (a no-op)."""
     out = []
-    for i, r in enumerate(routes):
+    for i, r in enumerate(routes or ()):
+        if isinstance(r, dict):
+            r = TreadRoute(**r)
         start = r.start_layer + num_layers if r.start_layer < 0 else r.start_layer
         end = r.end_layer + num_layers if r.end_layer < 0 else r.end_layer
-        if not (0 < r.selection_ratio < 1):
-            raise ConfigError(f"tread.routes[{i}]: selection_ratio must be in (0, 1), got {r.selection_ratio}")
+        if not (0 <= r.selection_ratio < 1):
+            raise ConfigError(f"tread.routes[{i}]: selection_ratio must be in [0, 1), got {r.selection_ratio}")
         if not (0 <= start <= end < num_layers):
             raise ConfigError(
                 f"tread.routes[{i}]: layers {r.start_layer}..{r.end_layer} resolve to {start}..{end}, "
@@ -398,7 +417,7 @@ def resolve_routes(routes: list[TreadRoute], num_layers: int) -> list[tuple[floa
             raise ConfigError(
                 f"tread.routes[{i}]: starts at layer {start}, not after the previous route's end "
                 f"{out[-1][2]}; routes must be sorted and non-overlapping")
-        out.append((r.selection_ratio, start, end))
+        out.append((float(r.selection_ratio), start, end))
     return out
 
 
@@ -449,6 +468,9 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"memory.chunked_ff.chunk_size: must be >= 1, got {mem.chunked_ff.chunk_size}")
     if mem.offload.blocks_per_group < 1:
         e.append(f"memory.offload.blocks_per_group: must be >= 1, got {mem.offload.blocks_per_group}")
+    if mem.offload.type == "block_level" and a.type == "full":
+        e.append("memory.offload.type = \"block_level\" streams frozen base weights, but adapter.type = \"full\" "
+                 "trains them all: set memory.offload.type = \"none\" or train a LoRA")
     if mem.offload.type == "block_level" and mem.model_cpu_offload:
         e.append("memory.model_cpu_offload and memory.offload.type = \"block_level\" are mutually "
                  "exclusive: keep one")
@@ -456,8 +478,8 @@ def validate(cfg: Config) -> list[str]:
     # compare once the model is known; TreadConfig.resolve does the full check).
     prev = None
     for i, r in enumerate(cfg.tread.routes):
-        if not 0 < r.selection_ratio < 1:
-            e.append(f"tread.routes[{i}].selection_ratio: must be in (0, 1), got {r.selection_ratio}")
+        if not 0 <= r.selection_ratio < 1:
+            e.append(f"tread.routes[{i}].selection_ratio: must be in [0, 1), got {r.selection_ratio}")
         if (r.start_layer < 0) == (r.end_layer < 0) and r.start_layer > r.end_layer:
             e.append(f"tread.routes[{i}]: start_layer {r.start_layer} is after end_layer {r.end_layer}")
         if prev is not None and (prev.end_layer < 0) == (r.start_layer < 0) and r.start_layer <= prev.end_layer:
@@ -582,6 +604,11 @@ def config_from_dict(data: dict, source: str = "<dict>", overrides: list[str] = 
     if errors:
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def override(cfg: Config, overrides: list[str], source: str = "<overrides>") -> Config:
+    """A new, validated Config: ``cfg`` with ``--set``-style ``overrides`` applied."""
+    return config_from_dict(_to_toml_data(cfg), source, overrides)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

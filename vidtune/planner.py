@@ -5,9 +5,9 @@ of memory options that would.
     vidtune-train --plan config.toml [--gpu rtx4090|a6000|mi300x|h100|cpu] [--set k=v ...]
 
 How the step peak is predicted. Weights, adapter, optimizer state and EMA are counted from the
-parameters of the model built on the meta device (the trainer's dtype policy and peft adapter;
+parameters of the model ``vidtune.build`` makes on the meta device (the trainer's dtype policy and adapter;
 int8 = 1 byte per weight + per-row fp32 scale and int8 zero point, as torchao's Int8Tensor).
-Activations are measured, not modelled: ``vidtune.bench.probes.probe_step`` runs one step of a
+Activations are measured, not modelled: ``vidtune.measure.probes.probe_step`` runs one step of a
 two-block model at full width and the real token count on fake tensors under the counters, with
 marks cutting it into head / block / tail phases, forward and backward. The planner then replays
 the phases for the real depth — head, then each block (at its token count: TREAD routes give
@@ -18,19 +18,18 @@ step's peak (state creation + foreach temporaries) is measured the same way on f
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import itertools
 import math
-import sys
 from dataclasses import dataclass, field
 
-import torch
-
-from vidtune.bench import devices as D
-from vidtune.bench import probes as P
-from vidtune.config import Config, ConfigError, load_config
+from vidtune.build import adapter_dtype, architecture
+from vidtune.config import Config, ConfigError, override
+from vidtune.measure import devices as D
+from vidtune.measure import probes as P
+from vidtune.runtime import dtype as _dtype
+from vidtune.runtime import resolve_device
 
 GiB = 1 << 30
 
@@ -124,6 +123,7 @@ class Plan:
     tokens: int
     phases: list[Phase]
     counters: dict  # deterministic per-step counters (FLOPs, bytes)
+    sim: dict = field(default_factory=dict, repr=False)  # the replayed step: peaks, per-op calls (projections)
     notes: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
 
@@ -176,10 +176,6 @@ class Plan:
 
 # ---------------------------------------------------------------------------------------------
 # Pieces
-
-def _dtype(name: str) -> torch.dtype:
-    return P.DTYPES[name]
-
 
 def _param_bytes(p, int8: bool) -> int:
     if int8 and p.ndim == 2:
@@ -260,9 +256,8 @@ def _classes(cfg: Config, nblocks: int):
 
 def _probe_kwargs(cfg: Config, arch, shape: Shape, batch: int):
     mp = cfg.train.mixed_precision
-    return dict(latent=shape.latent, batch=batch, dtype=_dtype(cfg.model.dtype),
-                autocast=None if mp == "no" else _dtype(mp),
-                adapter=P.AdapterSpec.from_config(cfg.adapter),
+    return dict(latent=shape.latent, batch=batch, autocast=None if mp == "no" else _dtype(mp),
+                adapter_dtype=adapter_dtype(cfg.train),
                 chunk=cfg.memory.chunked_ff.chunk_size if cfg.memory.chunked_ff.enabled else None)
 
 
@@ -271,8 +266,8 @@ def simulate_step(cfg: Config, arch, shape: Shape) -> dict:
     nblocks = arch.num_layers
     classes, routes = _classes(cfg, nblocks)
     kw = _probe_kwargs(cfg, arch, shape, cfg.train.batch_size)
-    probes = {c: P.probe_step(arch, ckpt=c[1], route_ratio=c[0], **kw) for c in set(classes)}
-    unrouted = {k: P.probe_step(arch, ckpt=k, **kw) for k in {c[1] for c in classes}}
+    probes = {c: P.probe_step(cfg.model, cfg.adapter, arch, ckpt=c[1], route_ratio=c[0], **kw) for c in set(classes)}
+    unrouted = {k: P.probe_step(cfg.model, cfg.adapter, arch, ckpt=k, **kw) for k in {c[1] for c in classes}}
     S = unrouted[classes[0][1]].segments  # head, tail and block 0's backward (+ the head's)
     starts = {s: r for r, s, e in routes}
     ends = {e: r for r, s, e in routes}
@@ -351,18 +346,14 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
     """Predict the peak of each phase of ``config`` on device class ``gpu`` (``device``: a budget
     that replaces the class's, e.g. a suite's ``[device]`` table)."""
     dev = device or D.device(gpu)
-    arch = arch or P.wan_arch(config.model)
+    arch = arch or architecture(config.model)
     shape = train_shape(config)
     tokens = shape.tokens(arch.patch_size)
     cfg = config
     notes = []
-    model = P.build_meta_model(arch, arch.num_layers, _dtype(cfg.model.dtype), P.AdapterSpec.from_config(cfg.adapter))
+    model = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg.train))
     resident, groups, trainable, biggest = _weights(model, cfg)
     full = cfg.adapter.type == "full"
-    if cfg.memory.offload.type == "block_level" and full:
-        notes.append("block offload moves frozen weights only: ignored for a full fine-tune")
-    if cfg.model.base_precision == "int8" and full:
-        notes.append("int8 base is for adapters only: ignored for a full fine-tune")
     int8 = cfg.model.base_precision == "int8" and not full
     slots = (1 + (1 if cfg.memory.offload.use_stream else 0)) * max(groups, default=0)
     if groups and dev.name == "cpu":
@@ -417,7 +408,7 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
     if cfg.validation.every > 0:
         vshape = validation_shape(cfg)
         vkw = _probe_kwargs(cfg, arch, vshape, 2)
-        den = P.probe_step(arch, ckpt=False, grad=False, **{**vkw, "chunk": vkw["chunk"]})
+        den = P.probe_step(cfg.model, cfg.adapter, arch, ckpt=False, grad=False, **vkw)
         vae_w, vae_act, _ = P.probe_vae(vshape.frames, vshape.height, vshape.width, _dtype(cfg.model.vae_dtype),
                                         decode=True, config=P.local_component_config(cfg.model, "vae"))
         train_state = resident + slots + train_bytes + state + ema
@@ -440,8 +431,7 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
     )
     if cfg.memory.model_cpu_offload:
         notes.append("model_cpu_offload moves whole models between phases; it does not lower the step peak")
-    p = Plan(cfg, dev, shape, tokens, phases, counters, notes)
-    p._sim = sim
+    p = Plan(cfg, dev, shape, tokens, phases, counters, sim, notes)
     if search and not p.fits:
         p.suggestions = search_options(cfg, gpu, arch, device=dev)
     return p
@@ -495,12 +485,6 @@ def _options(cfg: Config):
     return groups
 
 
-def _apply(cfg: Config, overrides: list[str]) -> Config:
-    from vidtune.config import _to_toml_data, config_from_dict
-
-    return config_from_dict(_to_toml_data(cfg), "<plan search>", overrides)
-
-
 def search_options(cfg: Config, gpu: str, arch, limit: int = 6, device: D.Device | None = None) -> list[Suggestion]:
     """Minimal combinations of the option groups that fit, fewest changes first."""
     groups = _options(cfg)
@@ -512,7 +496,7 @@ def search_options(cfg: Config, gpu: str, arch, limit: int = 6, device: D.Device
             for choice in itertools.product(*(groups[g] for g in combo)):
                 overrides = [o for _, ov in choice for o in ov]
                 try:
-                    alt = _apply(cfg, overrides)
+                    alt = override(cfg, overrides, "<plan search>")
                     p = plan(alt, gpu, search=False, arch=arch, device=device)
                 except (ConfigError, ValueError):  # an option this model cannot take (e.g. a route on 2 layers)
                     continue
@@ -526,28 +510,27 @@ def search_options(cfg: Config, gpu: str, arch, limit: int = 6, device: D.Device
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# The training device's budget
 
-def plan_main(config_path, gpu: str = "rtx4090", overrides=()) -> int:
-    """Print the plan of ``config_path`` on ``gpu``; 0 if it fits, 1 if not, 2 on a config error."""
-    try:
-        cfg = load_config(config_path, list(overrides))
-        p = plan(cfg, gpu)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(p.report())
-    return 0 if p.fits else 1
+def device_budget(device) -> D.Device:
+    """The memory budget of a training device: a known GPU class when the name matches one, else
+    the device's own total memory; the CPU's is this machine's RAM."""
+    import torch
 
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="vidtune-plan", description="Predicted peak memory of a vidtune config.")
-    ap.add_argument("config", nargs="?", help="TOML config (default: all defaults)")
-    ap.add_argument("--gpu", default="rtx4090", choices=D.names())
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = ap.parse_args(argv)
-    return plan_main(args.config, args.gpu, args.overrides)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return D.device("cpu")
+    props = torch.cuda.get_device_properties(device)
+    known = next((d for d in D.DEVICES.values() if any(m in props.name for m in d.match)), D.DEVICES["rtx4090"])
+    return dataclasses.replace(known, name="local", label=props.name, memory_bytes=props.total_memory)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def check_plan(cfg: Config, gpu: str | None = None, *, search: bool = True) -> tuple[bool, str]:
+    """The planner's verdict for a run: (fits, report). ``gpu`` names a device class; default:
+    the training device. ``search`` adds the option combinations that would fit."""
+    if gpu:
+        p = plan(cfg, gpu, search=search)
+    else:
+        dev = device_budget(resolve_device(cfg.train.device))
+        p = plan(cfg, dev.name, device=dev, search=search)
+    return p.fits, p.report()

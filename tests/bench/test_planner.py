@@ -5,11 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from vidtune.bench import probes as P
-from vidtune.bench.measure import real_step
+from vidtune.bench.real_step import real_step
+from vidtune.build import build_from_config
+from vidtune.cli.train import main as train_main
 from vidtune.config import config_from_dict
-from vidtune.memory.planner import offload_loads, plan, plan_main, train_shape
-from vidtune.models.wan import WanConfig, WanTransformer
+from vidtune.models.wan import WanConfig
+from vidtune.planner import offload_loads, plan, train_shape
 
 SMALL = WanConfig(num_attention_heads=2, attention_head_dim=64, ffn_dim=768, num_layers=6, text_dim=128,
                   freq_dim=64, rope_max_seq_len=64)
@@ -48,20 +49,16 @@ def test_step_peak_within_15_percent_of_measured(name):
 
 def test_offload_schedule_matches_group_offload():
     """The planner's load count is the one GroupOffload issues (forward, then backward in reverse)."""
-    from vidtune.memory.offload import OffloadConfig, apply_group_offload
-
-    torch.manual_seed(0)
     arch = dataclasses.replace(SMALL, num_layers=5)
-    model = P.apply_adapter(WanTransformer(arch), P.AdapterSpec()).train()
     for bpg, stream in ((1, True), (2, True), (2, False)):
-        m = P.apply_adapter(WanTransformer(arch), P.AdapterSpec()).train()
-        off = apply_group_offload(m, OffloadConfig(type="block_level", blocks_per_group=bpg, use_stream=stream,
-                                                   backend="python"))
+        offload = {"type": "block_level", "blocks_per_group": bpg, "use_stream": stream, "backend": "python"}
+        cfg = small_config(memory={"gradient_checkpointing": False, "offload": offload})
+        built = build_from_config(cfg, "cpu", init="random", arch=arch)
+        m, off = built.model, built.offload
         x, ctx = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 8, arch.text_dim)
         off.reset_stats()
         m(x, torch.tensor([500.0]), ctx).float().pow(2).mean().backward()
         assert off.load_log == offload_loads(len(off.groups), int(stream)), (bpg, stream)
-    del model
 
 
 FULL_14B_LORA = {
@@ -76,7 +73,8 @@ def test_full_size_14b_on_4090_does_not_fit_in_bf16_and_names_fixes(capsys, tmp_
 
     path = tmp_path / "c.toml"
     path.write_text(tomli_w.dumps(FULL_14B_LORA))
-    rc = plan_main(str(path), "rtx4090", ["memory.offload.type=\"block_level\"", "model.base_precision=\"int8\""])
+    rc = train_main([str(path), "--plan", "--gpu", "rtx4090", "--set", "memory.offload.type=\"block_level\"",
+                     "--set", "model.base_precision=\"int8\""])
     out = capsys.readouterr().out
     assert "32,760 tokens" in out and "[training step]" in out and "[caching]" in out
     cfg = config_from_dict(FULL_14B_LORA)

@@ -2,9 +2,9 @@
 use full-size 832x480 x 81-frame workloads on the GPU classes."""
 import pytest
 
-from vidtune.bench import devices as D
+from vidtune.measure import devices as D
 from vidtune.bench.suite import SUITES_DIR, load_suite
-from vidtune.memory.planner import train_shape
+from vidtune.planner import train_shape
 
 
 @pytest.mark.parametrize("name", ["rtx4090", "a6000", "mi300x", "h100", "cpu"])

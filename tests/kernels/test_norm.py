@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from _numerics import check_against_reference, check_fake_and_meta
 
-from vidtune.bench.counters import count
+from vidtune.measure.counters import count
 from vidtune_kernels import RMSNorm, rms_norm
 from vidtune_kernels.norm import rms_norm_backward, rms_norm_forward
 from vidtune_kernels.reference import rms_norm_ref

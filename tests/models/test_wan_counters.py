@@ -3,7 +3,8 @@ intermediate. Shapes are bench-sized, so the runs are on fake tensors (no comput
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from vidtune.bench.counters import count, count_train_step
+from vidtune.config import resolve_routes
+from vidtune.measure.counters import count, count_train_step
 from vidtune.models.wan import WanConfig, WanTransformer
 from vidtune.models.wan.model import FeedForward
 
@@ -32,7 +33,7 @@ def test_tread_cuts_flops_by_the_analytic_amount():
 
         full = count_train_step(model, lambda: inputs())
         routed = count_train_step(model, lambda: (inputs()[0], dict(
-            routes=[{"selection_ratio": 0.5, "start_layer": 2, "end_layer": -2}],
+            routes=resolve_routes([{"selection_ratio": 0.5, "start_layer": 2, "end_layer": -2}], LAYERS),
             generator=torch.Generator().manual_seed(0))))
     n = 7 * 12 * 20
     kept = n - round(0.5 * n)

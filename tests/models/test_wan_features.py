@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from vidtune.bench.counters import count_train_step
+from vidtune.config import resolve_routes
+from vidtune.measure.counters import count_train_step
 from vidtune.memory.checkpointing import apply_activation_checkpointing
 from vidtune.models import from_pretrained
 from vidtune.models.load import apply_dtype_policy
@@ -79,7 +80,8 @@ def test_tread_ratio_zero_equals_no_routing():
     m = tiny_model()
     x, t, ctx = inputs()
     plain = fwd_bwd(m, x, t, ctx)
-    routed = fwd_bwd(m, x, t, ctx, routes=[{"selection_ratio": 0.0, "start_layer": 1, "end_layer": -2}],
+    route = resolve_routes([{"selection_ratio": 0.0, "start_layer": 1, "end_layer": -2}], len(m.blocks))
+    routed = fwd_bwd(m, x, t, ctx, routes=route,
                      generator=torch.Generator().manual_seed(0))
     assert torch.equal(routed[0], plain[0]) and torch.equal(routed[1], plain[1])
 
@@ -87,7 +89,7 @@ def test_tread_ratio_zero_equals_no_routing():
 def test_tread_seeded_routing_and_force_keep():
     m = tiny_model()
     x, t, ctx = inputs()
-    route = [{"selection_ratio": 0.5, "start_layer": 1, "end_layer": 2}]
+    route = resolve_routes([{"selection_ratio": 0.5, "start_layer": 1, "end_layer": 2}], len(m.blocks))
     a = fwd_bwd(m, x, t, ctx, routes=route, generator=torch.Generator().manual_seed(3))
     b = fwd_bwd(m, x, t, ctx, routes=route, generator=torch.Generator().manual_seed(3))
     c = fwd_bwd(m, x, t, ctx, routes=route, generator=torch.Generator().manual_seed(4))
@@ -106,7 +108,7 @@ def test_tread_with_per_token_timesteps_runs_and_differs():
     m = tiny_model()
     x, _, ctx = inputs()
     t = torch.rand(2, 18) * 1000
-    route = [{"selection_ratio": 0.4, "start_layer": 0, "end_layer": 1}]
+    route = resolve_routes([{"selection_ratio": 0.4, "start_layer": 0, "end_layer": 1}], len(m.blocks))
     out, dx, grads = fwd_bwd(m, x, t, ctx, routes=route, generator=torch.Generator().manual_seed(0))
     assert out.shape == x.shape and torch.isfinite(dx).all()
 
@@ -114,10 +116,13 @@ def test_tread_with_per_token_timesteps_runs_and_differs():
 def test_route_validation():
     m = tiny_model()
     x, t, ctx = inputs()
+    route = lambda r, s, e: {"selection_ratio": r, "start_layer": s, "end_layer": e}  # noqa: E731
     with pytest.raises(ValueError, match="overlap"):
-        m(x, t, ctx, routes=[(0.5, 0, 2), (0.5, 2, 3)])
+        resolve_routes([route(0.5, 0, 2), route(0.5, 2, 3)], len(m.blocks))
     with pytest.raises(ValueError, match="outside"):
-        m(x, t, ctx, routes=[(0.5, 1, 9)])
+        resolve_routes([route(0.5, 1, 9)], len(m.blocks))
+    with pytest.raises(TypeError, match="resolve_routes"):  # the model takes resolved routes only
+        m(x, t, ctx, routes=[route(0.5, 1, 2)])
 
 
 # -- chunked FF, checkpointing, skip layers, capture, time embedding -----------------------------
@@ -140,7 +145,7 @@ def test_chunked_ff_equals_unchunked(monkeypatch):
 def test_checkpointing_equals_plain():
     m = tiny_model()
     x, t, ctx = inputs()
-    route = [{"selection_ratio": 0.5, "start_layer": 1, "end_layer": 2}]
+    route = resolve_routes([{"selection_ratio": 0.5, "start_layer": 1, "end_layer": 2}], len(m.blocks))
     plain = fwd_bwd(m, x, t, ctx, routes=route, generator=torch.Generator().manual_seed(1))
     assert apply_activation_checkpointing(m.blocks, every_n=2) == 2
     ckpt = fwd_bwd(m, x, t, ctx, routes=route, generator=torch.Generator().manual_seed(1))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from vidtune.cli import main as cli_main
+from vidtune.cli.train import main as cli_main
 from vidtune.config import (Config, ConfigError, TreadRoute, config_from_dict, dump_config, load_config,
                             render_config_docs, resolve_routes)
 
@@ -100,8 +100,9 @@ def test_dataset_required_keys(tmp_path):
     ("[validation]\nnum_frames = 80\n", "use 77 or 81"),
     ("[[tread.routes]]\nselection_ratio=0.1\nstart_layer=2\nend_layer=8\n"
      "[[tread.routes]]\nselection_ratio=0.2\nstart_layer=8\nend_layer=10\n", "sorted and non-overlapping"),
-    ("[[tread.routes]]\nselection_ratio=1.5\nstart_layer=2\nend_layer=8\n", "selection_ratio: must be in (0, 1)"),
+    ("[[tread.routes]]\nselection_ratio=1.5\nstart_layer=2\nend_layer=8\n", "selection_ratio: must be in [0, 1)"),
     ("[adapter]\ntype='full'\n[model]\nbase_precision='int8'\n", "cannot train int8"),
+    ("[adapter]\ntype='full'\n[memory.offload]\ntype='block_level'\n", "streams frozen base weights"),
     ("[memory]\nmodel_cpu_offload=true\n[memory.offload]\ntype='block_level'\n", "mutually exclusive"),
     ("[model]\nflavour='t2v-1.3b'\n", "is not a wan flavour"),
 ])

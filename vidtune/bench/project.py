@@ -15,7 +15,7 @@ def roofline_s(calls, dev) -> float:
 
 
 def project_step(plan, dev) -> dict:
-    sim, cfg, c = plan._sim, plan.config, plan.counters
+    sim, cfg, c = plan.sim, plan.config, plan.counters
     head = roofline_s(sim["calls"]["head"], dev)
     tail = roofline_s(sim["calls"]["tail"], dev) + roofline_s(sim["calls"]["head_bwd"], dev)
     fwd = [roofline_s(fc, dev) for _, fc, _, _ in sim["block_calls"]]

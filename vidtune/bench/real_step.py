@@ -1,45 +1,42 @@
 """Real runs under the counters: what the planner and the projections are checked against.
 
-``real_step`` builds the small model for real (random weights, peft adapter, checkpointing,
-chunked FF, TREAD), runs one training step (forward, flow-matching-style MSE loss, backward,
-AdamW step) under the counters, and reports its FLOPs, bytes materialised and peak. The peak
-includes what was held before the step (weights, inputs), so it is comparable with the
+``real_step`` builds the config's model for real with ``vidtune.build`` (random weights of the
+given architecture: adapter, checkpointing, chunked FF; no offload or int8 on the CPU, see
+``real_config``), runs one training step (forward with TREAD, flow-matching-style MSE loss,
+backward, AdamW step) under the counters, and reports its FLOPs, bytes materialised and peak.
+The peak includes what was held before the step (weights, inputs), so it is comparable with the
 planner's step peak. Counts depend only on shapes and the op sequence: identical on every
 machine and thread count.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from vidtune.bench import probes as P
-from vidtune.bench.counters import counting
+from vidtune.build import build_from_config
+from vidtune.config import Config, override
+from vidtune.measure import probes as P
+from vidtune.measure.counters import counting
 
 
-def build_real(arch, cfg, seed: int = 0):
-    from vidtune.memory.checkpointing import apply_activation_checkpointing
-    from vidtune.models.wan import WanTransformer
-
-    torch.manual_seed(seed)
-    model = P.apply_adapter(WanTransformer(arch), P.AdapterSpec.from_config(cfg.adapter)).train()
-    mem = cfg.memory
-    if mem.gradient_checkpointing:
-        apply_activation_checkpointing(model.blocks, mem.gradient_checkpointing_every_n)
-    model.set_ff_chunk_size(mem.chunked_ff.chunk_size if mem.chunked_ff.enabled else None)
-    return model
+def real_config(cfg: Config) -> Config:
+    """The config the CPU measures: block offload on a CPU keeps the same bytes in the same RAM
+    (the planner says so), so the real step runs resident."""
+    if cfg.memory.offload.type == "none":
+        return cfg
+    return override(cfg, ['memory.offload.type="none"'], "<real step>")
 
 
-def real_step(cfg, arch, latent, seed: int = 0) -> dict:
-    """Counters of one real fp32 training step of ``arch`` at ``latent`` = (frames, h, w)."""
-    model = build_real(arch, cfg, seed)
+def real_step(cfg: Config, arch, latent, seed: int = 0) -> dict:
+    """Counters of one real training step of ``arch`` at ``latent`` = (frames, h, w) on the CPU."""
+    cfg = real_config(cfg)
+    model = build_from_config(cfg, "cpu", init="random", arch=arch).model
     f, h, w = latent
     b = cfg.train.batch_size
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(b, arch.in_channels, f, h, w, generator=g)
     target = torch.randn(b, arch.out_channels, f, h, w, generator=g)
     t, ctx = torch.full((b,), 500.0), torch.randn(b, P.TEXT_LEN, arch.text_dim, generator=g)
-    routes = [dataclasses.asdict(r) for r in cfg.tread.routes] or None
+    routes = cfg.tread.resolve(len(model.blocks))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     existing = [*model.parameters(), *model.buffers(), x, target, t, ctx]
     with counting(existing) as c:

@@ -1,10 +1,8 @@
-"""``vidtune-bench SUITE [SUITE ...]``: counters, memory plans, projections and timings per suite.
+"""Running benchmark suites: counters, memory plans, projections and timings per workload.
 
-    vidtune-bench cpu                   # small real configs: deterministic counters + timed vs diffusers
-    vidtune-bench rtx4090 h100          # full-size Wan: counters, plans, roofline projections
-    vidtune-bench cpu --deterministic   # counters only (what CI gates, see benchmarks/compare.py)
-
-Writes ``<out>/results.csv`` and ``results.json`` (one row per measurement: bench, provider, mode,
+``vidtune-bench`` (``vidtune.cli.bench``) calls ``run_suite`` per suite, then ``write_outputs``
+and the report; ``benchmarks/compare.py`` calls ``run_suite`` for the CI gate. Outputs:
+``<out>/results.csv`` and ``results.json`` (one row per measurement: bench, provider, mode,
 metric, unit, x, p20, p50, p80, config, device_class, git_sha, versions), ``plans.txt`` (the
 planner's report per workload) and ``report.md`` with plots. Modes: ``counters`` (deterministic,
 fake-tensor probes), ``plan`` (planner peaks), ``measured`` (deterministic counters of a real CPU
@@ -12,10 +10,8 @@ step), ``projection`` (roofline at spec-sheet peaks: never a measurement), ``tim
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import os
 import subprocess
 import sys
 import time
@@ -63,12 +59,12 @@ class Rows:
 def run_suite(suite, *, deterministic: bool = False, search: bool = True, repeats: int | None = None,
               log=print) -> tuple[list[dict], dict, dict]:
     """Rows of one suite, the planner reports by workload, and the timed results (cpu)."""
-    from vidtune.bench import devices as D
-    from vidtune.bench.measure import real_step
     from vidtune.bench.project import project_step
+    from vidtune.bench.real_step import real_step
     from vidtune.bench.timing import cpu_vs_diffusers, gpu_matches, gpu_window
-    from vidtune.memory.planner import plan
-    from vidtune.models.wan import WanConfig
+    from vidtune.build import architecture
+    from vidtune.models import family
+    from vidtune.planner import plan
 
     dev = suite.device
     is_cpu = dev.name == "cpu"
@@ -77,9 +73,8 @@ def run_suite(suite, *, deterministic: bool = False, search: bool = True, repeat
     for wl in suite.workloads:
         t0 = time.perf_counter()
         cfg = wl.config()
-        arch = WanConfig(**suite.arch) if suite.arch else None
+        arch = family(cfg.model.family).CONFIG_CLASS(**suite.arch) if suite.arch else architecture(cfg.model)
         p = plan(cfg, dev.name, search=search and not is_cpu, arch=arch, device=dev)
-        arch = arch or __import__("vidtune.bench.probes", fromlist=["wan_arch"]).wan_arch(cfg.model)
         reports[wl.name] = p.report()
         c, conf, x = p.counters, _compact(wl.data), p.tokens
         add = lambda *a: rows.add(wl.name, "vidtune", *a[:-1], x, a[-1], conf)  # noqa: E731
@@ -143,43 +138,3 @@ def write_outputs(out: Path, rows: list[dict], reports: dict) -> None:
         w.writerows(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "plans.txt").write_text("\n\n".join(f"=== {k}\n{v}" for k, v in reports.items()) + "\n")
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="vidtune-bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suites", nargs="+", help="suite names (rtx4090, a6000, mi300x, h100, cpu) or .toml paths")
-    ap.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
-    ap.add_argument("--deterministic", action="store_true", help="counters and plans only: no timing")
-    ap.add_argument("--no-search", action="store_true", help="do not search fixes for plans that do not fit")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default: the suite's)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = ap.parse_args(argv)
-
-    import torch
-
-    from vidtune.bench.report import write_report
-    from vidtune.bench.suite import load_suite
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    all_rows, all_reports, results = [], {}, {}
-    for name in args.suites:
-        suite = load_suite(name)
-        print(f"suite {suite.name}: {len(suite.workloads)} workloads on {suite.device.label}"
-              + ("" if suite.device.name == "cpu" else " (no matching GPU: counters, plans and projections)"
-                 if not __import__("vidtune.bench.timing", fromlist=["x"]).gpu_matches(suite.device) else ""))
-        rows, reports, timed = run_suite(suite, deterministic=args.deterministic, search=not args.no_search,
-                                         repeats=args.repeats)
-        all_rows += rows
-        all_reports.update({f"{suite.name}/{k}": v for k, v in reports.items()})
-        results[suite.name] = (suite, rows)
-    write_outputs(out, all_rows, all_reports)
-    write_report(out, results)
-    print(f"wrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'plans.txt'}, {out / 'report.md'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

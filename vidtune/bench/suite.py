@@ -17,7 +17,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from vidtune.bench import devices as D
+from vidtune.measure import devices as D
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
 GiB = 1 << 30

@@ -13,8 +13,9 @@ import time
 
 import torch
 
-from vidtune.bench import probes as P
-from vidtune.bench.counters import count
+from vidtune.measure import probes as P
+from vidtune.measure.counters import count
+from vidtune.runtime import DTYPES
 
 
 def _quantiles(xs):
@@ -25,25 +26,30 @@ def _quantiles(xs):
 
 def cpu_vs_diffusers(spec: dict, repeats: int | None = None) -> dict:
     from diffusers import WanTransformer3DModel
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
-    from vidtune.bench.devices import measure_cpu_fp32_flops
-    from vidtune.models.wan import WanConfig, WanTransformer
+    from vidtune.adapters.lora import lora_config
+    from vidtune.build import build_training_model
+    from vidtune.config import AdapterConfig, CompileConfig, MemoryConfig, ModelConfig
+    from vidtune.measure.devices import measure_cpu_fp32_flops
+    from vidtune.models.wan import WanConfig
 
     arch = dict(patch_size=(1, 2, 2), num_attention_heads=spec["num_attention_heads"],
                 attention_head_dim=spec["attention_head_dim"], in_channels=16, out_channels=16,
                 text_dim=spec["text_dim"], freq_dim=spec["freq_dim"], ffn_dim=spec["ffn_dim"],
                 num_layers=spec["num_layers"], cross_attn_norm=True)
     repeats = repeats or spec.get("repeats", 7)
+    adapter = AdapterConfig(rank=spec["lora_rank"], alpha=float(spec["lora_rank"]))
+    # vidtune: the trainer's build path (fp32, no checkpointing: diffusers trains without it here).
+    ours = build_training_model(ModelConfig(dtype="fp32"), adapter, MemoryConfig(gradient_checkpointing=False),
+                                CompileConfig(enabled="off"), "cpu", init="random", arch=WanConfig(**arch)).model
     torch.manual_seed(0)
     ref = WanTransformer3DModel(**arch)
-    ours = WanTransformer(WanConfig(**arch))
-    lora = LoraConfig(r=spec["lora_rank"], lora_alpha=spec["lora_rank"], target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                      init_lora_weights="gaussian")  # non-zero B too, so the adapter path does real work
-    for m in (ref, ours):
-        m.requires_grad_(False)
-        inject_adapter_in_model(lora, m)
-        m.train()
+    ref.requires_grad_(False)
+    lora = lora_config(adapter)
+    lora.init_lora_weights = "gaussian"  # non-zero B too, so the adapter path does real work
+    inject_adapter_in_model(lora, ref)
+    ref.train()
     ours.load_state_dict(ref.state_dict(), strict=True)  # same base and adapter weights
     f, h, w = spec["latent"]
     g = torch.Generator().manual_seed(1)
@@ -93,35 +99,21 @@ def gpu_matches(dev) -> bool:
     return any(m.lower() in name.lower() for m in dev.match)
 
 
-def gpu_window(cfg, arch, shape, dev, plan, *, warmup: int = 3, steps: int = 10) -> dict:
-    """Full training steps on the GPU: random weights in the config's dtype, the trainer's apply order
-    (quantize -> adapter -> offload -> checkpointing), AdamW; synchronised timed window."""
-    from vidtune.memory.checkpointing import apply_activation_checkpointing
-    from vidtune.memory.offload import OffloadConfig, apply_group_offload
-    from vidtune.memory.quant import QuantConfig, apply_quantization
-    from vidtune.models.load import apply_dtype_policy
-    from vidtune.models.wan import WanTransformer
-    from vidtune.models.wan.model import KEEP_FP32
+def bench_model(cfg, arch, device):
+    """The model a timed benchmark runs: the one the config trains (``vidtune.build``, the
+    trainer's path), with random weights of ``arch`` instead of a checkpoint."""
+    from vidtune.build import build_from_config
 
-    dtype = P.DTYPES[cfg.model.dtype]
-    torch.manual_seed(0)
-    model = apply_dtype_policy(WanTransformer(arch), dtype, KEEP_FP32)
-    mem = cfg.memory
-    offload = mem.offload.type == "block_level" and cfg.adapter.type != "full"
-    if not offload:
-        model.to("cuda")
-    if cfg.adapter.type != "full":
-        apply_quantization(model, QuantConfig(cfg.model.base_precision, "cpu" if offload else "device"), "cuda")
-    model = P.apply_adapter(model, P.AdapterSpec.from_config(cfg.adapter))
-    if offload:
-        apply_group_offload(model, OffloadConfig(type="block_level", blocks_per_group=mem.offload.blocks_per_group,
-                                                 use_stream=mem.offload.use_stream), "cuda")
-    if mem.gradient_checkpointing:
-        apply_activation_checkpointing(model.blocks, mem.gradient_checkpointing_every_n)
-    model.set_ff_chunk_size(mem.chunked_ff.chunk_size if mem.chunked_ff.enabled else None)
-    model.train()
-    routes = [{"selection_ratio": r.selection_ratio, "start_layer": r.start_layer, "end_layer": r.end_layer}
-              for r in cfg.tread.routes] or None
+    return build_from_config(cfg, device, init="random", arch=arch)
+
+
+def gpu_window(cfg, arch, shape, dev, plan, *, warmup: int = 3, steps: int = 10) -> dict:
+    """Full training steps on the GPU: ``bench_model``, AdamW; a synchronised timed window."""
+    from vidtune.runtime import dtype as to_dtype
+
+    dtype = to_dtype(cfg.model.dtype)
+    model = bench_model(cfg, arch, "cuda").model
+    routes = cfg.tread.resolve(len(model.blocks))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     f, h, w = shape.latent
     b = cfg.train.batch_size
@@ -133,7 +125,7 @@ def gpu_window(cfg, arch, shape, dev, plan, *, warmup: int = 3, steps: int = 10)
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def step():
-        with torch.autocast("cuda", dtype=P.DTYPES.get(cfg.train.mixed_precision, dtype), enabled=amp):
+        with torch.autocast("cuda", dtype=DTYPES.get(cfg.train.mixed_precision, dtype), enabled=amp):
             out = model(x, t, ctx, routes=routes, generator=gen)
         (out.float() - target.float()).pow(2).mean().backward()
         opt.step()

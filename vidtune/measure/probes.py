@@ -8,8 +8,9 @@ Everything here runs under ``FakeTensorMode`` (shapes and dtypes only, no memory
 - ``probe_vae`` / ``probe_text_encoder``: the diffusers Wan 2.1 VAE (encode or decode) and the
   UMT5-XXL encoder from transformers, at full size.
 - ``OpRecorder``: per-op FLOPs and bytes read+written, for the roofline projections.
-Models are built on the meta device (adapters injected there by peft) and their parameters then
-replaced by fake tensors: peft cannot inject into modules whose parameters are fake.
+Models are built by ``vidtune.build`` on the meta device (adapters injected there by peft) and
+their parameters then replaced by fake tensors: peft cannot inject into modules whose parameters
+are fake.
 """
 from __future__ import annotations
 
@@ -26,40 +27,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from vidtune.bench.counters import counting
+from vidtune.measure.counters import counting
+from vidtune.runtime import dtype as runtime_dtype
 
-# Full-size transformer architectures per flavour (diffusers configs; SPEC "Full-size architectures").
-WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096)
-WAN_14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096)
-ARCHS = {
-    "t2v-480p-1.3b-2.1": WAN_1_3B,
-    "t2v-480p-14b-2.1": WAN_14B,
-    "t2v-a14b-2.2": WAN_14B,
-    "i2v-14b-2.2-high": {**WAN_14B, "in_channels": 36},
-    "i2v-14b-2.2-low": {**WAN_14B, "in_channels": 36},
-}
 # UMT5-XXL encoder (Wan's text encoder, ~5.7B parameters).
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 feed_forward_proj="gated-gelu")
 TEXT_LEN = 512  # Wan pads prompts to 512 tokens
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def wan_arch(model_cfg):
-    """The WanConfig a ModelConfig trains: a local checkpoint's config.json, else the flavour's."""
-    from vidtune.models.wan import WanConfig
-
-    for p in (model_cfg.transformer_path, model_cfg.path):
-        if not p:
-            continue
-        d = Path(p).expanduser()
-        for cand in (d / "config.json", d / "transformer" / "config.json"):
-            if cand.is_file():
-                return WanConfig.from_dict(json.loads(cand.read_text()))
-    if model_cfg.family == "wan" and model_cfg.flavour in ARCHS:
-        return WanConfig(**ARCHS[model_cfg.flavour])
-    raise ValueError(f"the planner has no architecture for {model_cfg.family}/{model_cfg.flavour}; "
-                     f"point model.path at a local checkpoint dir with config.json (known: {', '.join(ARCHS)})")
 
 
 def local_component_config(model_cfg, component: str) -> dict | None:
@@ -94,46 +68,19 @@ def fakeify(module: nn.Module) -> nn.Module:
     return module
 
 
-@dataclass(frozen=True)
-class AdapterSpec:
-    type: str = "lora"  # lora | lokr | full
-    rank: int = 16
-    alpha: float = 16.0
-    targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")
-    decompose_factor: int = -1
+def build_meta_model(model_cfg, adapter_cfg, arch, *, num_layers: int | None = None, ckpt: bool = False,
+                     chunk: int | None = None, adapter_dtype: torch.dtype = torch.float32):
+    """The model the trainer builds (``vidtune.build``: dtype policy, adapter, checkpointing,
+    chunked FF), on the meta device. Quantization and offload need real weights: the planner
+    accounts for them itself."""
+    from vidtune.build import build_training_model
+    from vidtune.config import ChunkedFFConfig, CompileConfig, MemoryConfig
 
-    @classmethod
-    def from_config(cls, a) -> "AdapterSpec":
-        return cls(a.type, a.rank, float(a.alpha if a.alpha is not None else a.rank), tuple(a.target_modules),
-                   a.lokr_decompose_factor)
-
-
-def apply_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
-    """What the trainer trains: peft LoRA/LoKr on a frozen base, or every weight."""
-    if spec.type == "full":
-        model.requires_grad_(True)
-        return model
-    from peft import LoKrConfig, LoraConfig, inject_adapter_in_model
-
-    model.requires_grad_(False)
-    if spec.type == "lora":
-        pc = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets))
-    else:
-        pc = LoKrConfig(r=spec.rank, alpha=spec.alpha, target_modules=list(spec.targets),
-                        decompose_factor=spec.decompose_factor)
-    return inject_adapter_in_model(pc, model)
-
-
-def build_meta_model(arch, num_layers: int, dtype: torch.dtype, adapter: AdapterSpec):
-    """The model the trainer builds (dtype policy, adapter), on the meta device."""
-    from vidtune.models.load import apply_dtype_policy
-    from vidtune.models.wan import WanTransformer
-    from vidtune.models.wan.model import KEEP_FP32
-
-    with torch.device("meta"):
-        m = WanTransformer(dataclasses.replace(arch, num_layers=num_layers))
-        apply_dtype_policy(m, dtype, KEEP_FP32)
-        return apply_adapter(m, adapter)
+    memory = MemoryConfig(gradient_checkpointing=ckpt, gradient_checkpointing_every_n=1,
+                          chunked_ff=ChunkedFFConfig(enabled=chunk is not None, chunk_size=chunk or 1))
+    adapter_cfg = dataclasses.replace(adapter_cfg, init_from=None)  # the values do not matter here
+    return build_training_model(model_cfg, adapter_cfg, memory, CompileConfig(enabled="off"), "meta", init="meta",
+                                arch=arch, num_layers=num_layers, adapter_dtype=adapter_dtype).model
 
 
 class OpRecorder(TorchDispatchMode):
@@ -197,36 +144,36 @@ class StepProbe:
 _PROBES: dict = {}
 
 
-def probe_step(arch, *, latent: tuple[int, int, int], batch: int, dtype: torch.dtype, autocast: torch.dtype | None,
-               adapter: AdapterSpec, ckpt: bool, chunk: int | None, route_ratio: float | None = None,
-               grad: bool = True, text_len: int = TEXT_LEN) -> StepProbe:
-    """Counters of one step of a two-block model (memoised), block 1 being the probed one.
+def probe_step(model_cfg, adapter_cfg, arch, *, latent: tuple[int, int, int], batch: int,
+               autocast: torch.dtype | None, ckpt: bool, chunk: int | None, route_ratio: float | None = None,
+               grad: bool = True, text_len: int = TEXT_LEN, adapter_dtype: torch.dtype = torch.float32) -> StepProbe:
+    """Counters of one step of a two-block model (memoised), block 1 being the probed one. The
+    model is the one ``model_cfg`` and ``adapter_cfg`` build, cut to two blocks of ``arch``.
 
     Block 0 (unrouted, same checkpointing) stands between the head and the probed block, so the
     probed block sees what blocks 1..N-1 of the real model see: an input that needs its grad, and a
     backward that ends before any head node can run (the head's grads wait for every block)."""
-    key = (arch_key(arch), latent, batch, dtype, autocast, adapter, ckpt, chunk, route_ratio, grad, text_len)
+    m, a = model_cfg, adapter_cfg
+    what = (m.family, m.dtype, m.force_2_1_time_embedding, m.attention_backend,
+            a.type, a.rank, a.alpha, tuple(a.target_modules), a.dropout, adapter_dtype)
+    key = (arch_key(arch), what, latent, batch, autocast, ckpt, chunk, route_ratio, grad, text_len)
     if key not in _PROBES:
-        _PROBES[key] = _probe_step(arch, latent, batch, dtype, autocast, adapter, ckpt, chunk, route_ratio, grad,
+        model = build_meta_model(model_cfg, adapter_cfg, arch, num_layers=2, ckpt=ckpt, chunk=chunk,
+                                 adapter_dtype=adapter_dtype)
+        _PROBES[key] = _probe_step(model, arch, latent, batch, runtime_dtype(m.dtype), autocast, route_ratio, grad,
                                    text_len)
     return _PROBES[key]
 
 
-def _probe_step(arch, latent, batch, dtype, autocast, adapter, ckpt, chunk, route_ratio, grad, text_len):
-    from vidtune.memory.checkpointing import apply_activation_checkpointing
-
-    model = build_meta_model(arch, 2, dtype, adapter)
+def _probe_step(model, arch, latent, batch, dtype, autocast, route_ratio, grad, text_len):
     with FakeTensorMode():
         fakeify(model).train(grad)
-        if ckpt:
-            apply_activation_checkpointing(model.blocks)
-        model.set_ff_chunk_size(chunk)
         f, h, w = latent
         x = torch.randn(batch, arch.in_channels, f, h, w, dtype=dtype)
         target = torch.randn(batch, arch.out_channels, f, h, w, dtype=dtype)
         t = torch.full((batch,), 500.0)
         ctx = torch.randn(batch, text_len, arch.text_dim, dtype=dtype)
-        routes = [{"selection_ratio": route_ratio, "start_layer": 1, "end_layer": 1}] if route_ratio else None
+        routes = [(route_ratio, 1, 1)] if route_ratio else None
         rec = OpRecorder()
         marks: list[tuple[str, int]] = []
         fired: set = set()

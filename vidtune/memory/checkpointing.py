@@ -17,11 +17,13 @@ from torch.utils.checkpoint import checkpoint
 def _checkpointed(inner):
     @functools.wraps(inner)
     def forward(*args, **kwargs):
+        inner = forward.__wrapped__  # read at call time: apply_compile may swap in a compiled one
         if not torch.is_grad_enabled():
             return inner(*args, **kwargs)
         return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
     forward._vidtune_checkpointed = True
+    forward._vidtune_wrapper = True
     return forward
 
 

@@ -173,6 +173,7 @@ class GroupOffload:
 
         @functools.wraps(inner)
         def forward(*args, **kwargs):
+            inner = forward.__wrapped__  # read at call time: apply_compile may swap in a compiled one
             off._enter(gid)
             grad = torch.is_grad_enabled()
             if grad and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
@@ -185,6 +186,7 @@ class GroupOffload:
             return out
 
         forward._vidtune_offloaded = True
+        forward._vidtune_wrapper = True
         return forward
 
     def _attach_prebackward(self, out, gid):

@@ -1,4 +1,33 @@
-"""Model families. ``from_pretrained`` loads any supported diffusers-layout checkpoint."""
-from .load import from_pretrained
+"""Model families and loading.
 
-__all__ = ["from_pretrained"]
+Each family is a package (``vidtune.models.<family>``) that exposes what the rest of vidtune needs
+to know about it: ``CLASS_NAMES`` (the diffusers ``_class_name`` values it loads), ``CONFIG_CLASS``,
+``MODEL_CLASS``, ``KEEP_FP32`` (parameters kept in fp32 whatever the dtype),
+``flavour_config(flavour)`` (full-size architecture) and ``transformer_subfolder(flavour)``.
+Family rules live there, never in the trainer.
+"""
+from __future__ import annotations
+
+import importlib
+
+FAMILIES = ("wan",)
+
+
+def family(name: str):
+    """The package of model family ``name``."""
+    if name not in FAMILIES:
+        raise ValueError(f"model family {name!r} is not supported yet (supported: {', '.join(FAMILIES)})")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def family_of_class(class_name: str | None) -> str | None:
+    """The family whose checkpoints carry diffusers ``_class_name`` = ``class_name``."""
+    for name in FAMILIES:
+        if class_name in family(name).CLASS_NAMES:
+            return name
+    return None
+
+
+from .load import from_pretrained, save_pretrained  # noqa: E402  (load uses the registry above)
+
+__all__ = ["FAMILIES", "family", "family_of_class", "from_pretrained", "save_pretrained"]

@@ -18,21 +18,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import FAMILIES, family_of_class
+from . import family as family_package
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 
-# diffusers _class_name -> vidtune family
-FAMILIES = {"WanTransformer3DModel": "wan"}
 # Keys diffusers itself ignores when present in a checkpoint.
 IGNORED_KEYS = ("norm_added_q",)
-
-
-def _family_module(family: str):
-    if family == "wan":
-        from .wan import model
-
-        return model.WanConfig, model.WanTransformer, model.KEEP_FP32
-    raise ValueError(f"model family {family!r} is not supported yet (supported: {', '.join(sorted(set(FAMILIES.values())))})")
 
 
 def _resolve_dir(path: str, subfolder: str | None) -> Path:
@@ -157,15 +150,28 @@ def from_pretrained(
         files = _weight_files(d)
     if family is None:
         cls_name = cfg_dict.get("_class_name")
-        if cls_name not in FAMILIES:
-            raise ValueError(
-                f"{path}: config _class_name={cls_name!r} is not a supported model class "
-                f"({', '.join(FAMILIES)}); pass family= explicitly"
-            )
-        family = FAMILIES[cls_name]
-    config_cls, model_cls, keep_fp32 = _family_module(family)
-    cfg = config_cls.from_dict(cfg_dict)
+        family = family_of_class(cls_name)
+        if family is None:
+            known = ", ".join(n for f in FAMILIES for n in family_package(f).CLASS_NAMES)
+            raise ValueError(f"{path}: config _class_name={cls_name!r} is not a supported model class "
+                             f"({known}); pass family= explicitly")
+    fam = family_package(family)
+    cfg = fam.CONFIG_CLASS.from_dict(cfg_dict)
     with torch.device("meta"):
-        model = model_cls(cfg, **model_kwargs)
-    load_weights(model, files, torch_dtype, keep_fp32, device=device)
+        model = fam.MODEL_CLASS(cfg, **model_kwargs)
+    load_weights(model, files, torch_dtype, fam.KEEP_FP32, device=device)
     return model
+
+
+def save_pretrained(model: torch.nn.Module, out_dir: str | Path) -> Path:
+    """Save a model in the diffusers layout (``config.json`` + one safetensors file), each file
+    atomically; ``from_pretrained`` and diffusers' ``from_pretrained`` read it back."""
+    from safetensors.torch import save
+
+    from ..fsutil import atomic_write_bytes
+
+    out_dir = Path(out_dir)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(out_dir / WEIGHTS_NAME, save(sd, metadata={"format": "pt"}))
+    atomic_write_bytes(out_dir / "config.json", json.dumps(model.config.to_dict(), indent=1).encode())
+    return out_dir

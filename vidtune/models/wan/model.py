@@ -268,32 +268,12 @@ class ConditionEmbedder(nn.Module):
         return temb, timestep_proj, context, context_image
 
 
-def resolve_routes(routes, num_layers: int) -> list[tuple[float, int, int]]:
-    """Normalise TREAD routes to sorted (ratio, start, end) with inclusive non-negative indices.
-
-    Accepts dicts {selection_ratio, start_layer, end_layer} or tuples; negative indices count from
-    the end. Overlapping or out-of-range routes are errors.
-    """
-    out = []
-    for r in routes or ():
-        ratio, start, end = (
-            (r["selection_ratio"], r["start_layer"], r["end_layer"]) if isinstance(r, dict) else tuple(r)
-        )
-        s = start + num_layers if start < 0 else start
-        e = end + num_layers if end < 0 else end
-        if not (0 <= s <= e < num_layers):
-            raise ValueError(
-                f"TREAD route start_layer={start}, end_layer={end} is outside the {num_layers} blocks "
-                f"(indices are inclusive; negative ones count from the end)"
-            )
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"TREAD route selection_ratio={ratio} must be in [0, 1)")
-        out.append((float(ratio), s, e))
-    out.sort(key=lambda r: r[1])
-    for a, b in zip(out, out[1:]):
-        if b[1] <= a[2]:
-            raise ValueError(f"TREAD routes overlap: layers {a[1]}..{a[2]} and {b[1]}..{b[2]}")
-    return out
+def _routes(routes) -> list[tuple[float, int, int]]:
+    routes = list(routes or ())
+    if any(not isinstance(r, tuple) or len(r) != 3 for r in routes):
+        raise TypeError(f"routes must be resolved (ratio, start, end) tuples, got {routes!r}: resolve them "
+                        f"once with vidtune.config.resolve_routes(routes, num_layers)")
+    return routes
 
 
 class WanTransformer(nn.Module):
@@ -349,7 +329,8 @@ class WanTransformer(nn.Module):
         """Denoiser prediction for latents ``hidden_states`` (B, C, F, H, W).
 
         timestep: (B,) or per-token (B, F'*H'*W') like diffusers. Keyword-only extras:
-        routes: TREAD routes [{selection_ratio, start_layer, end_layer}], used in training mode only.
+        routes: TREAD routes as resolved ``(ratio, start, end)`` tuples (absolute, inclusive layer
+        indices; ``vidtune.config.resolve_routes`` makes them), used in training mode only.
         force_keep: bool (B, tokens) of video tokens a route must keep (e.g. masked-loss regions).
         generator: torch.Generator for the routing draws (seed it for reproducible routing).
         skip_layers: block indices to skip (skip-layer guidance).
@@ -372,8 +353,7 @@ class WanTransformer(nn.Module):
         )
         tproj = tproj.unflatten(-1, (6, -1))  # (B, 6, D) or (B, S, 6, D)
 
-        routes = resolve_routes(routes, len(self.blocks)) if self.training else []
-        route_at = {start: (ratio, end) for ratio, start, end in routes}
+        route_at = {start: (ratio, end) for ratio, start, end in _routes(routes)} if self.training else {}
         skip = set(skip_layers)
         want = set(capture_hidden)
         captured = {}
