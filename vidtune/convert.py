@@ -11,7 +11,6 @@ Command line: ``vidtune convert config.json [multidatabackend.json] -o run.toml`
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -705,39 +704,3 @@ def _load_json(path: Path):
         raise ConvertError(f"{path}: no such file") from None
     except json.JSONDecodeError as exc:
         raise ConvertError(f"{path}: not valid JSON: {exc}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vidtune", description="vidtune tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="SimpleTuner config.json [+ multidatabackend.json] -> vidtune TOML")
-    p.add_argument("config", help="SimpleTuner config.json")
-    p.add_argument("backend", nargs="?", help="SimpleTuner multidatabackend.json (dataloader config)")
-    p.add_argument("-o", "--output", help="TOML file to write (default: stdout)")
-    p.add_argument("--strict", action="store_true", help="exit with status 2 when any option is unmapped")
-    args = parser.parse_args(argv)
-    try:
-        cfg, backends, msgs = read_simpletuner(args.config, args.backend)
-        text, unmapped, notes = convert_simpletuner(cfg, backends, source=str(args.config))
-    except ConvertError as exc:
-        print(f"vidtune convert: {exc}", file=sys.stderr)
-        return 1
-    for m in msgs:
-        print(m, file=sys.stderr)
-    if args.output:
-        from .fsutil import atomic_write_bytes
-
-        atomic_write_bytes(Path(args.output), text.encode())
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    if notes:
-        print(f"{len(notes)} option(s) not carried over by design (see the file header and docs/convert.md)",
-              file=sys.stderr)
-    for u in unmapped:
-        print(f"unmapped: {u}", file=sys.stderr)
-    return 2 if unmapped and args.strict else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidtune.cli import main as cli_main
+from vidtune.cli.train import main as cli_main
 from vidtune.config import CacheConfig, DatasetConfig, ModelConfig, load_config
 from vidtune.data import CachedLoader, DataError, Encoders, pad_prompt_embeds, prepare_data
 from vidtune.data.video import load_video_clip, probe_video

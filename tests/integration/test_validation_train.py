@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vidtune.cli import main as cli_main
+from vidtune.cli.train import main as cli_main
 from vidtune.testing import write_captioned_clips
 from vidtune.train.checkpoint import checkpoint_dirs
 from vidtune.train.log import read_losses

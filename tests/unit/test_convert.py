@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from vidtune.config import load_config
-from vidtune.convert import NOTED, UNSUPPORTED, ConvertError, convert_simpletuner, main, read_simpletuner
+from vidtune.cli.convert import main
+from vidtune.convert import NOTED, UNSUPPORTED, ConvertError, convert_simpletuner, read_simpletuner
 
 FIX = Path(__file__).parents[1] / "fixtures" / "simpletuner"
 DOCS = (Path(__file__).parents[2] / "docs" / "convert.md").read_text()
@@ -143,11 +144,11 @@ def test_cli_finds_the_backend_and_writes(tmp_path, capsys):
     (tmp_path / "config" / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "config" / "multidatabackend.json").write_text((FIX / "wan" / "multidatabackend.json").read_text())
     out = tmp_path / "run.toml"
-    assert main(["convert", str(tmp_path / "config" / "config.json"), "-o", str(out)]) == 0
+    assert main([str(tmp_path / "config" / "config.json"), "-o", str(out)]) == 0
     assert load_config(out).dataset[0].id == "disney-black-and-white"
     cfg["frobnicate"] = 1
     (tmp_path / "config" / "config.json").write_text(json.dumps(cfg))
-    assert main(["convert", str(tmp_path / "config" / "config.json"), "--strict", "-o", str(out)]) == 2
+    assert main([str(tmp_path / "config" / "config.json"), "--strict", "-o", str(out)]) == 2
     assert "unmapped: frobnicate=1" in capsys.readouterr().err
     cfg["data_backend_config"] = "config/elsewhere.json"
     (tmp_path / "config" / "config.json").write_text(json.dumps(cfg))

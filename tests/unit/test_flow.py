@@ -54,3 +54,12 @@ def test_cosine_warmup_schedule():
         opt.step()
         sched.step()
     assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[-1] < 0.05 and lrs[2:] == sorted(lrs[2:], reverse=True)
+
+
+def test_weighted_flow_loss_is_the_mean_over_the_weighted_elements():
+    pred, target = torch.randn(2, 4, 3, 2, 2), torch.randn(2, 4, 3, 2, 2)
+    mask = torch.zeros(1, 1, 3, 1, 1)
+    mask[:, :, 1:] = 1  # leave out frame 0
+    expected = torch.nn.functional.mse_loss(pred[:, :, 1:], target[:, :, 1:])
+    torch.testing.assert_close(flow_loss(pred, target, mask), expected)
+    torch.testing.assert_close(flow_loss(pred, target, torch.ones(1)), flow_loss(pred, target))

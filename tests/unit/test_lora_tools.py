@@ -11,7 +11,7 @@ from vidtune.adapters.tools import read_modules
 from vidtune.config import AdapterConfig
 from vidtune.models import from_pretrained
 from vidtune.testing import tiny_transformer_config
-from vidtune.tools import main as vidtune_main
+from vidtune.cli import main as vidtune_main
 
 ADAPTER = AdapterConfig(rank=4, alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"])
 

@@ -16,10 +16,8 @@ alpha / rank ratios gets the scale folded into ``lora_B`` (one line says so).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -142,10 +140,7 @@ def merge_lora(adapter: str | Path, base: str | Path, out_dir: str | Path, scale
     """Fold ``adapter`` into the base transformer (a pipeline dir, a transformer dir or a hub id)
     and save a diffusers-layout transformer dir: ``W += scale * (alpha / r) * up @ down``, in fp32,
     rounded once to each weight's dtype."""
-    from safetensors.torch import save
-
-    from ..fsutil import atomic_write_bytes
-    from ..models import from_pretrained
+    from ..models import from_pretrained, save_pretrained
 
     model = from_pretrained(base)
     deltas = read_lora(adapter)
@@ -159,33 +154,6 @@ def merge_lora(adapter: str | Path, base: str | Path, out_dir: str | Path, scale
         if (b.shape[0], a.shape[1]) != tuple(w.shape):
             raise AdapterError(f"{adapter}: {name} is {b.shape[0]}x{a.shape[1]}, the base weight {tuple(w.shape)}")
         w.copy_((w.float() + (scale * s) * (b.float() @ a.float())).to(w.dtype))
-    out_dir = Path(out_dir)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(out_dir / "diffusion_pytorch_model.safetensors", save(sd, metadata={"format": "pt"}))
-    atomic_write_bytes(out_dir / "config.json", json.dumps(model.config.to_dict(), indent=1).encode())
+    out_dir = save_pretrained(model, out_dir)
     log(f"merged {len(deltas)} LoRA modules of {adapter} into {base} -> {out_dir}")
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vidtune lora", description="LoRA adapter tools")
-    sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="fold a LoRA into the base transformer; save a diffusers transformer dir")
-    m.add_argument("adapter", help="LoRA .safetensors (diffusers, wan or musubi layout)")
-    m.add_argument("--base", required=True, help="pipeline dir, transformer dir or hub id of the base model")
-    m.add_argument("-o", "--output", required=True, help="directory to write (config.json + safetensors)")
-    m.add_argument("--scale", type=float, default=1.0, help="multiplier on the adapter's delta (default 1)")
-    c = sub.add_parser("convert", help="convert a LoRA between the diffusers, wan and musubi layouts")
-    c.add_argument("input", help="LoRA .safetensors")
-    c.add_argument("-o", "--output", required=True, help=".safetensors to write")
-    c.add_argument("--to", required=True, choices=LAYOUTS, help="target layout")
-    args = p.parse_args(argv)
-    try:
-        if args.command == "merge":
-            merge_lora(args.adapter, args.base, args.output, args.scale)
-        else:
-            convert_lora(args.input, args.output, args.to)
-    except (AdapterError, OSError) as exc:
-        print(f"vidtune lora {args.command}: {exc}", file=sys.stderr)
-        return 2
-    return 0

@@ -1,32 +1,31 @@
-"""The ``vidtune`` command: a dispatcher over the tool subcommands.
+"""Commands. One module per command, each with ``main(argv)``; the only place with ``main``.
 
-    vidtune convert config.json [multidatabackend.json] [-o out.toml]   SimpleTuner -> TOML
-    vidtune lora merge adapter.safetensors --base DIR -o DIR             fold a LoRA into the base
-    vidtune lora convert in.safetensors -o out.safetensors --to diffusers|wan|musubi
+    vidtune-train  (vidtune.cli.train)   config -> caches -> training run; --plan, --print-config
+    vidtune-bench  (vidtune.cli.bench)   benchmark suites
+    vidtune-demo   (vidtune.cli.demo)    the model demo: parity with diffusers, TREAD, fused path
+    vidtune        (this module)         a dispatcher: vidtune {train,convert,lora,bench,demo} ...
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
-COMMANDS = {"convert": "SimpleTuner config.json (+ multidatabackend.json) -> vidtune TOML",
-            "lora": "LoRA tools: merge into the base model, convert between key layouts"}
+COMMANDS = {
+    "train": ("train", "train from a TOML config (same as vidtune-train)"),
+    "convert": ("convert", "SimpleTuner config.json (+ multidatabackend.json) -> vidtune TOML"),
+    "lora": ("lora", "LoRA tools: merge into the base model, convert between key layouts"),
+    "bench": ("bench", "benchmark suites (same as vidtune-bench)"),
+    "demo": ("demo", "the model demo on CPU (same as vidtune-demo)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "lora":
-        from .adapters.tools import main as lora_main
-
-        return lora_main(argv[1:])
-    if argv and argv[0] == "convert":
-        from .convert import main as convert_main
-
-        return convert_main(argv)
-    usage = "usage: vidtune {convert,lora} ...\n\n" + "\n".join(f"  {k:<8} {v}" for k, v in COMMANDS.items())
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(f"{__name__}.{COMMANDS[argv[0]][0]}")
+        return module.main(argv[1:])
+    usage = "usage: vidtune {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(
+        f"  {k:<8} {v[1]}" for k, v in COMMANDS.items())
     asked = bool(argv) and argv[0] in ("-h", "--help")
     print(usage, file=sys.stdout if asked else sys.stderr)
     return 0 if asked else 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

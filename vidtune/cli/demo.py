@@ -4,7 +4,7 @@ Builds a small random Wan checkpoint with diffusers, saves it in the diffusers l
 with ``vidtune.models.from_pretrained`` and runs forward + backward on both, then with a TREAD
 route and with chunked feed-forward. No downloads; about a minute on 2 CPU cores.
 
-    python -m vidtune.demo [--out DIR]
+    vidtune-demo [--out DIR]        (or: vidtune demo, python -m vidtune.cli.demo)
 """
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
-from vidtune.bench.counters import count
+from vidtune.config import resolve_routes
+from vidtune.measure.counters import count
+
+ROUTE = [{"selection_ratio": 0.5, "start_layer": 1, "end_layer": -2}]
 
 CONFIG = dict(
     patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
         "diffusers": (ref, lambda: ref(x, t, ctx, return_dict=False)[0]),
         "vidtune": (ours, lambda: ours(x, t, ctx)),
         "vidtune + TREAD 0.5 (layers 1..-2)": (
-            ours, lambda: ours(x, t, ctx, routes=[{"selection_ratio": 0.5, "start_layer": 1, "end_layer": -2}],
+            ours, lambda: ours(x, t, ctx, routes=resolve_routes(ROUTE, len(ours.blocks)),
                                generator=torch.Generator().manual_seed(0))),
     }
     results = {}

@@ -11,65 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, dump_config, load_config, render_config_docs, save_resolved_config
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def device_budget(device):
-    """The memory budget of the training device, for the planner: a known GPU class when the name
-    matches one, else the device's own total memory; the CPU's is this machine's RAM."""
-    from dataclasses import replace
-
-    import torch
-
-    from .bench import devices as D
-
-    if device.type != "cuda":
-        return D.device("cpu")
-    props = torch.cuda.get_device_properties(device)
-    known = next((d for d in D.DEVICES.values() if any(m in props.name for m in d.match)), D.DEVICES["rtx4090"])
-    return replace(known, name="local", label=props.name, memory_bytes=props.total_memory)
-
-
-def check_plan(cfg: Config, gpu: str | None = None, *, search: bool = True) -> tuple[bool, str]:
-    """The memory planner's verdict for this run: (fits, report). ``gpu`` names a device class;
-    default: the training device. ``search`` adds the option combinations that would fit."""
-    from .memory.planner import plan
-
-    if gpu:
-        p = plan(cfg, gpu, search=search)
-    else:
-        dev = device_budget(resolve_device(cfg.train.device))
-        p = plan(cfg, dev.name, device=dev, search=search)
-    return p.fits, p.report()
-
-
-def prepare(cfg: Config):
-    """Discover the datasets and fill the caches (each component gets its own section); the
-    validation prompts are encoded with the same text encoder before it is released."""
-    from .data import prepare_data
-    from .data.encode import Encoders
-
-    encoders = Encoders(cfg.model, resolve_device(cfg.train.device), cfg.memory.offload_during_startup)
-    prepared = prepare_data(
-        cfg.datasets, cfg.cache, cfg.model,
-        batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        encoders=encoders, release_encoders=False,
-    )
-    if cfg.validation.every > 0:
-        from .train.validate import cache_validation_text
-
-        cache_validation_text(cfg, prepared.store, encoders)
-    encoders.release()
-    return prepared
+from ..config import ConfigError, dump_config, load_config, render_config_docs, save_resolved_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.from_simpletuner:
-            from .convert import from_simpletuner
+            from ..convert import from_simpletuner
 
             if args.config:
                 raise ConfigError(f"give a config file ({args.config}) or --from-simpletuner, not both")
@@ -116,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None:
         print("error: a config file is required (vidtune-train config.toml)", file=sys.stderr)
         return 2
+    from ..planner import check_plan
+    from ..runtime import resolve_device
+
     if args.plan:
         try:
             fits, report = check_plan(cfg, args.gpu)
@@ -138,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.config}` lists the option combinations that fit; memory.plan_check = \"off\" "
                   f"starts it anyway", file=sys.stderr)
             return 2
-    from .data import DataError
+    from ..adapters import AdapterError
+    from ..data import DataError
+    from ..train.trainer import TrainingStopped, prepare, train
 
     save_resolved_config(cfg, Path(cfg.train.output_dir))
     try:
@@ -148,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.prepare_only:
         return 0
-    from .adapters import AdapterError
-    from .train.trainer import TrainingStopped, train
 
     try:
         return train(cfg, prepared)
@@ -159,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ def noisy_input(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
     return x_t, noise - x0, sigma * NUM_TRAIN_TIMESTEPS
 
 
-def flow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in fp32 (a bf16 mean over millions of elements loses digits)."""
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in fp32 (a bf16 mean over millions of elements loses digits); with
+    ``weight`` (broadcastable to ``pred``, e.g. a 0/1 mask) the weighted mean."""
+    if weight is None:
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+    w = weight.float().expand_as(pred)
+    return ((pred.float() - target.float()).square() * w).sum() / w.sum().clamp_min(1e-12)

@@ -1,9 +1,9 @@
 """Validation during training: sample the validation prompts with the model being trained.
 
-Prompt embeddings go through the same text cache as the captions (``cache_validation_text``
-runs while the text encoder is loaded for the captions, before it is released), so the loop
+Prompt embeddings go through the same text cache as the captions: the data preparation encodes
+``validation_texts`` with the captions, while the text encoder is loaded anyway, so the loop
 never holds a text encoder. The VAE is loaded once and waits on the CPU between validations.
-Sampling is ``vidtune.validate.sample`` (WanPipeline's loop): the model in eval mode, so no
+Sampling is ``vidtune.sample.sample`` (WanPipeline's loop): the model in eval mode, so no
 TREAD routing and no dropout. Outputs per prompt: ``<run>/validation/step_XXXXXX/<name>.mp4``
 and ``<name>.png`` (contact sheet); with EMA, the EMA weights' are ``<name>_ema.*``.
 """
@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, ValidationConfig
-from ..data.cache import pad_prompt_embeds, settings_key
-from ..data.prepare import TEXT, text_settings
-from ..validate import load_prompts, load_scheduler_config, sample, save_outputs
-from ..validate.sampler import safe_name
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from ..data.cache import pad_prompt_embeds
+from ..data.prepare import TEXT
+from ..runtime import DTYPES
+from ..sample import load_prompts, load_scheduler_config, sample, save_outputs
+from ..sample.sampler import safe_name
 
 
 def validation_prompts(v: ValidationConfig) -> list[tuple[str, str]]:
@@ -34,35 +33,29 @@ def validation_prompts(v: ValidationConfig) -> list[tuple[str, str]]:
     return prompts
 
 
-def cache_validation_text(cfg: Config, store, encoders) -> dict[str, str]:
-    """Encode the validation prompts and the negative prompt into the text cache (only the
-    missing ones; the encoder loads only then). Returns text -> cache key."""
-    texts = sorted({p for _, p in validation_prompts(cfg.validation)} | {cfg.validation.negative_prompt})
-    keys = {t: settings_key(**text_settings(t, encoders)) for t in texts}
-    missing = [t for t in texts if not store.has(TEXT, keys[t])]
-    for s in range(0, len(missing), cfg.cache.text_batch_size):
-        chunk = missing[s:s + cfg.cache.text_batch_size]
-        for text, emb in zip(chunk, encoders.encode_text(chunk)):
-            store.save(TEXT, keys[text], {"prompt_embeds": emb}, {"caption": text})
-    return keys
+def validation_texts(v: ValidationConfig) -> list[str]:
+    """Every text validation encodes: the prompts and the negative prompt."""
+    return sorted({p for _, p in validation_prompts(v)} | {v.negative_prompt})
 
 
 class Validator:
     """Everything validation needs, set up once before the loop."""
 
-    def __init__(self, cfg: Config, store, device: torch.device, run_dir: Path, log=print):
+    def __init__(self, cfg: Config, prepared, device: torch.device, run_dir: Path, log=print):
+        """``prepared``: the run's PreparedData, whose text cache holds ``validation_texts``."""
         from diffusers import AutoencoderKLWan
-
-        from ..data.encode import Encoders
 
         self.v, self.device, self.log = cfg.validation, device, log
         self.root = Path(run_dir) / "validation"
         self.fps = cfg.model.resolved_fps()
         self.width, self.height = (int(x) for x in self.v.resolution.lower().split("x"))
-        encoders = Encoders(cfg.model, device)
-        keys = cache_validation_text(cfg, store, encoders)  # a no-op when the CLI cached them
-        encoders.release()
-        embed = {t: pad_prompt_embeds([store.load(TEXT, k)["prompt_embeds"]]) for t, k in keys.items()}
+        store, keys = prepared.store, prepared.text_keys
+        missing = [t for t in validation_texts(self.v) if t not in keys]
+        if missing:
+            raise ConfigError(f"validation: {len(missing)} prompt(s) were not encoded with the data, e.g. "
+                              f"{missing[0]!r}; prepare the data with this config's validation section")
+        embed = {t: pad_prompt_embeds([store.load(TEXT, keys[t])["prompt_embeds"]])
+                 for t in validation_texts(self.v)}
         self.prompts = [(name, embed[text]) for name, text in validation_prompts(self.v)]
         self.negative = embed[self.v.negative_prompt]
         m = cfg.model
