@@ -4,11 +4,17 @@ Bench config (documented in benchmarks/README.md): a Wan block stack big enough 
 compute-bound on a CPU — dim 512 (4 heads x 128), ffn 3072 (Wan's ~6x ratio), 8 layers,
 text_dim 512 with 512 context tokens, latents 16 x 7 x 24 x 40 -> 1,680 video tokens, batch 1, fp32.
 
-Reports, per variant: median step time (and the ratio to diffusers), FLOPs, peak live bytes of
-the step, and bytes materialised by one block (fwd+bwd). Variants: diffusers, vidtune,
-vidtune + TREAD route 0.5 over layers 2..-2, vidtune + chunked FF (512 tokens per chunk).
+vidtune's models come from ``vidtune.build`` (the trainer's build path), with the diffusers
+model's weights loaded into them. Variants, full fine-tune: diffusers, vidtune, vidtune + TREAD
+route 0.5 over layers 2..-2, vidtune + chunked FF (512 tokens per chunk), vidtune + apply_compile
+(inductor); LoRA rank 16 on q/k/v/out: diffusers + peft, vidtune, vidtune + apply_compile.
 
-    python benchmarks/wan_vs_diffusers.py [--repeats 7] [--threads 2] [--json out.json]
+Reports, per variant: median step time and its ratio to the diffusers step of the same kind
+(full or LoRA), FLOPs, peak live bytes of the step, bytes materialised (block 1, fwd+bwd, for the
+two full baselines), and for compiled variants the compile seconds (first step minus a median
+step). Steps of all variants are interleaved, so drift hits them alike.
+
+    python benchmarks/wan_vs_diffusers.py [--repeats 7] [--threads 2] [--no-compile] [--json out.json]
 """
 from __future__ import annotations
 
@@ -19,8 +25,11 @@ import time
 
 import torch
 
-from vidtune.bench.counters import count, count_train_step
-from vidtune.models.wan import WanConfig, WanTransformer
+from vidtune.adapters.lora import lora_config
+from vidtune.build import build_training_model
+from vidtune.config import AdapterConfig, CompileConfig, MemoryConfig, ModelConfig, resolve_routes
+from vidtune.measure.counters import count
+from vidtune.models.wan import WanConfig
 
 BENCH = dict(
     patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -30,16 +39,37 @@ LATENT = (1, 16, 7, 24, 40)
 TEXT_LEN = 512
 ROUTE = [{"selection_ratio": 0.5, "start_layer": 2, "end_layer": -2}]
 CHUNK = 512
+LORA = AdapterConfig(rank=16, alpha=16.0)
 
 
-def build(seed=0):
+def ours(adapter: AdapterConfig, ref, compile_: bool = False):
+    """vidtune's model of this config through the trainer's build path, with ``ref``'s weights."""
+    built = build_training_model(ModelConfig(dtype="fp32"), adapter, MemoryConfig(gradient_checkpointing=False),
+                                 CompileConfig(enabled="on" if compile_ else "off"), "cpu", init="random",
+                                 arch=WanConfig(**BENCH))
+    built.model.load_state_dict(ref.state_dict(), strict=True)
+    return built.model
+
+
+def build(seed=0, compile_=True):
     from diffusers import WanTransformer3DModel
+    from peft import inject_adapter_in_model
 
     torch.manual_seed(seed)
     ref = WanTransformer3DModel(**BENCH).train()
-    ours = WanTransformer(WanConfig(**BENCH)).train()
-    missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    ref_lora = WanTransformer3DModel(**BENCH)
+    ref_lora.load_state_dict(ref.state_dict())
+    ref_lora.requires_grad_(False)
+    lc = lora_config(LORA)
+    lc.init_lora_weights = "gaussian"  # non-zero B, so the adapter path does real work
+    inject_adapter_in_model(lc, ref_lora)
+    ref_lora.train()
+    models = {"diffusers": ref, "vidtune": ours(AdapterConfig(type="full"), ref),
+              "diffusers+peft lora": ref_lora, "vidtune lora": ours(LORA, ref_lora)}
+    if compile_:
+        models["vidtune+compile"] = ours(AdapterConfig(type="full"), ref, compile_=True)
+        models["vidtune lora+compile"] = ours(LORA, ref_lora, compile_=True)
+    return models
 
 
 def make_inputs(seed=1):
@@ -48,25 +78,38 @@ def make_inputs(seed=1):
             torch.randn(1, TEXT_LEN, BENCH["text_dim"], generator=g))
 
 
-def variants(ref, ours):
-    def diffusers_step(x, t, ctx):
-        return ref(x, t, ctx, return_dict=False)[0]
+def variants(models):
+    routes = resolve_routes(ROUTE, BENCH["num_layers"])
 
-    def ours_step(x, t, ctx):
-        return ours(x, t, ctx)
+    def diffusers_step(m):
+        return lambda x, t, ctx: m(x, t, ctx, return_dict=False)[0]
+
+    def plain(m):
+        return lambda x, t, ctx: m(x, t, ctx)
 
     def tread_step(x, t, ctx):
-        return ours(x, t, ctx, routes=ROUTE, generator=torch.Generator().manual_seed(0))
+        return models["vidtune"](x, t, ctx, routes=routes, generator=torch.Generator().manual_seed(0))
 
     def chunked_step(x, t, ctx):
-        ours.set_ff_chunk_size(CHUNK)
+        m = models["vidtune"]
+        m.set_ff_chunk_size(CHUNK)
         try:
-            return ours(x, t, ctx)
+            return m(x, t, ctx)
         finally:
-            ours.set_ff_chunk_size(None)
+            m.set_ff_chunk_size(None)
 
-    return {"diffusers": (ref, diffusers_step), "vidtune": (ours, ours_step),
-            "vidtune+tread0.5": (ours, tread_step), "vidtune+chunked_ff": (ours, chunked_step)}
+    out = {"diffusers": (models["diffusers"], diffusers_step(models["diffusers"]), "diffusers"),
+           "vidtune": (models["vidtune"], plain(models["vidtune"]), "diffusers"),
+           "vidtune+tread0.5": (models["vidtune"], tread_step, "diffusers"),
+           "vidtune+chunked_ff": (models["vidtune"], chunked_step, "diffusers"),
+           "diffusers+peft lora": (models["diffusers+peft lora"], diffusers_step(models["diffusers+peft lora"]),
+                                   "diffusers+peft lora"),
+           "vidtune lora": (models["vidtune lora"], plain(models["vidtune lora"]), "diffusers+peft lora")}
+    if "vidtune+compile" in models:
+        out["vidtune+compile"] = (models["vidtune+compile"], plain(models["vidtune+compile"]), "diffusers")
+        out["vidtune lora+compile"] = (models["vidtune lora+compile"], plain(models["vidtune lora+compile"]),
+                                       "diffusers+peft lora")
+    return out
 
 
 def step(model, fn, inputs):
@@ -76,7 +119,7 @@ def step(model, fn, inputs):
         p.grad = None
 
 
-def block_bytes(ref, ours, inputs):
+def block_bytes(ref, ours_, inputs):
     """Bytes materialised by block 1's fwd+bwd, both implementations, same block inputs."""
     captured = {}
 
@@ -86,13 +129,13 @@ def block_bytes(ref, ours, inputs):
         return hook
 
     h1 = ref.blocks[1].register_forward_pre_hook(grab("diffusers"), with_kwargs=True)
-    h2 = ours.blocks[1].register_forward_pre_hook(grab("vidtune"), with_kwargs=True)
+    h2 = ours_.blocks[1].register_forward_pre_hook(grab("vidtune"), with_kwargs=True)
     with torch.no_grad():
         ref(*inputs, return_dict=False)
-        ours(*inputs)
+        ours_(*inputs)
     h1.remove(), h2.remove()
     out = {}
-    for name, model in (("diffusers", ref), ("vidtune", ours)):
+    for name, model in (("diffusers", ref), ("vidtune", ours_)):
         args, kwargs = captured[name]
         x = args[0].detach().clone().requires_grad_(True)
         rest = args[1:]
@@ -113,43 +156,53 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true", help="leave out the apply_compile variants")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ref, ours = build()
+    models = build(compile_=not args.no_compile)
     inputs = make_inputs()
-    vs = variants(ref, ours)
+    vs = variants(models)
 
     rows = {}
-    for name, (model, fn) in vs.items():
+    first = {}
+    for name, (model, fn, _) in vs.items():
+        t0 = time.perf_counter()
+        step(model, fn, inputs)  # warm-up; for compiled variants, the compile
+        first[name] = time.perf_counter() - t0
+        if "compile" in name:
+            continue  # the counters trace eager ops: they would see the compiled graph's internals only
         c, _ = count(lambda: step(model, fn, inputs), existing=[*model.parameters(), *inputs])
         rows[name] = {"flops": c.flops, "peak_live_bytes": c.peak_live_bytes, "materialized_bytes": c.materialized_bytes}
-
-    for model, fn in vs.values():  # warm-up
-        step(model, fn, inputs)
+    for name in vs:
+        rows.setdefault(name, {})
     times = {name: [] for name in vs}
     for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
-        for name, (model, fn) in vs.items():
+        for name, (model, fn, _) in vs.items():
             t0 = time.perf_counter()
             step(model, fn, inputs)
             times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["diffusers"])
-    for name in vs:
+    for name, (_, _, base) in vs.items():
         med = statistics.median(times[name])
-        rows[name].update(step_s=med, ratio_vs_diffusers=med / base)
+        rows[name].update(step_s=med, ratio=med / statistics.median(times[base]), baseline=base)
+        if "compile" in name:
+            rows[name]["compile_s"] = first[name] - med
 
-    blk = block_bytes(ref, ours, inputs)
+    blk = block_bytes(models["diffusers"], models["vidtune"], inputs)
     rows["diffusers"]["block_materialized_bytes"] = blk["diffusers"].materialized_bytes
     rows["vidtune"]["block_materialized_bytes"] = blk["vidtune"].materialized_bytes
 
     tokens = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)
     print(f"bench config: dim 512, 8 layers, ffn 3072, {tokens} video tokens, {TEXT_LEN} text tokens, fp32, "
-          f"{torch.get_num_threads()} threads, {args.repeats} repeats")
-    print(f"{'variant':<22}{'step s':>9}{'ratio':>8}{'GFLOP':>10}{'peak MiB':>10}{'mat. MiB':>10}{'block mat. MiB':>16}")
+          f"{torch.get_num_threads()} threads, {args.repeats} repeats; ratio = step / the diffusers step of its kind")
+    mib = lambda r, k: f"{r[k] / 2**20:10.1f}" if k in r else f"{'-':>10}"  # noqa: E731
+    print(f"{'variant':<22}{'step s':>9}{'ratio':>8}{'compile s':>11}{'GFLOP':>10}{'peak MiB':>10}{'mat. MiB':>10}"
+          f"{'block mat. MiB':>16}")
     for name, r in rows.items():
-        blk_s = f"{r['block_materialized_bytes'] / 2**20:16.1f}" if "block_materialized_bytes" in r else f"{'':>16}"
-        print(f"{name:<22}{r['step_s']:9.3f}{r['ratio_vs_diffusers']:8.3f}{r['flops'] / 1e9:10.1f}"
-              f"{r['peak_live_bytes'] / 2**20:10.1f}{r['materialized_bytes'] / 2**20:10.1f}{blk_s}")
+        comp = f"{r['compile_s']:11.1f}" if "compile_s" in r else f"{'':>11}"
+        gflop = f"{r['flops'] / 1e9:10.1f}" if "flops" in r else f"{'-':>10}"
+        print(f"{name:<22}{r['step_s']:9.3f}{r['ratio']:8.3f}{comp}{gflop}{mib(r, 'peak_live_bytes')}"
+              f"{mib(r, 'materialized_bytes')}{mib(r, 'block_materialized_bytes'):>16}")
     print(f"block bytes materialised, vidtune / diffusers: "
           f"{rows['vidtune']['block_materialized_bytes'] / rows['diffusers']['block_materialized_bytes']:.3f}")
     print(f"FLOPs with TREAD 0.5 over layers 2..-2 / without: "
