@@ -3,14 +3,15 @@
 Each family is a package (``vidtune.models.<family>``) that exposes what the rest of vidtune needs
 to know about it: ``CLASS_NAMES`` (the diffusers ``_class_name`` values it loads), ``CONFIG_CLASS``,
 ``MODEL_CLASS``, ``KEEP_FP32`` (parameters kept in fp32 whatever the dtype),
-``flavour_config(flavour)`` (full-size architecture) and ``transformer_subfolder(flavour)``.
+``flavour_config(flavour)`` (full-size architecture) and ``transformer_subfolder(flavour)``; optionally
+``checkpoint_key(key)`` (a checkpoint's key in another layout -> our parameter name).
 Family rules live there, never in the trainer.
 """
 from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("wan",)
+FAMILIES = ("wan", "wan_s2v")
 
 
 def family(name: str):
