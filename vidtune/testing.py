@@ -99,6 +99,39 @@ def tiny_wan_inputs(b: int = 2, f: int = 3, h: int = 4, w: int = 6, seed: int = 
             torch.randn(b, text_len, 24, generator=g))
 
 
+def tiny_s2v_config(**config) -> dict:
+    """A small Wan S2V config (3 blocks, 2 heads x 16, audio injected after blocks 0 and 2)."""
+    base = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
+                out_channels=16, text_dim=24, freq_dim=16, ffn_dim=40, num_layers=3, rope_max_seq_len=64,
+                audio_dim=12, audio_inject_layers=(0, 2), pose_dim=16)
+    return {**base, **config}
+
+
+def tiny_wan_s2v_transformer(seed: int = 0, **config):
+    """A small vidtune Wan S2V transformer with every parameter drawn from N(0, 0.2)."""
+    from vidtune.models.wan_s2v import WanS2VConfig, WanS2VTransformer
+
+    torch.manual_seed(seed)
+    model = WanS2VTransformer(WanS2VConfig(**tiny_s2v_config(**config)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.train()
+
+
+def tiny_wan_s2v_inputs(b: int = 2, f: int = 3, h: int = 8, w: int = 8, seed: int = 1, audio_dim: int = 12,
+                        text_len: int = 5, motion: int | None = 19) -> tuple[tuple, dict]:
+    """(args, kwargs) for ``tiny_wan_s2v_transformer``: f x 4 x 4 video tokens + 16 reference
+    tokens (+ 16 + 4 + 4 motion tokens with ``motion`` latents)."""
+    g = torch.Generator().manual_seed(seed)
+    args = (torch.randn(b, 16, f, h, w, generator=g), torch.tensor([900.0, 40.0, 500.0, 3.0])[:b],
+            torch.randn(b, text_len, 24, generator=g))
+    kwargs = dict(audio=torch.randn(b, 25, audio_dim, 4 * f, generator=g),
+                  ref_latents=torch.randn(b, 16, 1, h, w, generator=g),
+                  motion_latents=None if motion is None else torch.randn(b, 16, motion, h, w, generator=g))
+    return args, kwargs
+
+
 def make_test_video(path: str | Path, width: int = 32, height: int = 32, frames: int = 9,
                     fps: int = 16, pattern: str = "testsrc") -> Path:
     """Encode ``frames`` frames of an ffmpeg test pattern (h264 for .mp4/.mkv/.mov, vp8 for .webm)."""

@@ -303,24 +303,24 @@ class AudioInjection:
     def __call__(self, x):
         video = x[:, :self.num_video]
         b, nf = self.local.shape[:2]
+        mod = None if self.ada is None else self.ada.shift_scale(self.glob)  # (B, F, D) each
         if self.frame is None:  # one group per latent frame, exactly the official regrouping
             v = video.reshape(b * nf, -1, video.shape[-1])
-            h = self._norm(v, None if self.glob is None else self.glob.reshape(b * nf, 1, -1))
+            h = self._norm(v, mod and [m.reshape(b * nf, 1, -1) for m in mod])
             out = self.attn.cross_attention(h, self.local.flatten(0, 1)).reshape(video.shape)
         else:  # kept tokens of every frame: each attends to its own frame's audio tokens only
-            glob = None
-            if self.glob is not None:
-                glob = torch.gather(self.glob, 1, self.frame.unsqueeze(-1).expand(-1, -1, self.glob.shape[-1]))
+            per_token = self.frame.unsqueeze(-1).expand(-1, -1, video.shape[-1])
+            h = self._norm(video, mod and [torch.gather(m, 1, per_token) for m in mod])
             mask = self.frame[:, None, :, None] == torch.arange(nf, device=x.device).repeat_interleave(
                 self.local.shape[2])[None, None, None, :]
-            out = self.attn.cross_attention(self._norm(video, glob), self.local.flatten(1, 2), mask=mask)
+            out = self.attn.cross_attention(h, self.local.flatten(1, 2), mask=mask)
         return torch.cat([video + out, x[:, self.num_video:]], dim=1)
 
-    def _norm(self, v, glob):
-        if self.ada is None:
+    @staticmethod
+    def _norm(v, mod):
+        if mod is None:
             return F.layer_norm(v.float(), v.shape[-1:], eps=AUDIO_NORM_EPS).type_as(v)
-        shift, scale = self.ada.shift_scale(glob)
-        return K.modulate(v, shift, scale, ADAIN_EPS)
+        return K.modulate(v, mod[0], mod[1], ADAIN_EPS)
 
 
 class WanS2VBlock(WanBlock):
