@@ -36,6 +36,22 @@ def build_tiny_tokenizer():
     )
 
 
+def build_tiny_wav2vec2(seed: int = 0, hidden: int = 12, layers: int = 2):
+    """A random ``Wav2Vec2ForCTC`` in the XLS-R layout (stable layer norm, layer-norm feature
+    extractor; ``layers`` + 1 hidden states of size ``hidden``) and its feature extractor."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    torch.manual_seed(seed)
+    cfg = Wav2Vec2Config(vocab_size=8, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=2 * hidden, conv_dim=(8,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
+                         conv_kernel=(10, 3, 3, 3, 3, 2, 2), num_conv_pos_embeddings=8,
+                         num_conv_pos_embedding_groups=2, do_stable_layer_norm=True, feat_extract_norm="layer",
+                         architectures=["Wav2Vec2ForCTC"])
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                  return_attention_mask=True)
+    return Wav2Vec2ForCTC(cfg).eval(), fe
+
+
 def tiny_vae_config() -> dict:
     return dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                 temperal_downsample=[False, True, True])
@@ -147,6 +163,30 @@ def make_test_video(path: str | Path, width: int = 32, height: int = 32, frames:
          str(path)],
         check=True,
     )
+    return path
+
+
+def make_test_clip_with_audio(path: str | Path, width: int = 32, height: int = 32, frames: int = 9,
+                              fps: int = 16, pattern: str = "testsrc", tones: tuple[float, ...] = (440.0,),
+                              audio_seconds: float | None = None, sample_rate: int = 44100) -> Path:
+    """A video with an AAC soundtrack of sine tones, one channel per tone (two tones: stereo);
+    ``audio_seconds`` shorter than the video leaves the rest silent (no samples)."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise RuntimeError("ffmpeg is missing: sudo apt-get install -y ffmpeg")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seconds = audio_seconds if audio_seconds is not None else frames / fps
+    inputs = ["-f", "lavfi", "-t", f"{frames / fps}", "-i", f"{pattern}=size={width}x{height}:rate={fps}"]
+    for f in tones:
+        inputs += ["-f", "lavfi", "-t", f"{seconds}", "-i", f"sine=frequency={f}:sample_rate={sample_rate}"]
+    if len(tones) > 1:
+        pads = "".join(f"[{i + 1}:a]" for i in range(len(tones)))
+        mix = ["-filter_complex", f"{pads}amerge=inputs={len(tones)}[a]", "-map", "0:v", "-map", "[a]"]
+    else:
+        mix = ["-map", "0:v", "-map", "1:a"]
+    subprocess.run([ffmpeg, "-loglevel", "error", "-y", *inputs, *mix, "-pix_fmt", "yuv420p", "-c:a", "aac",
+                    str(path)], check=True)
     return path
 
 
