@@ -36,9 +36,10 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_wav2vec2(seed: int = 0, hidden: int = 12, layers: int = 2):
+def build_tiny_wav2vec2(seed: int = 0, hidden: int = 12, layers: int = 24):
     """A random ``Wav2Vec2ForCTC`` in the XLS-R layout (stable layer norm, layer-norm feature
-    extractor; ``layers`` + 1 hidden states of size ``hidden``) and its feature extractor."""
+    extractor; ``layers`` + 1 hidden states of size ``hidden``: 25 like XLS-R, what Wan S2V's layer
+    average takes) and its feature extractor."""
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
     torch.manual_seed(seed)
@@ -90,6 +91,22 @@ def build_tiny_wan_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 
     vae/, text_encoder/, tokenizer/, scheduler/) under ``path`` and return it."""
     path = Path(path)
     build_tiny_wan_pipeline(seed=seed, d_model=d_model, transformer=transformer).save_pretrained(path)
+    return path
+
+
+def build_tiny_wan_s2v_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 32) -> Path:
+    """A tiny random Wan S2V pipeline in the diffusers-port layout: the tiny Wan components, a
+    ``transformer/`` holding ``tiny_wan_s2v_transformer`` (text_dim = the text encoder's width,
+    audio_dim = the audio encoder's), ``audio_encoder/`` (a tiny Wav2Vec2ForCTC) and ``audio_processor/``."""
+    from vidtune.models import save_pretrained
+
+    path = build_tiny_wan_pipeline_dir(path, seed=seed, d_model=d_model)
+    audio, fe = build_tiny_wav2vec2(seed)
+    audio.save_pretrained(path / "audio_encoder")
+    fe.save_pretrained(path / "audio_processor")
+    shutil.rmtree(path / "transformer")
+    save_pretrained(tiny_wan_s2v_transformer(seed, text_dim=d_model, audio_dim=audio.config.hidden_size),
+                    path / "transformer")
     return path
 
 

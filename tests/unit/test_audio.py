@@ -131,3 +131,21 @@ def test_wav2vec2_last_hidden_state_is_after_the_final_layer_norm():
     torch.testing.assert_close(hs[:-1], torch.cat(raw.hidden_states[:-1]))
     assert not torch.allclose(hs[-1], raw.hidden_states[-1][0])
     torch.testing.assert_close(hs[-1], model.wav2vec2.encoder.layer_norm(raw.hidden_states[-1][0]))
+
+
+def test_the_base_xlsr_model_is_refused(tmp_path):
+    """Wan S2V was trained on the English CTC fine-tune: a checkpoint of another architecture (the
+    base wav2vec2-large-xlsr-53 is Wav2Vec2ForPreTraining) is an error naming the fix."""
+    from vidtune.config import ModelConfig
+    from vidtune.data import Encoders
+
+    import json
+
+    model, fe = build_tiny_wav2vec2()
+    model.save_pretrained(tmp_path / "audio_encoder")
+    fe.save_pretrained(tmp_path / "audio_processor")
+    cfg = tmp_path / "audio_encoder" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "architectures": ["Wav2Vec2ForPreTraining"]}))
+    enc = Encoders(ModelConfig(family="wan_s2v", flavour="s2v-14b-2.2", audio_encoder_path=str(tmp_path)))
+    with pytest.raises(ValueError, match="not Wav2Vec2ForCTC.*English CTC fine-tune"):
+        enc.encode_audio(torch.zeros(16000))

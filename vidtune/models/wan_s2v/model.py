@@ -238,6 +238,9 @@ class FramePacker(nn.Module):
         self.proj_4x = nn.Conv3d(channels, dim, kernel_size=(4, 8, 8), stride=(4, 8, 8))
 
     def forward(self, motion):  # (B, C, T, H, W) -> (B, S_m, D)
+        if min(motion.shape[-2:]) < 8:
+            raise ValueError(f"motion latents of {tuple(motion.shape[-2:])} are smaller than the 4x packing's 8x8 "
+                             f"(clips of at least 64x64 pixels)")
         n = sum(FRAMEPACK_BUCKETS)
         t = motion.shape[2]
         if t >= n:
