@@ -109,3 +109,22 @@ def test_unknown_keys_are_named(tmp_path):
     save_file(w, tmp_path / "w.safetensors")
     with pytest.raises(KeyError, match="blocks.0.self_attn.bogus.weight"):
         from_pretrained(tmp_path / "w.safetensors", config=official_config(meta))
+
+
+def test_lora_exports_under_the_official_names(tmp_path):
+    """The original (ComfyUI) layout names every LoRA module by an official WanModel_S2V weight: the
+    blocks' attention and the audio injector's, which S2V LoRAs train too."""
+    from vidtune.adapters import apply_lora, export_lora
+    from vidtune.config import AdapterConfig
+
+    stem = GOLDENS[0]
+    meta, _, _ = golden_inputs(stem)
+    official = set(load_file(f"{stem}.weights.safetensors"))
+    model = from_pretrained(f"{stem}.weights.safetensors", config=official_config(meta))
+    cfg = AdapterConfig(rank=2, alpha=2.0)
+    apply_lora(model, cfg)
+    keys = set(load_file(export_lora(model, tmp_path / "wan.safetensors", cfg, "wan")))
+    modules = {k[len("diffusion_model."):].rsplit(".lora_", 1)[0] for k in keys if k.endswith("lora_down.weight")}
+    assert modules and all(f"{m}.weight" in official for m in modules)
+    assert any(m.startswith("audio_injector.injector.") for m in modules)
+    assert len(modules) == 4 * (2 * meta["model_config"]["num_layers"] + len(meta["model_config"]["audio_inject_layers"]))
