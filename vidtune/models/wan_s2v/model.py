@@ -57,20 +57,19 @@ class WanS2VConfig(WanConfig):
     zero_timestep: bool = True
 
     def __post_init__(self):
-        self.audio_inject_layers = tuple(self.audio_inject_layers)
+        # A model cut to fewer blocks (the planner's probes, benchmarks) keeps the injections it has.
+        self.audio_inject_layers = tuple(i for i in self.audio_inject_layers if i < self.num_layers)
         bad = [f"{k}={v!r}" for k, v, ok in (
             ("enable_framepack", self.enable_framepack, self.enable_framepack),
             ("framepack_drop_mode", self.framepack_drop_mode, self.framepack_drop_mode == "padd"),
             ("adain_mode", self.adain_mode, self.adain_mode == "attn_norm" or not self.enable_adain),
-            ("audio_inject_layers", self.audio_inject_layers,
-             all(0 <= i < self.num_layers for i in self.audio_inject_layers)),
+            ("audio_inject_layers", self.audio_inject_layers, all(i >= 0 for i in self.audio_inject_layers)),
             # The official block calls .item() on the int its model passes without zero_timestep.
             ("zero_timestep", self.zero_timestep, self.zero_timestep),
         ) if not ok]
         if bad:
             raise ValueError(f"Wan S2V config: {', '.join(bad)} is not supported (the published S2V uses "
-                             f"framepack motion with 'padd', AdaIN in 'attn_norm' mode, zero_timestep, injection "
-                             f"layers inside 0..num_layers-1)")
+                             f"framepack motion with 'padd', AdaIN in 'attn_norm' mode, zero_timestep)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "WanS2VConfig":
@@ -340,6 +339,7 @@ class WanS2VTransformer(WanTransformer):
     family = "wan_s2v"
     block_class = WanS2VBlock
     embedder_class = S2VConditionEmbedder
+    quantize_also = ("audio_injector",)  # frozen Linears outside the blocks that int8 also takes (1.9B at 14B)
 
     def __init__(self, cfg: WanS2VConfig, *, force_2_1_time_embedding: bool = False):
         super().__init__(cfg, force_2_1_time_embedding=force_2_1_time_embedding)
@@ -450,4 +450,15 @@ class WanS2VTransformer(WanTransformer):
         return (out, captured) if capture_hidden else out
 
 
-__all__ = ["KEEP_FP32", "MOTION_FRAMES", "WanS2VBlock", "WanS2VConfig", "WanS2VTransformer", "token_positions"]
+def example_inputs(cfg: WanS2VConfig, hidden_states: torch.Tensor) -> dict:
+    """Conditioning of the right shapes for ``hidden_states`` (probes and benchmarks): audio for its
+    frames, a reference frame and the 19 motion latents of a continuation window (the longest
+    sequence a sample can have)."""
+    b, c, f, h, w = hidden_states.shape
+    like = dict(dtype=hidden_states.dtype, device=hidden_states.device)
+    return dict(audio=torch.randn(b, 25, cfg.audio_dim, 4 * f, **like), ref_latents=torch.randn(b, c, 1, h, w, **like),
+                motion_latents=torch.randn(b, c, MOTION_FRAMES[1], h, w, **like))
+
+
+__all__ = ["KEEP_FP32", "MOTION_FRAMES", "WanS2VBlock", "WanS2VConfig", "WanS2VTransformer", "example_inputs",
+           "token_positions"]
