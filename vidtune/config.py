@@ -536,6 +536,10 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"validation.resolution: expected \"WxH\" such as \"832x480\", got {v.resolution!r}")
     if not 0 <= v.skip_layers_start <= v.skip_layers_stop <= 1:
         e.append("validation.skip_layers_start/stop: need 0 <= start <= stop <= 1")
+    if m.family == "wan_s2v" and v.every > 0 and not v.reference_media:
+        e.append("validation.reference_media: Wan S2V validation needs an image or video per prompt (its first "
+                 "frame is the reference; the audio file of the same stem beside it drives the clip); set it, or "
+                 "validation.every = 0")
     if cfg.ema.update_interval < 1:
         e.append(f"ema.update_interval: must be >= 1, got {cfg.ema.update_interval}")
     if not 0 < cfg.ema.decay < 1:

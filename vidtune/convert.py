@@ -639,6 +639,11 @@ def convert_simpletuner(config: dict, backends: list | None = None, *, source: s
     _train(c, cfg, used, family)
     _memory(c, cfg, used)
     _validation(c, cfg, used)
+    if family == "wan_s2v" and c.get("validation.every"):
+        c.set("validation.every", 0)
+        c.note("validation_step_interval", "Wan S2V validation needs validation.reference_media (a reference "
+               "image or video + its audio per prompt), which the SimpleTuner config does not name: validation is "
+               "off until you set it and validation.every")
     if backends is not None:
         _datasets(c, [_strip(b) for b in backends], cfg, used)
     for key in ("resolution", "resolution_type", "aspect_bucket_rounding"):

@@ -157,3 +157,42 @@ def test_official_keys_map_one_to_one():
                 "time_projection.1.weight", "cond_encoder.bias", "trainable_cond_mask.weight"}
     assert {checkpoint_key(k) for k in official} <= ours
     assert all(checkpoint_key(k) == k for k in ours)
+
+
+def test_no_pose_video_is_zero_pose_latents():
+    m = tiny_wan_s2v_transformer().eval()
+    args, kwargs = tiny_wan_s2v_inputs(b=1)
+    with torch.no_grad():
+        none = m(*args, **kwargs)
+        zeros = m(*args, **kwargs, pose_latents=torch.zeros(1, 16, *args[0].shape[2:]))
+    assert torch.equal(none, zeros)
+
+
+@pytest.mark.parametrize("lead", [1, 19])
+def test_training_inputs_reference_motion_and_dropped_audio(lead):
+    """The S2V training forward: the window's first latent (+ 18 motion latents) is conditioning,
+    not target; a dropped caption zeroes the audio (the unconditional branch)."""
+    from vidtune.data import Batch
+    from vidtune.train.forward import wan_s2v_forward
+
+    m = tiny_wan_s2v_transformer().eval()
+    g = torch.Generator().manual_seed(0)
+    f = 2
+    latents = torch.randn(2, 16, lead + f, 8, 8, generator=g)
+    audio = torch.randn(2, 4 * f, 25, 12, generator=g)
+
+    def run(dropped, audio):
+        batch = Batch(latents, torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 5]),
+                      ["a", "b"], torch.tensor(dropped), ["d", "d"], ["x", "y"], {"audio": audio})
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            return wan_s2v_forward(m, batch, noise, torch.tensor([0.3, 0.8]), routes=(), generator=None)
+
+    pred, target, weight = run([False, True], audio)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
+    assert pred.shape == target.shape == (2, 16, f, 8, 8) and weight is None
+    assert torch.equal(target, noise[:, :, lead:] - latents[:, :, lead:])
+    silent, _, _ = run([False, True], torch.cat([audio[:1], torch.zeros_like(audio[1:])]))
+    assert torch.equal(pred, silent)  # sample 1's caption was dropped: its audio never counted
+    heard, _, _ = run([False, False], audio)
+    assert torch.equal(heard[0], pred[0]) and not torch.allclose(heard[1], pred[1])

@@ -149,3 +149,12 @@ def test_the_base_xlsr_model_is_refused(tmp_path):
     enc = Encoders(ModelConfig(family="wan_s2v", flavour="s2v-14b-2.2", audio_encoder_path=str(tmp_path)))
     with pytest.raises(ValueError, match="not Wav2Vec2ForCTC.*English CTC fine-tune"):
         enc.encode_audio(torch.zeros(16000))
+
+
+def test_vidtune_dispatcher_runs_extract_audio(tmp_path, capsys):
+    from vidtune.cli import main
+
+    make_test_clip_with_audio(tmp_path / "in" / "a.mp4", frames=8)
+    assert main(["extract-audio", "--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "a.wav").is_file() and "1 WAV file(s)" in capsys.readouterr().out
+    assert main(["extract-audio", "--input-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path)]) == 2

@@ -163,9 +163,11 @@ def test_docs_list_every_exception():
 def test_s2v_audio_block_and_separate_audio_dataset(tmp_path):
     """The S2V guide's two dataloaders: the audio block (auto_split), and s2v_datasets naming an
     audio backend (its folder, matched by stem)."""
-    cfg, unmapped, _ = _convert("wan_s2v", tmp_path)
+    cfg, unmapped, notes = _convert("wan_s2v", tmp_path)
     a = cfg.dataset[0].audio
     assert not unmapped and (a.auto_split, a.sample_rate, a.channels, a.path) == (True, 16000, 1, None)
+    # S2V validation needs reference media the SimpleTuner config does not name: off, with a note.
+    assert cfg.validation.every == 0 and any("reference_media" in n for n in notes)
 
     def manual(_, backends):
         video = backends[0]

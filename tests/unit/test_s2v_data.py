@@ -77,3 +77,19 @@ def test_duration_interval_buckets_clip_lengths(clips, tmp_path):
     ds = dataclasses.replace(ds, audio=AudioConfig(duration_interval=0))
     items = {i.path.stem: i for i in plan(found, ds, 16, skips, index)}
     assert items["brief"].bucket.frames == 29
+
+
+def test_s2v_dataset_settings_are_checked():
+    from vidtune.config import ConfigError, config_from_dict
+
+    def load(**dataset):
+        return config_from_dict({"model": {"family": "wan_s2v", "flavour": "s2v-14b-2.2"},
+                                 "dataset": [{"id": "d", "path": "x", **dataset}]})
+
+    with pytest.raises(ConfigError) as e:
+        load(type="image", audio={"sample_rate": 44100, "auto_split": False})
+    msg = str(e.value)
+    assert "not images" in msg and "sample_rate = 16000" in msg and "audio.path" in msg
+    with pytest.raises(ConfigError, match="at least 4 more"):
+        load(num_frames=1)
+    assert load(num_frames=9).dataset[0].audio.auto_split
