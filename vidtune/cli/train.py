@@ -4,10 +4,15 @@
     vidtune-train --from-simpletuner config.json [--backend multidatabackend.json] [--set ...]
     vidtune-train --plan config.toml [--gpu rtx4090|a6000|mi300x|h100|cpu]
     vidtune-train --help-config
+
+Every fault ends in one line on stderr naming the path or key and the fix (``--debug`` shows the
+traceback instead): exit 2 for what the user must change before starting (config, data, model
+sources), 1 for what stopped a run (diverged, disk full, another run holds the directory).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -31,7 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --plan: rtx4090, a6000, mi300x, h100 or cpu (default: the training device)")
     p.add_argument("--prepare-only", action="store_true",
                    help="discover the data and fill the latent/text caches, then exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return p
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: what the message says (ours name the path and the fix), else the
+    exception type and its text, with the way to the traceback."""
+    from ..fsutil import DiskFullError
+
+    if isinstance(exc, DiskFullError):
+        text = str(exc)
+    elif isinstance(exc, PermissionError):
+        text = (f"permission denied: {exc.filename or exc}: make it writable by this user, or point the setting "
+                f"that names it (train.output_dir, cache.dir, ...) at a directory that is")
+    elif isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    elif isinstance(exc, (ValueError, RuntimeError)) and type(exc).__module__.startswith("vidtune"):
+        text = str(exc)  # our own errors say what to do
+    else:
+        text = f"{type(exc).__name__}: {exc} (vidtune-train --debug shows the traceback)"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,14 +64,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         sys.stdout.write(render_config_docs())
         return 0
+    with contextlib.ExitStack() as held:  # the run directory's lock, released on the way out
+        try:
+            return _main(args, held)
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            if args.debug:
+                raise
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return 2 if isinstance(exc, ConfigError) else 1
+
+
+def _main(args, held: contextlib.ExitStack) -> int:
     try:
         if args.from_simpletuner:
             from ..convert import from_simpletuner
 
             if args.config:
                 raise ConfigError(f"give a config file ({args.config}) or --from-simpletuner, not both")
-            cfg, args.config = from_simpletuner(args.from_simpletuner, args.backend, args.overrides,
-                                                write=not args.print_config)
+            cfg, _ = from_simpletuner(args.from_simpletuner, args.backend, args.overrides, write=False)
         else:
             cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -55,11 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return 0
-    if args.config is None:
+    if args.config is None and not args.from_simpletuner:
         print("error: a config file is required (vidtune-train config.toml)", file=sys.stderr)
         return 2
+    from ..fsutil import remove_debris, run_dir_lock
     from ..planner import check_plan
     from ..runtime import resolve_device
+    from ..train.preflight import check_model_sources
+
+    check_model_sources(cfg.model)
 
     if args.plan:
         try:
@@ -80,14 +124,23 @@ def main(argv: list[str] | None = None) -> int:
         if not fits:
             print(report, file=sys.stderr)
             print(f"error: this run does not fit the device's memory (plan above). `vidtune-train --plan "
-                  f"{args.config}` lists the option combinations that fit; memory.plan_check = \"off\" "
-                  f"starts it anyway", file=sys.stderr)
+                  f"{args.config or '--from-simpletuner ' + args.from_simpletuner}` lists the option combinations "
+                  f"that fit; memory.plan_check = \"off\" starts it anyway", file=sys.stderr)
             return 2
     from ..adapters import AdapterError
     from ..data import DataError
     from ..train.trainer import TrainingStopped, prepare, train
 
-    save_resolved_config(cfg, Path(cfg.train.output_dir))
+    # One owner per run directory, before anything is written to it; only then is what a killed
+    # run left half-written safe to delete.
+    run_dir = Path(cfg.train.output_dir)
+    held.enter_context(run_dir_lock(run_dir))
+    debris = remove_debris(run_dir)
+    if debris:
+        print(f"removed {len(debris)} partial file(s) a killed run left in {run_dir}")
+    if args.from_simpletuner:
+        _, args.config = from_simpletuner(args.from_simpletuner, args.backend, args.overrides, log=lambda m: None)
+    save_resolved_config(cfg, run_dir)
     try:
         prepared = prepare(cfg)
     except DataError as exc:
