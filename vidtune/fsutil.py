@@ -44,9 +44,9 @@ class DiskFullError(OSError):
             free = human_bytes(shutil.disk_usage(self.directory).free)
         except OSError:
             free = "unknown"
-        needs = f"; this write needs {human_bytes(need)}" if need else ""
-        super().__init__(errno.ENOSPC, f"disk full in {self.directory} ({free} free{needs}): free space there "
-                                       f"or point this output at another disk")
+        needs = f"; this write needs about {human_bytes(need)}" if need else ""
+        super().__init__(errno.ENOSPC, f"disk full in {self.directory} ({free} free{needs}): free space there, "
+                                       f"or write there from another disk")
 
     def __str__(self) -> str:
         return self.strerror
@@ -170,6 +170,7 @@ def atomic_dir(path: str | Path, need: int | None = None):
         for f in tmp.rglob("*"):
             if f.is_file():
                 fsync_file(f)
+                os.chmod(f, published_mode())  # some writers (safetensors) create 0600 whatever the umask
         fsync_dir(tmp)
         os.chmod(tmp, published_mode(directory=True))
         if path.exists():  # the same name saved again (e.g. a signal right after a periodic save)

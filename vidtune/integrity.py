@@ -67,7 +67,7 @@ def loads_verified(data: bytes, source: str | Path) -> dict[str, torch.Tensor]:
     tensors = load(data)
     expected = (header.get("__metadata__") or {}).get(DIGEST_KEY)
     if expected != tensors_digest(tensors):
-        raise IntegrityError(f"{source}: the tensors do not match their digest (damaged on disk)")
+        raise IntegrityError(f"{source}: its tensors do not match their digest")
     return tensors
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sys
+import types
 from pathlib import Path
 
 from ..config import ConfigError, dump_config, load_config, render_config_docs, save_resolved_config
@@ -40,16 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def one_line(exc: BaseException) -> str:
+def _setting_for(path, cfg) -> str:
+    """The config key whose directory holds ``path`` (for errors about files we write)."""
+    if cfg is not None and path:
+        p = Path(path).resolve()
+        for key, where in (("train.output_dir", cfg.train.output_dir), ("cache.dir", cfg.cache.dir),
+                           ("logging.log_dir", cfg.logging.log_dir),
+                           ("memory.offload.to_disk_path", cfg.memory.offload.to_disk_path)):
+            if where and p.is_relative_to(Path(where).resolve()):
+                return key
+    return "the setting that names it"
+
+
+def one_line(exc: BaseException, cfg=None) -> str:
     """An error as one line: what the message says (ours name the path and the fix), else the
     exception type and its text, with the way to the traceback."""
-    from ..fsutil import DiskFullError
+    from ..fsutil import DiskFullError, is_disk_full
 
     if isinstance(exc, DiskFullError):
-        text = str(exc)
-    elif isinstance(exc, PermissionError):
-        text = (f"permission denied: {exc.filename or exc}: make it writable by this user, or point the setting "
-                f"that names it (train.output_dir, cache.dir, ...) at a directory that is")
+        text = f"{exc} (set by {_setting_for(exc.directory, cfg)})"
+    elif is_disk_full(exc):
+        text = f"disk full: {exc}; free space, or move {_setting_for(getattr(exc, 'filename', None), cfg)} elsewhere"
+    elif isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.EROFS):
+        what = "permission denied" if isinstance(exc, PermissionError) else "read-only file system"
+        text = (f"{what}: {exc.filename or exc}: make it writable by this user, or point "
+                f"{_setting_for(exc.filename, cfg)} at a directory that is")
     elif isinstance(exc, OSError) and exc.filename:
         text = f"{exc.filename}: {exc.strerror or exc}"
     elif isinstance(exc, (ValueError, RuntimeError)) and type(exc).__module__.startswith("vidtune"):
@@ -64,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         sys.stdout.write(render_config_docs())
         return 0
+    run = types.SimpleNamespace(cfg=None)  # the config, once loaded: errors name the setting behind a path
     with contextlib.ExitStack() as held:  # the run directory's lock, released on the way out
         try:
-            return _main(args, held)
+            return _main(args, held, run)
         except KeyboardInterrupt:
             if args.debug:
                 raise
@@ -75,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             if args.debug:
                 raise
-            print(f"error: {one_line(exc)}", file=sys.stderr)
+            print(f"error: {one_line(exc, run.cfg)}", file=sys.stderr)
             return 2 if isinstance(exc, ConfigError) else 1
 
 
-def _main(args, held: contextlib.ExitStack) -> int:
+def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
     try:
         if args.from_simpletuner:
             from ..convert import from_simpletuner
@@ -95,6 +113,7 @@ def _main(args, held: contextlib.ExitStack) -> int:
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return 0
+    run.cfg = cfg
     if args.config is None and not args.from_simpletuner:
         print("error: a config file is required (vidtune-train config.toml)", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from ..integrity import ALGORITHM, stream_digest
 
 PREFIX = "step-"
 WEIGHTS, STATE, META = "weights.safetensors", "state.pt", "meta.json"
+DAMAGED = ".damaged"  # suffix of a checkpoint that failed verification
 
 
 class CheckpointError(ConfigError):
@@ -108,7 +109,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, di
 def resume_checkpoint(root: str | Path, resume: str, log=print):
     """The checkpoint ``train.resume`` names, loaded: (path, weights, state, meta), or None when
     ``"latest"`` finds no checkpoint yet. ``"latest"`` takes the newest intact one, saying which
-    it skipped and why; a named checkpoint that is damaged is an error."""
+    it skipped and why and moving those aside (``step-N.damaged``); a named checkpoint that is
+    damaged is an error. Call under the run directory's lock."""
     if resume != "latest":
         path = Path(resume)
         if not (path / META).is_file():
@@ -119,17 +121,18 @@ def resume_checkpoint(root: str | Path, resume: str, log=print):
         except CheckpointError as exc:
             raise CheckpointError(f"train.resume: {exc}; set train.resume = \"latest\" to take the newest "
                                   f"intact checkpoint") from None
-    found = checkpoint_dirs(root)
     bad = []
-    for path in reversed(found):
+    for path in reversed(checkpoint_dirs(root)):
         try:
-            loaded = (path, *load_checkpoint(path))
+            return (path, *load_checkpoint(path))
         except CheckpointError as exc:
-            log(f"resume: skipping {exc}")
-            bad.append(path.name)
-            continue
-        return loaded
+            # Aside, not deleted: out of "latest" and of keep_checkpoints' count, still there to inspect.
+            aside = path.with_name(path.name + DAMAGED)
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            log(f"resume: skipping {exc}; moved it to {aside.name}")
+            bad.append(aside.name)
     if bad:
-        raise CheckpointError(f"train.resume = \"latest\": no intact checkpoint under {root} ({', '.join(bad)} "
-                              f"are damaged, reasons above); delete them to train from the start")
+        raise CheckpointError(f"train.resume = \"latest\": no intact checkpoint under {root} (damaged: "
+                              f"{', '.join(bad)}, reasons above); delete them to train from the start")
     return None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..build import transformer_subfolder
 from ..config import ConfigError, ModelConfig
+from ..models import family_of_class
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 LAYOUT = "a diffusers pipeline directory: model_index.json, transformer/, vae/, text_encoder/, tokenizer/"
@@ -39,7 +40,10 @@ def _check_transformer(d: Path, key: str, src: str, subfolder: str | None) -> No
         want = f"{subfolder}/" if subfolder else "transformer/"
         raise ConfigError(f"{key} = {src!r}: no {want} with a config.json (expected {LAYOUT}); fix {key}, or "
                           f"set model.transformer_path to the transformer's directory or .safetensors file")
-    _json(found / "config.json", key, src)
+    cls = _json(found / "config.json", key, src).get("_class_name")
+    if family_of_class(cls) is None:
+        raise ConfigError(f"{key} = {src!r}: {found / 'config.json'} describes a {cls}, not a transformer vidtune "
+                          f"trains; point {key} at {LAYOUT}")
     if not any(found.glob("*.safetensors")):
         raise ConfigError(f"{key} = {src!r}: {found} has no .safetensors weights; restore them from the "
                           f"model's source")

@@ -237,7 +237,7 @@ class Run:
             loss_sum += loss.detach()
         grad_norm = clip_gradients(list(self.trainable.values()), t)
         # Host sync (the one per step): the loss and norm decide whether this step is applied.
-        loss_val, norm_val = loss_sum.item(), float(grad_norm)
+        loss_val, norm_val = (loss_sum.item(), float(grad_norm)) if not reason else (math.nan, math.nan)
         if not reason and not (math.isfinite(loss_val) and math.isfinite(norm_val)):
             reason = (f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} (loss {loss_val}, "
                       f"grad norm {norm_val})")
@@ -382,11 +382,11 @@ class Run:
         if self.skipped:
             self.log(f"warning: {self.skipped_warning()}")
         if problem:
-            raise TrainingStopped(
-                f"not exporting the weights of step {self.step}: {problem}. Lower train.learning_rate (now "
-                f"{self.cfg.train.learning_rate}; a resume takes the new value) and resume from the last healthy "
-                f"checkpoint ({self.last_checkpoint or 'none: train again from the start'}) with "
-                f"train.resume = \"latest\"")
+            then = (f"resume from the last healthy checkpoint ({self.last_checkpoint}) with train.resume = "
+                    f"\"latest\"" if self.last_checkpoint else "train again from the start")
+            raise TrainingStopped(f"not exporting the weights of step {self.step}: {problem}. Lower "
+                                  f"train.learning_rate (now {self.cfg.train.learning_rate}; a resume takes the new "
+                                  f"value) and {then}")
         self.log(f"done: {self.step} steps ({self.skipped} skipped); saved {', '.join(str(f) for f in files)}")
         return files
 
