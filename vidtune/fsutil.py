@@ -234,8 +234,11 @@ class DirLock:
         # that opened it before the unlink would lock a ghost).
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, info, 0)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, info, 0)
+        except OSError:  # a full disk: the lock holds all the same, and the next write says why
+            pass
 
     def holder(self) -> dict:
         try:
