@@ -104,7 +104,10 @@ def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
 
             if args.config:
                 raise ConfigError(f"give a config file ({args.config}) or --from-simpletuner, not both")
-            cfg, _ = from_simpletuner(args.from_simpletuner, args.backend, args.overrides, write=False)
+            # Converted again, written and reported once the run directory is ours (below).
+            later = not (args.print_config or args.plan)
+            cfg, _ = from_simpletuner(args.from_simpletuner, args.backend, args.overrides, write=False,
+                                      log=(lambda m: None) if later else None)
         else:
             cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -158,7 +161,7 @@ def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
     if debris:
         print(f"removed {len(debris)} partial file(s) a killed run left in {run_dir}")
     if args.from_simpletuner:
-        _, args.config = from_simpletuner(args.from_simpletuner, args.backend, args.overrides, log=lambda m: None)
+        _, args.config = from_simpletuner(args.from_simpletuner, args.backend, args.overrides)
     save_resolved_config(cfg, run_dir)
     try:
         prepared = prepare(cfg)
