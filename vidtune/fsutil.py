@@ -45,19 +45,20 @@ class DiskFullError(OSError):
         except OSError:
             free = "unknown"
         needs = f"; this write needs about {human_bytes(need)}" if need else ""
-        super().__init__(errno.ENOSPC, f"disk full in {self.directory} ({free} free{needs}): free space there, "
-                                       f"or write there from another disk")
+        super().__init__(errno.ENOSPC, f"disk full in {self.directory} ({free} free{needs}): free space there "
+                                       f"or use a directory on another disk")
 
     def __str__(self) -> str:
         return self.strerror
 
 
 def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-    return f"{n:.1f} TiB"
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
 
 
 def is_disk_full(exc: BaseException | None) -> bool:
