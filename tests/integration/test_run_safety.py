@@ -84,20 +84,26 @@ def test_two_runs_on_one_directory(tmp_path, tiny_wan_dir, cli, shared_cache):
     cfg = write_config(tmp_path / "shared.toml", tiny_wan_dir, cli.data, shared_cache, out)
     settings = ["train.max_train_steps=100000", "train.checkpoint_every=2", "train.keep_checkpoints=1"]
     procs = [spawn(cfg, *settings) for _ in range(2)]  # started together
-    deadline = time.time() + 180
-    while all(p.poll() is None for p in procs) and time.time() < deadline:
-        time.sleep(0.05)
-    loser = next(p for p in procs if p.poll() is not None)
-    winner = next(p for p in procs if p is not loser)
-    text = loser.stdout.read()
-    assert loser.returncode == 1, text
-    line = one_error_line(text)
-    assert f"in use by another run (pid {winner.pid} on host " in line and str(out) in line
-    # The winner was never disturbed: it trains, checkpoints, and stops cleanly on SIGTERM.
-    wait_for_steps(winner, out, 3)
-    winner.send_signal(signal.SIGTERM)
-    rest, _ = winner.communicate(timeout=120)
-    assert winner.returncode == 128 + signal.SIGTERM, rest
+    try:
+        deadline = time.time() + 180
+        while all(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(0.05)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        text = loser.stdout.read()
+        assert loser.returncode == 1, text
+        line = one_error_line(text)
+        assert f"in use by another run (pid {winner.pid} on host " in line and str(out) in line
+        # The winner was never disturbed: it trains, checkpoints, and stops cleanly on SIGTERM.
+        wait_for_steps(winner, out, 3)
+        winner.send_signal(signal.SIGTERM)
+        rest, _ = winner.communicate(timeout=120)
+        assert winner.returncode == 128 + signal.SIGTERM, rest
+    finally:  # a run of 100,000 steps must not outlive a failed test
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     steps = [r["step"] for r in read_losses(out)]
     assert steps == list(range(1, len(steps) + 1))
     assert json.loads((checkpoint_dirs(out / "checkpoints")[-1] / "meta.json").read_text())["step"] == steps[-1]

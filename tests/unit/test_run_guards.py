@@ -62,11 +62,17 @@ def test_torchrun_ranks_share_the_lock_rank0_holds_it(tmp_path):
         dist.destroy_process_group()
     """))
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script)], cwd=REPO,
-                         capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "rank 0 holds True" in res.stdout and "rank 1 holds False" in res.stdout
-    assert "refused:" in res.stdout and "in use by another run" in res.stdout
+    proc = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", str(script)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:  # a hung rank must not outlive the test
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert "rank 0 holds True" in out and "rank 1 holds False" in out
+    assert "refused:" in out and "in use by another run" in out
 
 
 def test_debris_is_only_our_temp_names(tmp_path):
