@@ -70,6 +70,18 @@ def test_dry_run_every_part_wrote_its_rows(dry_run):
     assert int8["values"]["weights_GiB"] < rows["int8"]["bf16 base"]["values"]["weights_GiB"]
 
 
+def test_a_part_past_its_time_box_is_killed_and_the_next_one_runs(tmp_path):
+    """Spawned parts (the GPU mode) with boxes too short to even import torch: each is killed,
+    recorded as a timeout, and the check goes on and still writes its report."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--isolate", "spawn",
+                        "--parts", "kernels,parity", "--box-scale", "0.012", "--out", str(tmp_path / "out"),
+                        "--wheels", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 1, r.stderr[-3000:]
+    parts = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["parts"]
+    assert {n: p["status"] for n, p in parts.items()} == {"kernels": "timeout", "parity": "timeout"}
+    assert "## parity: timeout" in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
 def _wheel(path: Path, name: str, version: str, files: dict) -> Path:
     whl = path / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(whl, "w") as z:

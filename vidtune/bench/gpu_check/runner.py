@@ -240,7 +240,7 @@ def run(args) -> dict:
     budget_end = t_start + budget
     parts = {}
     for name in names:
-        box = dict((n, b) for n, _, b in PARTS)[name] * (args.box_scale if not args.dry_run else 4)
+        box = dict((n, b) for n, _, b in PARTS)[name] * args.box_scale * (4 if args.dry_run else 1)
         timeout = min(box, budget_end - time.monotonic())
         if timeout <= 1:
             parts[name] = dict(status="skipped", seconds=0.0, error="the time budget was spent", rows=[])
