@@ -213,7 +213,7 @@ def _git() -> str:
 def run(args) -> dict:
     out = Path(args.out).resolve()
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
+    t_start, started = time.monotonic(), _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     wheels = install_wheels(Path(args.wheels), out / ".env" / "site") if Path(args.wheels).is_dir() else []
     paths = import_paths(out, out / ".env" / "site")
     names = [n for n, _, _ in PARTS] if not args.parts else args.parts.split(",")
@@ -224,6 +224,7 @@ def run(args) -> dict:
     size = "toy" if args.dry_run else "full"
     isolate = args.isolate or ("fork" if args.dry_run else "spawn")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.pop("TRITON_INTERPRET", None)  # on a GPU the real kernels are what is checked
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"  # triton kernels on CPU tensors run in the interpreter
         env["VIDTUNE_GPU_CHECK_BUILD_NATIVE"] = "1" if args.build_native else "0"
@@ -258,7 +259,7 @@ def run(args) -> dict:
                            rows=(res or {}).get("rows", []), env=(res or {}).get("env", {}))
     envs = [p.pop("env") for p in parts.values() if "env" in p]
     report = dict(
-        started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), git=_git(),
+        started=started, git=_git(),
         command=" ".join(["python", "benchmarks/gpu_check.py", *args.argv]), dry_run=args.dry_run,
         budget_s=budget, total_s=time.monotonic() - t_start, isolate=isolate,
         env=next((e for e in envs if e), {}), wheels=wheels, parts=parts)
