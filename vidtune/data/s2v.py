@@ -129,15 +129,17 @@ def cache_audio(keyed: list[tuple[MediaItem, str, str]], store: CacheStore, enco
     from ..runtime import DTYPES
 
     dtype = DTYPES[model.dtype]
-    keys, todo = {}, defaultdict(list)
+    keys, todo, damaged = {}, defaultdict(list), []
     for item, lkey, vdigest in keyed:
         digest = vdigest if item.audio in (ZERO_AUDIO, str(item.path)) else index.digest(Path(item.audio))
         akey = settings_key(**audio_settings(item, digest, fps, model, encoders.audio_fingerprint))
         keys[lkey] = ((AUDIO, akey),)
-        if not store.has(AUDIO, akey):
+        if not store.intact(AUDIO, akey, damaged):  # a damaged entry is re-encoded
             todo[item.audio].append((item, lkey, akey))
     index.save()
     stats = {"audio reused": len(keys) - sum(map(len, todo.values())), "audio encoded": 0}
+    if damaged:
+        stats["audio damaged, re-encoded"] = len(damaged)
     if todo:
         log(f"Encoding the audio of {sum(map(len, todo.values()))} clip(s) with wav2vec2...")
     for source, group in todo.items():  # one wav2vec2 pass per audio file
