@@ -5,8 +5,10 @@ Shapes (every tensor is made contiguous and its trailing dims flattened to one r
   idx   (B, K)     int64 kept-token indices per sample, unique within a row (any order)
   y     (B, K, R)  the kept tokens after the routed span
   base  (B, S, R)  the saved originals of all tokens
-Each Triton program copies one BLOCK_R slice of one row: grid (B * K, cdiv(R, BLOCK_R)); program
-(b * K + k, j) moves columns [j * BLOCK_R, (j + 1) * BLOCK_R) of token idx[b, k] of sample b.
+Each Triton program copies a [BLOCK_T, BLOCK_C] tile: BLOCK_T consecutive kept tokens (flat
+b * K + k) times one BLOCK_C slice of their rows; grid (cdiv(B * K, BLOCK_T), cdiv(R, BLOCK_C)).
+It loads the tile's BLOCK_T indices as one vector, then issues all BLOCK_T row loads at once, so a
+program pays the idx -> row dependent-load latency once per tile, not once per token.
 
 Forward and backward (both ops are pure data movement, so the grads are exact in any dtype):
   gather   out[b, k]      = x[b, idx[b, k]]
@@ -30,45 +32,58 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _tread_gather_kernel(x_ptr, idx_ptr, out_ptr, K, R, stride_xb, BLOCK_R: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # b * K + k; int64 so B * K * R may pass 2**31
-        b = row // K
-        src = tl.load(idx_ptr + row)
-        cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask = cols < R
-        vals = tl.load(x_ptr + b * stride_xb + src * R + cols, mask=mask)
-        tl.store(out_ptr + row * R + cols, vals, mask=mask)
+    def _tile_offsets(idx_ptr, n, K, R, stride_b, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """(flat rows b * K + k, offsets of token idx[b, k]'s columns in a (B, S, R) tensor with
+        batch stride stride_b, offsets of the same columns in a (B * K, R) tensor, tile mask)."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < n
+        rows = rows.to(tl.int64)  # int64 so B * K * R may pass 2**31
+        tok = tl.load(idx_ptr + rows, mask=rmask, other=0)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cols < R)[None, :]
+        full = ((rows // K) * stride_b + tok * R)[:, None] + cols[None, :]
+        kept = (rows * R)[:, None] + cols[None, :]
+        return full, kept, mask
 
     @triton.jit
-    def _tread_scatter_kernel(y_ptr, idx_ptr, out_ptr, K, R, stride_ob, BLOCK_R: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        b = row // K
-        dst = tl.load(idx_ptr + row)
-        cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask = cols < R
-        vals = tl.load(y_ptr + row * R + cols, mask=mask)
-        tl.store(out_ptr + b * stride_ob + dst * R + cols, vals, mask=mask)
+    def _tread_gather_kernel(x_ptr, idx_ptr, out_ptr, n, K, R, stride_xb,
+                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        full, kept, mask = _tile_offsets(idx_ptr, n, K, R, stride_xb, BLOCK_T, BLOCK_C)
+        tl.store(out_ptr + kept, tl.load(x_ptr + full, mask=mask), mask=mask)
 
     @triton.jit
-    def _tread_scatter_bwd_kernel(
-        grad_ptr, idx_ptr, grad_base_ptr, grad_y_ptr, K, R, stride_gb, BLOCK_R: tl.constexpr
-    ):
+    def _tread_scatter_kernel(y_ptr, idx_ptr, out_ptr, n, K, R, stride_ob,
+                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        full, kept, mask = _tile_offsets(idx_ptr, n, K, R, stride_ob, BLOCK_T, BLOCK_C)
+        tl.store(out_ptr + full, tl.load(y_ptr + kept, mask=mask), mask=mask)
+
+    @triton.jit
+    def _tread_scatter_bwd_kernel(grad_ptr, idx_ptr, grad_base_ptr, grad_y_ptr, n, K, R, stride_gb,
+                                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
         # grad_base arrives as a copy of grad: one pass reads each kept row once, hands it to
         # grad_y and zeroes it in grad_base.
-        row = tl.program_id(0).to(tl.int64)
-        b = row // K
-        src = tl.load(idx_ptr + row)
-        cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask = cols < R
-        offs = b * stride_gb + src * R + cols
-        vals = tl.load(grad_ptr + offs, mask=mask)
-        tl.store(grad_y_ptr + row * R + cols, vals, mask=mask)
-        tl.store(grad_base_ptr + offs, tl.zeros([BLOCK_R], dtype=vals.dtype), mask=mask)
+        full, kept, mask = _tile_offsets(idx_ptr, n, K, R, stride_gb, BLOCK_T, BLOCK_C)
+        vals = tl.load(grad_ptr + full, mask=mask)
+        tl.store(grad_y_ptr + kept, vals, mask=mask)
+        tl.store(grad_base_ptr + full, tl.zeros_like(vals), mask=mask)
 
 
-def _grid(B: int, K: int, R: int) -> tuple[tuple[int, int], int]:
-    block_r = min(triton.next_power_of_2(R), 2048)
-    return (B * K, triton.cdiv(R, block_r)), block_r
+# A GPU program moves a [BLOCK_T, BLOCK_C] tile of _TILE elements (16 KiB in bf16) with 8 warps
+# (32 elements, four 16-byte vectors, per thread); BLOCK_C <= 512 splits a 1536- or 5120-wide row
+# into whole slices (no masked lanes). The interpreter pays ~3 ms per program instance whatever
+# the tile: 8-token tiles keep the tests' grids to a few programs, with masked tails.
+_TILE, _MAX_BLOCK_C = 8192, 512
+
+
+def _grid(B: int, K: int, R: int, device: torch.device) -> tuple[tuple[int, int], dict]:
+    """(grid, launch kwargs) for B * K kept rows of R elements."""
+    if device.type != "cuda":
+        block_c = triton.next_power_of_2(R)
+        return (triton.cdiv(B * K, 8), 1), dict(BLOCK_T=8, BLOCK_C=block_c)
+    block_c = min(triton.next_power_of_2(R), _MAX_BLOCK_C)
+    block_t = max(1, _TILE // block_c)
+    grid = (triton.cdiv(B * K, block_t), triton.cdiv(R, block_c))
+    return grid, dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=8 if block_t * block_c >= _TILE else 4)
 
 
 def _flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -97,9 +112,10 @@ def tread_gather_forward(x: torch.Tensor, idx: torch.Tensor, shared: bool = Fals
     x = x.contiguous()
     if use_triton(x):
         out = x.new_empty((B, K, *rest))
-        grid, block_r = _grid(B, K, R)
+        grid, kw = _grid(B, K, R, x.device)
         stride_xb = 0 if shared else S * R
-        _tread_gather_kernel[grid](x, idx.contiguous(), out, K, R, stride_xb, BLOCK_R=block_r)
+        if B * K:
+            _tread_gather_kernel[grid](x, idx.contiguous(), out, B * K, K, R, stride_xb, **kw)
         return out
     rows = idx.reshape(-1) if shared else _flat_rows(idx, S)
     return x.view(-1, R).index_select(0, rows).view(B, K, *rest)
@@ -119,10 +135,9 @@ def tread_gather_backward(
         return grad_x.index_add_(0, idx.reshape(-1), grad.view(-1, R)).view(num_tokens, *rest)
     grad_x = grad.new_zeros((B, num_tokens, *rest))
     if use_triton(grad):
-        grid, block_r = _grid(B, K, R)
-        _tread_scatter_kernel[grid](
-            grad, idx.contiguous(), grad_x, K, R, num_tokens * R, BLOCK_R=block_r
-        )
+        grid, kw = _grid(B, K, R, grad.device)
+        if B * K:
+            _tread_scatter_kernel[grid](grad, idx.contiguous(), grad_x, B * K, K, R, num_tokens * R, **kw)
         return grad_x
     grad_x.view(-1, R).index_copy_(0, _flat_rows(idx, num_tokens), grad.view(-1, R))
     return grad_x
@@ -135,8 +150,9 @@ def tread_scatter_forward(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
     y = y.contiguous()
     if use_triton(base):
         out = base.clone(memory_format=torch.contiguous_format)
-        grid, block_r = _grid(B, K, R)
-        _tread_scatter_kernel[grid](y, idx.contiguous(), out, K, R, S * R, BLOCK_R=block_r)
+        grid, kw = _grid(B, K, R, base.device)
+        if B * K:
+            _tread_scatter_kernel[grid](y, idx.contiguous(), out, B * K, K, R, S * R, **kw)
         return out
     out = base.contiguous().view(-1, R).index_copy(0, _flat_rows(idx, S), y.view(-1, R))
     return out.view(base.shape)
@@ -152,10 +168,11 @@ def tread_scatter_backward(
     if use_triton(grad):
         grad_base = grad.clone()
         grad_y = grad.new_empty((B, K, *rest))
-        grid, block_r = _grid(B, K, R)
-        _tread_scatter_bwd_kernel[grid](
-            grad, idx.contiguous(), grad_base, grad_y, K, R, S * R, BLOCK_R=block_r
-        )
+        grid, kw = _grid(B, K, R, grad.device)
+        if B * K:
+            _tread_scatter_bwd_kernel[grid](
+                grad, idx.contiguous(), grad_base, grad_y, B * K, K, R, S * R, **kw
+            )
         return grad_base, grad_y
     rows = _flat_rows(idx, S)
     flat = grad.view(-1, R)
