@@ -5,11 +5,13 @@ Shapes (every tensor is made contiguous and its trailing dims flattened to one r
   idx   (B, K)     int64 kept-token indices per sample, unique within a row (any order)
   y     (B, K, R)  the kept tokens after the routed span
   base  (B, S, R)  the saved originals of all tokens
-Each Triton program copies a [BLOCK_T, BLOCK_C] tile: BLOCK_T consecutive kept tokens (flat
-b * K + k) times one BLOCK_C slice of their rows; grid (cdiv(B * K, BLOCK_T), cdiv(R, BLOCK_C)).
-It loads the tile's BLOCK_T indices as one vector, then issues all BLOCK_T row loads at once, so a
-program pays the idx -> row dependent-load latency once per tile, not once per token.
-
+Each Triton program copies a [BLOCK_T, BLOCK_C] tile: BLOCK_T consecutive rows times one BLOCK_C
+slice of them, grid (cdiv(rows, BLOCK_T), cdiv(R, BLOCK_C)). The forwards tile the B * K kept
+tokens: a program loads its BLOCK_T indices as one vector, then all BLOCK_T rows at once, so it
+pays the idx -> row dependent-load latency once per tile, not once per token. The backwards tile
+all B * S tokens through pos (B, S) int32, the inverse of idx (k, or -1 for a routed token), so
+each writes every output row once and reads every input row at most once: no zero-fill or clone
+pass before them.
 Forward and backward (both ops are pure data movement, so the grads are exact in any dtype):
   gather   out[b, k]      = x[b, idx[b, k]]
            grad_x         = 0 everywhere, grad_x[b, idx[b, k]] = grad_out[b, k]
@@ -58,14 +60,44 @@ if HAS_TRITON:
         tl.store(out_ptr + full, tl.load(y_ptr + kept, mask=mask), mask=mask)
 
     @triton.jit
-    def _tread_scatter_bwd_kernel(grad_ptr, idx_ptr, grad_base_ptr, grad_y_ptr, n, K, R, stride_gb,
+    def _tread_positions_kernel(idx_ptr, pos_ptr, n, K, S, BLOCK: tl.constexpr):
+        # pos (B, S) arrives filled with -1: pos[b, idx[b, k]] = k.
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        tok = tl.load(idx_ptr + i, mask=mask, other=0)
+        tl.store(pos_ptr + (i // K).to(tl.int64) * S + tok, (i % K).to(tl.int32), mask=mask)
+
+    @triton.jit
+    def _full_tile(pos_ptr, n, S, K, R, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """A tile of the (B * S, R) view: (its offsets, the offsets of the same columns of y row
+        b * K + pos, kept (pos >= 0) [BLOCK_T, 1], tile mask)."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < n
+        rows = rows.to(tl.int64)  # int64 so B * S * R may pass 2**31
+        k = tl.load(pos_ptr + rows, mask=rmask, other=-1)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cols < R)[None, :]
+        full = (rows * R)[:, None] + cols[None, :]
+        kept_offs = (((rows // S) * K + k) * R)[:, None] + cols[None, :]
+        return full, kept_offs, (k >= 0)[:, None], mask
+
+    @triton.jit
+    def _tread_gather_bwd_kernel(grad_ptr, pos_ptr, grad_x_ptr, n, S, K, R,
+                                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Every row of grad_x written once: grad[b, pos] for a kept token, zeros otherwise.
+        full, kept_offs, kept, mask = _full_tile(pos_ptr, n, S, K, R, BLOCK_T, BLOCK_C)
+        vals = tl.load(grad_ptr + kept_offs, mask=mask & kept, other=0.0)
+        tl.store(grad_x_ptr + full, vals, mask=mask)
+
+    @triton.jit
+    def _tread_scatter_bwd_kernel(grad_ptr, pos_ptr, grad_base_ptr, grad_y_ptr, n, S, K, R,
                                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        # grad_base arrives as a copy of grad: one pass reads each kept row once, hands it to
-        # grad_y and zeroes it in grad_base.
-        full, kept, mask = _tile_offsets(idx_ptr, n, K, R, stride_gb, BLOCK_T, BLOCK_C)
+        # Every row of grad read once: a kept row goes to grad_y and leaves zeros in grad_base,
+        # any other row is copied to grad_base.
+        full, kept_offs, kept, mask = _full_tile(pos_ptr, n, S, K, R, BLOCK_T, BLOCK_C)
         vals = tl.load(grad_ptr + full, mask=mask)
-        tl.store(grad_y_ptr + kept, vals, mask=mask)
-        tl.store(grad_base_ptr + full, tl.zeros_like(vals), mask=mask)
+        tl.store(grad_base_ptr + full, tl.where(kept, tl.zeros_like(vals), vals), mask=mask)
+        tl.store(grad_y_ptr + kept_offs, vals, mask=mask & kept)
 
 
 # A GPU program moves a [BLOCK_T, BLOCK_C] tile of _TILE elements (16 KiB in bf16) with 8 warps
@@ -75,15 +107,26 @@ if HAS_TRITON:
 _TILE, _MAX_BLOCK_C = 8192, 512
 
 
-def _grid(B: int, K: int, R: int, device: torch.device) -> tuple[tuple[int, int], dict]:
-    """(grid, launch kwargs) for B * K kept rows of R elements."""
+def _grid(rows: int, R: int, device: torch.device) -> tuple[tuple[int, int], dict]:
+    """(grid, launch kwargs) for tiles over rows of R elements."""
     if device.type != "cuda":
         block_c = triton.next_power_of_2(R)
-        return (triton.cdiv(B * K, 8), 1), dict(BLOCK_T=8, BLOCK_C=block_c)
+        return (triton.cdiv(rows, 8), 1), dict(BLOCK_T=8, BLOCK_C=block_c)
     block_c = min(triton.next_power_of_2(R), _MAX_BLOCK_C)
     block_t = max(1, _TILE // block_c)
-    grid = (triton.cdiv(B * K, block_t), triton.cdiv(R, block_c))
+    grid = (triton.cdiv(rows, block_t), triton.cdiv(R, block_c))
     return grid, dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=8 if block_t * block_c >= _TILE else 4)
+
+
+def _positions(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """pos (B, num_tokens) int32: k where idx[b, k] == s, else -1 (the inverse of idx)."""
+    B, K = idx.shape
+    pos = torch.full((B, num_tokens), -1, dtype=torch.int32, device=idx.device)
+    if B * K:
+        block = 1024 if idx.device.type == "cuda" else 64
+        _tread_positions_kernel[(triton.cdiv(B * K, block),)](idx.contiguous(), pos, B * K, K, num_tokens,
+                                                              BLOCK=block)
+    return pos
 
 
 def _flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -112,7 +155,7 @@ def tread_gather_forward(x: torch.Tensor, idx: torch.Tensor, shared: bool = Fals
     x = x.contiguous()
     if use_triton(x):
         out = x.new_empty((B, K, *rest))
-        grid, kw = _grid(B, K, R, x.device)
+        grid, kw = _grid(B * K, R, x.device)
         stride_xb = 0 if shared else S * R
         if B * K:
             _tread_gather_kernel[grid](x, idx.contiguous(), out, B * K, K, R, stride_xb, **kw)
@@ -133,12 +176,16 @@ def tread_gather_backward(
         # without grad in the model, so this index_add is off the hot path (no atomics kernel).
         grad_x = grad.new_zeros((num_tokens, R))
         return grad_x.index_add_(0, idx.reshape(-1), grad.view(-1, R)).view(num_tokens, *rest)
-    grad_x = grad.new_zeros((B, num_tokens, *rest))
     if use_triton(grad):
-        grid, kw = _grid(B, K, R, grad.device)
-        if B * K:
-            _tread_scatter_kernel[grid](grad, idx.contiguous(), grad_x, B * K, K, R, num_tokens * R, **kw)
+        # One pass over grad_x (every row written once, kept rows read once): 3/4 of the bytes
+        # of zero-filling it and then scattering the kept rows.
+        grad_x = grad.new_empty((B, num_tokens, *rest))
+        grid, kw = _grid(B * num_tokens, R, grad.device)
+        if B * num_tokens:
+            _tread_gather_bwd_kernel[grid](grad, _positions(idx, num_tokens), grad_x, B * num_tokens,
+                                           num_tokens, K, R, **kw)
         return grad_x
+    grad_x = grad.new_zeros((B, num_tokens, *rest))
     grad_x.view(-1, R).index_copy_(0, _flat_rows(idx, num_tokens), grad.view(-1, R))
     return grad_x
 
@@ -150,7 +197,7 @@ def tread_scatter_forward(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
     y = y.contiguous()
     if use_triton(base):
         out = base.clone(memory_format=torch.contiguous_format)
-        grid, kw = _grid(B, K, R, base.device)
+        grid, kw = _grid(B * K, R, base.device)
         if B * K:
             _tread_scatter_kernel[grid](y, idx.contiguous(), out, B * K, K, R, S * R, **kw)
         return out
@@ -166,13 +213,14 @@ def tread_scatter_backward(
     R = math.prod(rest)
     grad = grad.contiguous()
     if use_triton(grad):
-        grad_base = grad.clone()
+        # One pass over grad (every row read once, written once to grad_base or grad_y): 5/7 of
+        # the bytes of cloning grad and then moving the kept rows out.
+        grad_base = torch.empty_like(grad)
         grad_y = grad.new_empty((B, K, *rest))
-        grid, kw = _grid(B, K, R, grad.device)
-        if B * K:
-            _tread_scatter_bwd_kernel[grid](
-                grad, idx.contiguous(), grad_base, grad_y, B * K, K, R, S * R, **kw
-            )
+        grid, kw = _grid(B * S, R, grad.device)
+        if B * S:
+            _tread_scatter_bwd_kernel[grid](grad, _positions(idx, S), grad_base, grad_y, B * S, S, K, R,
+                                            **kw)
         return grad_base, grad_y
     rows = _flat_rows(idx, S)
     flat = grad.view(-1, R)
