@@ -6,12 +6,12 @@ Shapes (every tensor is made contiguous and its trailing dims flattened to one r
   y     (B, K, R)  the kept tokens after the routed span
   base  (B, S, R)  the saved originals of all tokens
 Each Triton program copies a [BLOCK_T, BLOCK_C] tile: BLOCK_T consecutive rows times one BLOCK_C
-slice of them, grid (cdiv(rows, BLOCK_T), cdiv(R, BLOCK_C)). The gather forward tiles the B * K
-kept tokens: a program loads its BLOCK_T indices as one vector, then all BLOCK_T rows at once, so
-it pays the idx -> row dependent-load latency once per tile, not once per token. The scatter
-forward and both backwards tile all B * S tokens through pos (B, S) int32, the inverse of idx (k,
-or -1 for a routed token), so each writes every output row once and reads every input row at most
-once: no zero-fill or clone pass before them.
+slice of them, grid (cdiv(rows, BLOCK_T), cdiv(R, BLOCK_C)). The forwards tile the B * K kept
+tokens: a program loads its BLOCK_T indices as one vector, then all BLOCK_T rows at once, so it
+pays the idx -> row dependent-load latency once per tile, not once per token. The backwards tile
+all B * S tokens through pos (B, S) int32, the inverse of idx (k, or -1 for a routed token), so
+each writes every output row once and reads every input row at most once: no zero-fill or clone
+pass before them.
 Forward and backward (both ops are pure data movement, so the grads are exact in any dtype):
   gather   out[b, k]      = x[b, idx[b, k]]
            grad_x         = 0 everywhere, grad_x[b, idx[b, k]] = grad_out[b, k]
@@ -54,6 +54,12 @@ if HAS_TRITON:
         tl.store(out_ptr + kept, tl.load(x_ptr + full, mask=mask), mask=mask)
 
     @triton.jit
+    def _tread_scatter_kernel(y_ptr, idx_ptr, out_ptr, n, K, R, stride_ob,
+                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        full, kept, mask = _tile_offsets(idx_ptr, n, K, R, stride_ob, BLOCK_T, BLOCK_C)
+        tl.store(out_ptr + full, tl.load(y_ptr + kept, mask=mask), mask=mask)
+
+    @triton.jit
     def _tread_positions_kernel(idx_ptr, pos_ptr, n, K, S, BLOCK: tl.constexpr):
         # pos (B, S) arrives filled with -1: pos[b, idx[b, k]] = k.
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -74,15 +80,6 @@ if HAS_TRITON:
         full = (rows * R)[:, None] + cols[None, :]
         kept_offs = (((rows // S) * K + k) * R)[:, None] + cols[None, :]
         return full, kept_offs, (k >= 0)[:, None], mask
-
-    @triton.jit
-    def _tread_scatter_kernel(base_ptr, y_ptr, pos_ptr, out_ptr, n, S, K, R,
-                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        # Every row of out written once: y[b, pos] for a kept token, base's row otherwise.
-        full, kept_offs, kept, mask = _full_tile(pos_ptr, n, S, K, R, BLOCK_T, BLOCK_C)
-        from_y = tl.load(y_ptr + kept_offs, mask=mask & kept)
-        from_base = tl.load(base_ptr + full, mask=mask & (kept == 0))
-        tl.store(out_ptr + full, tl.where(kept, from_y, from_base), mask=mask)
 
     @triton.jit
     def _tread_gather_bwd_kernel(grad_ptr, pos_ptr, grad_x_ptr, n, S, K, R,
@@ -199,13 +196,10 @@ def tread_scatter_forward(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
     R = math.prod(rest)
     y = y.contiguous()
     if use_triton(base):
-        # One pass over out (every row written once, from y or from base): 2/3 of the bytes of
-        # cloning base and then scattering y in.
-        base = base.contiguous()
-        out = torch.empty_like(base)
-        grid, kw = _grid(B * S, R, base.device)
-        if B * S:
-            _tread_scatter_kernel[grid](base, y, _positions(idx, S), out, B * S, S, K, R, **kw)
+        out = base.clone(memory_format=torch.contiguous_format)
+        grid, kw = _grid(B * K, R, base.device)
+        if B * K:
+            _tread_scatter_kernel[grid](y, idx.contiguous(), out, B * K, K, R, S * R, **kw)
         return out
     out = base.contiguous().view(-1, R).index_copy(0, _flat_rows(idx, S), y.view(-1, R))
     return out.view(base.shape)
