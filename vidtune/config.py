@@ -305,6 +305,20 @@ class AudioConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = opt(
+        0, "Evaluation loss every N optimizer steps (0: off), and before the first step: MSE on held-out samples "
+        "at fixed timesteps with fixed noise, so evaluations compare.")
+    dataset: Optional[str] = opt(None, "Id of a [[dataset]] used only for evaluation (never trained on).")
+    split_fraction: float = opt(
+        0.0, "Without eval.dataset: share of each training dataset's files held out for evaluation (0 < f < 1).")
+    max_samples: int = opt(8, "Held-out samples scored at most (a fixed, seeded choice).")
+    timesteps: list[float] = opt(help="Timesteps (0..1000) every evaluation sample is scored at.",
+                                 factory=lambda: [100.0, 300.0, 500.0, 700.0, 900.0])
+    seed: int = opt(0, "Seed of the evaluation noise and of the split_fraction choice.")
+
+
+@dataclass
 class DatasetConfig:
     id: str = opt(help="Unique dataset name (cache subdirectory, logs).")
     path: str = opt(help="Directory of videos/images and their captions (searched recursively).")
@@ -343,6 +357,7 @@ class Config:
     logging: LoggingConfig = opt(help="Metrics and progress.", factory=LoggingConfig)
     validation: ValidationConfig = opt(help="Sampling during training.", factory=ValidationConfig)
     ema: EmaConfig = opt(help="EMA of trained weights.", factory=EmaConfig)
+    eval: EvalConfig = opt(help="Evaluation loss on held-out samples.", factory=EvalConfig)
     dataset: list[DatasetConfig] = opt(help="Datasets, one [[dataset]] table each.", factory=list)
 
     @property
@@ -540,6 +555,7 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"validation.resolution: expected \"WxH\" such as \"832x480\", got {v.resolution!r}")
     if not 0 <= v.skip_layers_start <= v.skip_layers_stop <= 1:
         e.append("validation.skip_layers_start/stop: need 0 <= start <= stop <= 1")
+    e += _validate_eval(cfg)
     if m.family == "wan_s2v" and v.every > 0 and not v.reference_media:
         e.append("validation.reference_media: Wan S2V validation needs an image or video per prompt (its first "
                  "frame is the reference; the audio file of the same stem beside it drives the clip); set it, or "
@@ -596,6 +612,27 @@ def _s2v_dataset_errors(d: DatasetConfig, where: str) -> list[str]:
         e.append(f"{where}.audio.max_duration_seconds: must be > 0, got {a.max_duration_seconds}")
     if a.duration_interval < 0:
         e.append(f"{where}.audio.duration_interval: must be >= 0, got {a.duration_interval}")
+    return e
+
+
+def _validate_eval(cfg: Config) -> list[str]:
+    """Problems of the [eval] section."""
+    e, ev = [], cfg.eval
+    if ev.every < 0 or ev.max_samples < 1:
+        e.append(f"eval.every must be >= 0 and eval.max_samples >= 1, got {ev.every} and {ev.max_samples}")
+    if ev.every > 0:
+        ids = [d.id for d in cfg.datasets]
+        if ev.dataset is not None and ev.dataset not in ids:
+            e.append(f"eval.dataset: no enabled [[dataset]] with id {ev.dataset!r}{_hint(ev.dataset, ids)}; "
+                     f"datasets: {ids}")
+        elif ev.dataset is not None and len(ids) < 2:
+            e.append(f"eval.dataset = {ev.dataset!r} is the only dataset: add a training [[dataset]], or hold out "
+                     f"part of it with eval.split_fraction instead")
+        if ev.dataset is None and not 0 < ev.split_fraction < 1:
+            e.append(f"eval.every > 0 needs eval.dataset (a held-out [[dataset]] id) or 0 < eval.split_fraction < 1, "
+                     f"got split_fraction {ev.split_fraction}")
+        if not ev.timesteps or not all(0 <= t <= 1000 for t in ev.timesteps):
+            e.append(f"eval.timesteps: need one or more values in 0..1000, got {ev.timesteps}")
     return e
 
 

@@ -125,6 +125,10 @@ class CachedLoader:
         d, idx, drop = mine
         return self._load([self.entries[d][i] for i in idx], drop)
 
+    def batch_of(self, entries: list[CacheEntry]) -> Batch:
+        """The Batch of ``entries`` with their own captions (no dropout): evaluation."""
+        return self._load(entries, torch.zeros(len(entries), dtype=torch.bool))
+
     def _load(self, entries: list[CacheEntry], drop: torch.Tensor) -> Batch:
         loaded = [{**self.store.load(LATENTS, e.latent_key),
                    **{k: v for kind, key in e.cond_keys for k, v in self.store.load(kind, key).items()}}

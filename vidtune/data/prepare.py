@@ -53,6 +53,7 @@ class PreparedData:
     stats: dict[str, int] = field(default_factory=dict)  # encoded / reused counts
     seconds: float = 0.0  # discovery + caching time
     text_keys: dict[str, str] = field(default_factory=dict)  # extra text (validation prompts) -> cache key
+    held_out: list[CacheEntry] = field(default_factory=list)  # evaluation samples, never trained on
 
     def summary(self) -> str:
         used = Counter(e.dataset_id for e in self.entries)

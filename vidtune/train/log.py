@@ -115,6 +115,10 @@ class StepLog:
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/step_time_s": step_time, "perf/tokens_per_s": tok_s, "perf/memory_gib": mem / 2**30,
                    "train/skipped": float(skipped)}
+        self.scalars(step, scalars)
+
+    def scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Named scalars (``section/name``) to the metrics backend."""
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
@@ -162,36 +166,44 @@ PLOTS = {"loss": ("loss", "loss"), "lr": ("lr", "learning rate"), "grad_norm": (
 
 def write_plots(run_dir: str | Path) -> list[Path]:
     """``<run>/plots/{loss,lr,grad_norm,memory}.png`` from ``losses.jsonl`` (atomic writes)."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     rows = read_losses(run_dir)
     out = []
     for name, (key, label) in PLOTS.items():
         pts = [(r["step"], _number(r[key])) for r in rows if key in r]
         if key == "mem":
             pts = [(s, v / 2**30) for s, v in pts]
-        fig = Figure(figsize=(6, 3.5), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        if pts:
-            ax.plot(*zip(*pts), lw=1)
+        series = {"": pts}
         if key == "loss" and len(pts) >= 10:  # the trend under per-step noise
             w = max(5, len(pts) // 20)
             vals = [v for _, v in pts]
-            ax.plot([s for s, _ in pts[w - 1:]], [sum(vals[i - w + 1:i + 1]) / w for i in range(w - 1, len(vals))],
-                    lw=2, label=f"mean of {w}")
-            ax.legend()
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        out.append(atomic_write_bytes(Path(run_dir) / "plots" / f"{name}.png", buf.getvalue()))
+            series[f"mean of {w}"] = list(zip([s for s, _ in pts[w - 1:]],
+                                              [sum(vals[i - w + 1:i + 1]) / w for i in range(w - 1, len(vals))]))
+        out.append(write_plot(Path(run_dir) / "plots" / f"{name}.png", series, label))
     return out
+
+
+def write_plot(path: Path, series: dict[str, list[tuple[float, float]]], ylabel: str) -> Path:
+    """A PNG of one or more (step, value) curves (label "" for an unlabelled first curve), atomically."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (label, pts) in enumerate(series.items()):
+        if pts:
+            ax.plot(*zip(*pts), lw=1 if i == 0 else 2, label=label or None)
+    if any(label and pts for label, pts in series.items()):
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def write_summary(run_dir: str | Path, summary: dict) -> Path:

@@ -39,7 +39,8 @@ from .checkpoint import resume_checkpoint, save_checkpoint
 from .ema import Ema
 from .flow import flow_loss, sample_sigmas
 from .forward import training_forward
-from .log import StepLog, loss_values, memory_bytes, write_plots, write_summary
+from .evaluate import eval_series, eval_trend
+from .log import StepLog, loss_values, memory_bytes, write_plot, write_plots, write_summary
 from .optim import (RESUMED_FROM_CONFIG, build_optimizer, build_scheduler, clip_gradients, optimizer_hparams,
                     trains_in_bf16)
 
@@ -53,17 +54,31 @@ class TrainingStopped(RuntimeError):
 
 def prepare(cfg: Config, log=print) -> PreparedData:
     """Discover the datasets and fill the caches (each component gets its own section). The
-    validation prompts are encoded with the captions, while the text encoder is loaded anyway."""
+    validation prompts are encoded with the captions, while the text encoder is loaded anyway.
+    Evaluation samples (``[eval]``) are held out of what the loader draws."""
     from ..data import Encoders, prepare_data
+    from .evaluate import hold_out
     from .validate import validation_texts
 
-    encoders = Encoders(cfg.model, resolve_device(cfg.train.device), cfg.memory.offload_during_startup)
-    return prepare_data(
-        cfg.datasets, cfg.cache, cfg.model,
-        batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        encoders=encoders, log=log,
+    t, ev = cfg.train, cfg.eval
+    held_id = ev.dataset if ev.every > 0 else None
+    encoders = Encoders(cfg.model, resolve_device(t.device), cfg.memory.offload_during_startup)
+    prepared = prepare_data(
+        [d for d in cfg.datasets if d.id != held_id], cfg.cache, cfg.model,
+        batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        encoders=encoders, log=log, release_encoders=held_id is None,
         extra_texts=validation_texts(cfg.validation) if cfg.validation.every > 0 else (),
     )
+    if held_id:
+        log(f"eval.dataset {held_id!r}: cached for the evaluation loss, never trained on")
+        held = prepare_data([d for d in cfg.datasets if d.id == held_id], cfg.cache, cfg.model, encoders=encoders,
+                            log=log)
+        prepared.held_out = held.entries
+    elif ev.every > 0:
+        prepared = hold_out(prepared, ev, t.batch_size, t.gradient_accumulation_steps)
+        log(f"eval.split_fraction {ev.split_fraction}: {len(prepared.held_out)} file(s) held out for the "
+            f"evaluation loss, never trained on")
+    return prepared
 
 
 def train(cfg: Config, prepared: PreparedData, log=print) -> int:
@@ -154,11 +169,19 @@ class Run:
             self.validator = Validator(cfg, prepared, self.device, self.run_dir, log)
         self.loader = CachedLoader(prepared, t.batch_size, seed=t.seed, caption_dropout=t.caption_dropout,
                                    gradient_accumulation_steps=t.gradient_accumulation_steps)
+        self.evaluator = None
+        if cfg.eval.every > 0:
+            from .evaluate import Evaluator
+
+            self.evaluator = Evaluator(cfg.eval, prepared, self.forward, self.device, self.dtype, t.batch_size,
+                                       self.run_dir)
         self.flow_gen = torch.Generator("cpu").manual_seed(seed_for(t.seed, "flow"))
         self.tread_gen = torch.Generator(self.device).manual_seed(seed_for(t.seed, "tread"))
         self.step = self.skipped = self.consecutive = 0
         self.start_max_abs = self.max_abs()  # for the divergence check; a resume restores the first run's
         self.seconds = {"caching": prepared.seconds, "training": 0.0, "validation": 0.0, "checkpointing": 0.0}
+        if self.evaluator is not None:
+            self.seconds["evaluation"] = 0.0
         self.logger: StepLog | None = None
         self.last_checkpoint: Path | None = None
 
@@ -259,12 +282,16 @@ class Run:
         """Steps until ``max_train_steps``; returns 0, or 128 + signal number when stopped by one."""
         t = self.cfg.train
         self.logger = StepLog(self.cfg.logging, self.run_dir, self.step, t.max_train_steps)
+        if self.evaluator is not None:
+            self.evaluator.open(self.step)
         saved_at = self.step
         due = False  # a periodic checkpoint waits for a good step
         try:
             with _StopFlag() as stop:
                 if self.validator is not None and self.step == 0 and self.cfg.validation.baseline:
                     self.validate()
+                if self.evaluator is not None and self.step == 0:
+                    self.evaluate()
                 while self.step < t.max_train_steps:
                     lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                     r = self.train_step()
@@ -284,6 +311,8 @@ class Run:
                             f"({self.last_checkpoint or 'none yet'}) with train.resume = \"latest\"")
                     if self.validator is not None and self.validator.due(self.step):
                         self.validate()
+                    if self.evaluator is not None and self.evaluator.due(self.step):
+                        self.evaluate()
                     due = due or bool(t.checkpoint_every and self.step % t.checkpoint_every == 0)
                     if due and not r.skipped:
                         self.checkpoint()
@@ -308,6 +337,19 @@ class Run:
         self.logger.images(self.step, outputs)
         self.seconds["validation"] += time.perf_counter() - t1
 
+    def evaluate(self) -> None:
+        t1 = time.perf_counter()
+        row = self.evaluator.run(self.model, self.step, self.ema)
+        self.logger.scalars(self.step, {f"eval/{k}": v for k, v in row.items() if k != "step"})
+        ema = f" (EMA weights {row['ema_loss']:.4f})" if "ema_loss" in row else ""
+        self.logger.write(f"eval: step {self.step} loss {row['loss']:.4f}{ema}")
+        self.seconds["evaluation"] += time.perf_counter() - t1
+
+    def plots(self) -> None:
+        write_plots(self.run_dir)
+        if self.evaluator is not None:
+            write_plot(self.run_dir / "plots" / "eval_loss.png", eval_series(self.run_dir), "eval loss")
+
     def checkpoint(self) -> None:
         """Save the run's state, unless the weights are broken (then say so and keep the last one)."""
         problem = self.weights_problem()
@@ -329,7 +371,7 @@ class Run:
         path = save_checkpoint(self.ckpt_root, self.step, {n: p.detach() for n, p in self.trainable.items()},
                                state, meta, keep=self.cfg.train.keep_checkpoints)
         self.last_checkpoint = path
-        write_plots(self.run_dir)
+        self.plots()
         self.seconds["checkpointing"] += time.perf_counter() - t1
         write_summary(self.run_dir, self.summary())
         self.logger.write(f"checkpoint: {path}")
@@ -373,12 +415,15 @@ class Run:
             if self.ema is not None:
                 with self.ema.swapped_in():
                     files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step)
-        write_plots(self.run_dir)
+        self.plots()
         write_summary(self.run_dir, self.summary())
         losses = [x for x in loss_values(self.run_dir) if math.isfinite(x)]
         if len(losses) >= 20:
             first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
             self.log(f"loss: mean of the first 10 steps {first:.4f}, of the last 10 {last:.4f}")
+        trend = eval_trend(self.run_dir) if self.evaluator is not None else ""
+        if trend:
+            self.log(trend)
         if self.skipped:
             self.log(f"warning: {self.skipped_warning()}")
         if problem:
