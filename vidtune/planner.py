@@ -28,6 +28,7 @@ from vidtune.build import adapter_dtype, architecture
 from vidtune.config import Config, ConfigError, override
 from vidtune.measure import devices as D
 from vidtune.measure import probes as P
+from vidtune.measure.mfu import flops_config, model_flops
 from vidtune.runtime import dtype as _dtype
 from vidtune.runtime import resolve_device
 
@@ -57,6 +58,11 @@ class Shape:
 
     def __str__(self):
         return f"{self.width}x{self.height}x{self.frames}"
+
+    @classmethod
+    def of_latent(cls, frames: int, height: int, width: int) -> "Shape":
+        """The pixel shape whose latents are (frames, height, width) (Wan VAE: x4 in time, x8 in space)."""
+        return cls(width * 8, height * 8, (frames - 1) * 4 + 1)
 
 
 WAN_ASPECT = 832 / 480  # the aspect Wan was trained at; the planner sizes the largest bucket with it
@@ -315,6 +321,15 @@ def simulate_step(cfg: Config, arch, shape: Shape) -> dict:
     calls = {"head": S["head"].calls, "tail": S["tail"].calls + S["tail_bwd"].calls, "head_bwd": S["rest_bwd"].calls}
     return dict(peak=peak, fwd_flops=fwd_flops, bwd_flops=bwd_flops, materialized=mat, attention=attn,
                 calls=calls, block_calls=block_calls, classes=classes)
+
+
+def step_model_flops(cfg: Config, arch, shape: Shape | None = None) -> int:
+    """Model FLOPs of one training step of ``cfg`` at ``shape`` (default: its largest training
+    sample): the counters' replay of the step with checkpointing and chunked FF off
+    (``measure.mfu.flops_config``); TREAD-routed blocks count the tokens they keep. The trainer's
+    MFU uses it; the GPU check counts the same (``plan(flops_config(cfg)).counters``)."""
+    sim = simulate_step(flops_config(cfg), arch, shape or train_shape(cfg))
+    return model_flops(sim["fwd_flops"], sim["bwd_flops"])
 
 
 def _caching_phase(cfg: Config, dev: D.Device, shape: Shape) -> Phase:

@@ -349,3 +349,30 @@ def test_inductor_compiled_run_matches_eager(run):
     assert len(a) == len(b) == 3
     assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
     assert a != [0.0] * 3
+
+
+def test_mfu_in_the_progress_line_and_logs_is_counted_flops_over_time_and_peak(run, capsys):
+    """The logged MFU is the counters' FLOPs of a real step of the same model / step time / the
+    measured fp32 GEMM peak (``measure.mfu``'s definition), computed here independently."""
+    import re
+
+    from vidtune.build import build_from_config
+    from vidtune.config import load_config
+    from vidtune.measure.counters import count_train_step
+    from vidtune.measure.devices import measure_cpu_fp32_flops
+
+    rc, out = run("train.max_train_steps=2", "logging.progress_bar=false")
+    assert rc == 0
+    assert len(re.findall(r"tok/s MFU \d+\.\d+% mem", capsys.readouterr().out)) == 2
+    # Model FLOPs: a real step of the run's model without checkpointing, which would repeat forwards.
+    cfg = load_config(out / "config.resolved.toml", ["memory.gradient_checkpointing=false"])
+    model = build_from_config(cfg, "cpu", init="random").model
+    c = model.config
+    x = torch.randn(1, c.in_channels, 3, 4, 4)  # the 32x32, 9-frame clips' latents
+    counted = count_train_step(model, lambda: ((x, torch.tensor([500.0]), torch.randn(1, 512, c.text_dim)), {}))
+    peak = measure_cpu_fp32_flops()
+    for r in read_losses(out):
+        assert r["flops"] == counted.flops
+        assert r["mfu"] == pytest.approx(counted.flops / r["step_s"] / peak, rel=1e-9)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mfu"]["peak_flops"] == peak

@@ -68,7 +68,8 @@ def measure_cpu_fp32_flops(n: int = 2048, repeats: int = 5) -> float:
     """This machine's fp32 GEMM peak: the best of ``repeats`` n x n x n matmuls, in FLOP/s."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)  # not the global RNG: a run measuring it draws the same numbers
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b  # warm-up: thread pool, caches
     best = float("inf")
     for _ in range(repeats):

@@ -14,6 +14,7 @@ step has fewer model FLOPs, and its MFU says how well the work it really does ru
 from __future__ import annotations
 
 from vidtune.config import Config, override
+from vidtune.measure import devices as D
 
 
 def flops_config(cfg: Config) -> Config:
@@ -37,3 +38,18 @@ def mfu(flops: float, step_s: float, peak_flops: float) -> float | None:
     if not peak_flops or not step_s or step_s <= 0:
         return None
     return flops / step_s / peak_flops
+
+
+def peak_flops(device, dtype_bytes: int) -> float | None:
+    """The dense peak FLOP/s MFU divides by: the GPU class table's (bf16 tensor peak for 16-bit
+    compute, fp32 otherwise; None for a GPU no class describes), or on the CPU its measured fp32
+    GEMM peak (``devices.measure_cpu_fp32_flops``, ~1 s once per process)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return D.device("cpu", measure=True).fp32_flops
+    if device.type == "cuda":
+        cls = D.gpu_class(torch.cuda.get_device_name(device))
+        return cls.peak_flops(dtype_bytes) if cls else None
+    return None

@@ -92,9 +92,13 @@ class StepLog:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, step_time: float, tokens: int,
-             mem: int, skipped: bool) -> None:
+             mem: int, skipped: bool, extra: dict[str, float] | None = None) -> None:
+        """``extra``: more scalars by backend name (``perf/mfu``...); the row gets them under the
+        last part of the name."""
+        extra = {k: v for k, v in (extra or {}).items() if v is not None}
         row = {"step": step, "loss": _json_number(loss), "lr": lr, "grad_norm": _json_number(grad_norm),
-               "mem": mem, "skipped": skipped}
+               "mem": mem, "skipped": skipped, "step_s": step_time}
+        row.update({k.rsplit("/", 1)[-1]: _json_number(float(v)) for k, v in extra.items()})
         try:
             self._losses.write(json.dumps(row) + "\n")
             self._losses.flush()
@@ -103,8 +107,9 @@ class StepLog:
                 raise DiskFullError(self.run_dir) from exc
             raise
         tok_s = tokens / step_time if step_time > 0 else 0.0
+        mfu = f" MFU {extra['perf/mfu']:.1%}" if "perf/mfu" in extra else ""
         text = (f"loss {loss:.4f}{' (skipped)' if skipped else ''} lr {lr:.2e} {step_time:.2f}s/step "
-                f"{tok_s:,.0f} tok/s mem {mem / 2**30:.2f} GiB")
+                f"{tok_s:,.0f} tok/s{mfu} mem {mem / 2**30:.2f} GiB")
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
@@ -114,7 +119,7 @@ class StepLog:
             return
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/step_time_s": step_time, "perf/tokens_per_s": tok_s, "perf/memory_gib": mem / 2**30,
-                   "train/skipped": float(skipped)}
+                   "train/skipped": float(skipped), **extra}
         self.scalars(step, scalars)
 
     def scalars(self, step: int, scalars: dict[str, float]) -> None:

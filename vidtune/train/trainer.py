@@ -39,8 +39,10 @@ from .checkpoint import resume_checkpoint, save_checkpoint
 from .ema import Ema
 from .flow import flow_loss, sample_sigmas
 from .forward import training_forward
+from ..measure.mfu import mfu, peak_flops
+from ..planner import Shape, step_model_flops
 from .evaluate import eval_series, eval_trend
-from .log import StepLog, loss_values, memory_bytes, write_plot, write_plots, write_summary
+from .log import StepLog, loss_values, memory_bytes, read_losses, write_plot, write_plots, write_summary
 from .optim import (RESUMED_FROM_CONFIG, build_optimizer, build_scheduler, clip_gradients, optimizer_hparams,
                     trains_in_bf16)
 
@@ -129,6 +131,7 @@ class StepResult:
     seconds: float
     skipped: bool
     reason: str = ""  # why a skipped step was skipped
+    shapes: tuple = ()  # latent (frames, height, width) of each micro-batch: the step's model FLOPs
 
 
 class Run:
@@ -175,6 +178,10 @@ class Run:
 
             self.evaluator = Evaluator(cfg.eval, prepared, self.forward, self.device, self.dtype, t.batch_size,
                                        self.run_dir)
+        # MFU: model FLOPs per latent shape (the planner's counted step) over the device's peak.
+        compute = self.autocast or self.dtype
+        self.peak_flops = peak_flops(self.device, torch.empty((), dtype=compute).element_size())
+        self._flops: dict[tuple, int] = {}
         self.flow_gen = torch.Generator("cpu").manual_seed(seed_for(t.seed, "flow"))
         self.tread_gen = torch.Generator(self.device).manual_seed(seed_for(t.seed, "tread"))
         self.step = self.skipped = self.consecutive = 0
@@ -237,6 +244,7 @@ class Run:
         patch = self.model.config.patch_size
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
+        shapes = []
         reason = ""
         for _ in range(t.gradient_accumulation_steps):
             try:
@@ -247,6 +255,7 @@ class Run:
             x0 = batch.latents
             b, _, f, h, w = x0.shape
             tokens += b * (f // patch[0]) * (h // patch[1]) * (w // patch[2])
+            shapes.append((f, h, w))
             # Noise and timesteps come from the CPU generator: the same draws on any device.
             noise = torch.randn(x0.shape, generator=self.flow_gen).to(self.device, x0.dtype)
             sigma = sample_sigmas(b, t.timestep_sampling, self.flow_gen, logit_mean=t.logit_mean,
@@ -275,7 +284,27 @@ class Run:
         self.step += 1
         if self.ema is not None and not bad:
             self.ema.maybe_update(self.step)
-        return StepResult(loss_val, norm_val, tokens, time.perf_counter() - t0, bad, reason)
+        return StepResult(loss_val, norm_val, tokens, time.perf_counter() - t0, bad, reason, tuple(shapes))
+
+    def step_flops(self, shapes) -> int | None:
+        """Model FLOPs of a step whose micro-batches had these latent shapes (None: not countable)."""
+        try:
+            for shape in shapes:
+                if shape not in self._flops:
+                    with torch.random.fork_rng(devices=[]):  # counting draws nothing from the run's RNG
+                        self._flops[shape] = step_model_flops(self.cfg, self.model.config, Shape.of_latent(*shape))
+            return sum(self._flops[s] for s in shapes)
+        except Exception as exc:  # a metric never stops a run
+            self.log(f"warning: no MFU for this run: counting the step's FLOPs failed ({type(exc).__name__}: {exc})")
+            self.peak_flops = None
+            return None
+
+    def perf(self, r: StepResult) -> dict:
+        """The step's model FLOPs and MFU (``measure.mfu.mfu``, the benchmarks' definition)."""
+        if self.peak_flops is None or r.skipped:
+            return {}
+        flops = self.step_flops(r.shapes)
+        return {} if flops is None else {"perf/flops": flops, "perf/mfu": mfu(flops, r.seconds, self.peak_flops)}
 
     # -- the loop -------------------------------------------------------------------------------------
     def loop(self) -> int:
@@ -297,7 +326,7 @@ class Run:
                     r = self.train_step()
                     self.seconds["training"] += r.seconds
                     self.logger.step(self.step, r.loss, lr, r.grad_norm, r.seconds, r.tokens,
-                                     memory_bytes(self.device), r.skipped)
+                                     memory_bytes(self.device), r.skipped, self.perf(r))
                     if r.skipped:
                         self.logger.write(f"step {self.step}: {r.reason}; step skipped ({self.consecutive} in a "
                                           f"row, {self.skipped} in total)")
@@ -398,6 +427,9 @@ class Run:
         out = {"steps": self.step, "samples_seen": self.step * t.batch_size * t.gradient_accumulation_steps,
                "skipped_files": len(self.prepared.skips.entries), "skipped_steps": self.skipped,
                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+        mfus = [r["mfu"] for r in read_losses(self.run_dir) if r.get("mfu") is not None]
+        if mfus:
+            out["mfu"] = {"mean": sum(mfus) / len(mfus), "peak_flops": self.peak_flops}
         if self.skipped:
             out["warning"] = self.skipped_warning()
         return out
