@@ -319,6 +319,26 @@ class EvalConfig:
 
 
 @dataclass
+class CrepaConfig:
+    enabled: bool = opt(False, "CREPA temporal regulariser (cross-frame representation alignment).")
+    block_index: int = opt(8, "Block whose output hidden states are aligned (0-based; negative counts from the end).")
+    weight: float = opt(0.5, "lambda: weight of the CREPA loss added to the flow-matching loss.")
+    adjacent_distance: int = opt(1, "d: each frame is also aligned to the features of frames f-d and f+d (0: per frame).")
+    adjacent_tau: float = opt(1.0, "Temporal decay tau: a neighbour at distance d weighs exp(-d / tau).")
+    encoder: str = opt("facebook/dinov2-giant",
+                       "Vision encoder (transformers model dir or hub id); DINOv2 giant is SimpleTuner's dinov2_vitg14.")
+    encoder_image_size: int = opt(518, "Frames are resized to this square size for the encoder.")
+    encoder_dtype: Dtype = opt("bf16", "Dtype the encoder runs in while caching features.")
+    spatial_align: bool = opt(
+        True, "Align patch by patch (features resampled to the transformer's token grid); false: one pooled "
+        "feature per frame (a far smaller cache).")
+    head_dim: int = opt(2048, "Hidden width of the trained projection head (LayerNorm, Linear, SiLU, Linear).")
+    drop_vae_encoder: bool = opt(
+        False, "Train purely from cached latents: the VAE encoder is never loaded (a clip without cached latents "
+        "is an error); CREPA features come from the pixel frames.")
+
+
+@dataclass
 class DatasetConfig:
     id: str = opt(help="Unique dataset name (cache subdirectory, logs).")
     path: str = opt(help="Directory of videos/images and their captions (searched recursively).")
@@ -358,6 +378,7 @@ class Config:
     validation: ValidationConfig = opt(help="Sampling during training.", factory=ValidationConfig)
     ema: EmaConfig = opt(help="EMA of trained weights.", factory=EmaConfig)
     eval: EvalConfig = opt(help="Evaluation loss on held-out samples.", factory=EvalConfig)
+    crepa: CrepaConfig = opt(help="CREPA temporal regulariser.", factory=CrepaConfig)
     dataset: list[DatasetConfig] = opt(help="Datasets, one [[dataset]] table each.", factory=list)
 
     @property
@@ -616,7 +637,7 @@ def _s2v_dataset_errors(d: DatasetConfig, where: str) -> list[str]:
 
 
 def _validate_eval(cfg: Config) -> list[str]:
-    """Problems of the [eval] section."""
+    """Problems of the [eval] and [crepa] sections."""
     e, ev = [], cfg.eval
     if ev.every < 0 or ev.max_samples < 1:
         e.append(f"eval.every must be >= 0 and eval.max_samples >= 1, got {ev.every} and {ev.max_samples}")
@@ -633,6 +654,14 @@ def _validate_eval(cfg: Config) -> list[str]:
                      f"got split_fraction {ev.split_fraction}")
         if not ev.timesteps or not all(0 <= t <= 1000 for t in ev.timesteps):
             e.append(f"eval.timesteps: need one or more values in 0..1000, got {ev.timesteps}")
+    cr = cfg.crepa
+    if cr.enabled:
+        if cr.weight < 0 or cr.adjacent_distance < 0 or cr.adjacent_tau <= 0:
+            e.append(f"crepa: need weight >= 0, adjacent_distance >= 0 and adjacent_tau > 0, got {cr.weight}, "
+                     f"{cr.adjacent_distance} and {cr.adjacent_tau}")
+        if cr.encoder_image_size < 14 or cr.head_dim < 1:
+            e.append(f"crepa: encoder_image_size must be >= 14 and head_dim >= 1, got {cr.encoder_image_size} "
+                     f"and {cr.head_dim}")
     return e
 
 

@@ -9,6 +9,7 @@ model is given rather than asked for, e.g. a clean conditioning frame).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -16,10 +17,11 @@ import torch
 from .flow import noisy_input
 
 
-def wan_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator):
-    """Wan text-to-video: denoise the whole clip."""
+def wan_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator, **model_kwargs):
+    """Wan text-to-video: denoise the whole clip. ``model_kwargs`` go to the model call
+    (``capture_hidden`` for CREPA, which then returns ``(prediction, {block: hidden})``)."""
     x_t, target, timestep = noisy_input(batch.latents, noise, sigma)
-    pred = model(x_t, timestep, batch.prompt_embeds, routes=routes, generator=generator)
+    pred = model(x_t, timestep, batch.prompt_embeds, routes=routes, generator=generator, **model_kwargs)
     return pred, target, None
 
 
@@ -45,6 +47,12 @@ def wan_s2v_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, r
 
 
 FORWARDS: dict[str, Callable] = {"wan": wan_forward, "wan_s2v": wan_s2v_forward}
+
+
+def supports(forward: Callable, keyword: str) -> bool:
+    """Whether ``forward`` takes ``keyword`` (by name or through ``**kwargs``)."""
+    params = inspect.signature(forward).parameters
+    return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def training_forward(family: str) -> Callable:

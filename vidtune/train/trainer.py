@@ -23,7 +23,7 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from ..runtime import DTYPES, resolve_device, seed_for
 from .checkpoint import resume_checkpoint, save_checkpoint
 from .ema import Ema
 from .flow import flow_loss, sample_sigmas
-from .forward import training_forward
+from .forward import supports, training_forward
 from ..measure.mfu import mfu, peak_flops
 from ..planner import Shape, step_model_flops
 from .evaluate import eval_series, eval_trend
@@ -57,14 +57,17 @@ class TrainingStopped(RuntimeError):
 def prepare(cfg: Config, log=print) -> PreparedData:
     """Discover the datasets and fill the caches (each component gets its own section). The
     validation prompts are encoded with the captions, while the text encoder is loaded anyway.
-    Evaluation samples (``[eval]``) are held out of what the loader draws."""
+    Evaluation samples (``[eval]``) are held out of what the loader draws; CREPA's encoder
+    features are cached beside the latents."""
     from ..data import Encoders, prepare_data
+    from ..data.features import FeatureEncoder, NoVaeEncoders, cache_features
     from .evaluate import hold_out
     from .validate import validation_texts
 
     t, ev = cfg.train, cfg.eval
     held_id = ev.dataset if ev.every > 0 else None
-    encoders = Encoders(cfg.model, resolve_device(t.device), cfg.memory.offload_during_startup)
+    kind = NoVaeEncoders if cfg.crepa.enabled and cfg.crepa.drop_vae_encoder else Encoders
+    encoders = kind(cfg.model, resolve_device(t.device), cfg.memory.offload_during_startup)
     prepared = prepare_data(
         [d for d in cfg.datasets if d.id != held_id], cfg.cache, cfg.model,
         batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -80,6 +83,9 @@ def prepare(cfg: Config, log=print) -> PreparedData:
         prepared = hold_out(prepared, ev, t.batch_size, t.gradient_accumulation_steps)
         log(f"eval.split_fraction {ev.split_fraction}: {len(prepared.held_out)} file(s) held out for the "
             f"evaluation loss, never trained on")
+    if cfg.crepa.enabled:
+        prepared = cache_features(prepared, cfg.datasets, cfg.cache, cfg.model,
+                                  FeatureEncoder(cfg.crepa, resolve_device(t.device), cfg.model.revision), log)
     return prepared
 
 
@@ -132,6 +138,7 @@ class StepResult:
     skipped: bool
     reason: str = ""  # why a skipped step was skipped
     shapes: tuple = ()  # latent (frames, height, width) of each micro-batch: the step's model FLOPs
+    extra: dict = field(default_factory=dict)  # more scalars of the step (CREPA's)
 
 
 class Run:
@@ -154,6 +161,16 @@ class Run:
         self.trainable = built.trainable
         self.routes = cfg.tread.resolve(len(self.model.blocks))
         self.forward = training_forward(cfg.model.family)
+        self.crepa = None
+        if cfg.crepa.enabled:
+            from .crepa import Crepa, encoder_width
+
+            if not supports(self.forward, "capture_hidden"):
+                raise ConfigError(f"crepa.enabled = true: the {cfg.model.family} training forward does not take "
+                                  f"capture_hidden yet; set crepa.enabled = false for this family")
+            self.crepa = Crepa(cfg.crepa, self.model, encoder_width(cfg.crepa.encoder, cfg.model.revision),
+                               self.device, t.seed)
+            self.trainable.update(self.crepa.named_parameters())  # trained and checkpointed, not exported
         n_all = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.trainable.values())
         log(f"model: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trained ({cfg.adapter.type}) on "
@@ -243,6 +260,8 @@ class Run:
         t0 = time.perf_counter()
         patch = self.model.config.patch_size
         loss_sum = torch.zeros((), device=self.device)
+        crepa_sum = torch.zeros((), device=self.device)
+        sim_sum = torch.zeros((), device=self.device)
         tokens = 0
         shapes = []
         reason = ""
@@ -262,14 +281,30 @@ class Run:
                                   logit_std=t.logit_std, shift=t.flow_shift,
                                   tokens_per_frame=(h // patch[1]) * (w // patch[2])).to(self.device)
             with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
-                pred, target, weight = self.forward(self.model, batch, noise, sigma, routes=self.routes,
-                                                    generator=self.tread_gen)
+                if self.crepa is None:  # the plain step, bit for bit
+                    pred, target, weight = self.forward(self.model, batch, noise, sigma, routes=self.routes,
+                                                        generator=self.tread_gen)
+                else:
+                    (pred, hidden), target, weight = self.forward(
+                        self.model, batch, noise, sigma, routes=self.routes, generator=self.tread_gen,
+                        capture_hidden=(self.crepa.block,))
+                    reg, sim = self.crepa.loss(hidden[self.crepa.block], x0, batch.cond["crepa"])
             loss = flow_loss(pred, target, weight) / t.gradient_accumulation_steps
-            loss.backward()
+            if self.crepa is None:
+                loss.backward()
+            else:
+                reg = reg / t.gradient_accumulation_steps
+                (loss + reg).backward()
+                crepa_sum += reg.detach()
+                sim_sum += sim / t.gradient_accumulation_steps
             loss_sum += loss.detach()
         grad_norm = clip_gradients(list(self.trainable.values()), t)
         # Host sync (the one per step): the loss and norm decide whether this step is applied.
         loss_val, norm_val = (loss_sum.item(), float(grad_norm)) if not reason else (math.nan, math.nan)
+        scalars = {}
+        if self.crepa is not None and not reason:
+            scalars = {"train/crepa_loss": crepa_sum.item(), "train/crepa_similarity": sim_sum.item()}
+            loss_val = loss_val if math.isfinite(scalars["train/crepa_loss"]) else math.nan
         if not reason and not (math.isfinite(loss_val) and math.isfinite(norm_val)):
             reason = (f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} (loss {loss_val}, "
                       f"grad norm {norm_val})")
@@ -284,7 +319,7 @@ class Run:
         self.step += 1
         if self.ema is not None and not bad:
             self.ema.maybe_update(self.step)
-        return StepResult(loss_val, norm_val, tokens, time.perf_counter() - t0, bad, reason, tuple(shapes))
+        return StepResult(loss_val, norm_val, tokens, time.perf_counter() - t0, bad, reason, tuple(shapes), scalars)
 
     def step_flops(self, shapes) -> int | None:
         """Model FLOPs of a step whose micro-batches had these latent shapes (None: not countable)."""
@@ -326,7 +361,7 @@ class Run:
                     r = self.train_step()
                     self.seconds["training"] += r.seconds
                     self.logger.step(self.step, r.loss, lr, r.grad_norm, r.seconds, r.tokens,
-                                     memory_bytes(self.device), r.skipped, self.perf(r))
+                                     memory_bytes(self.device), r.skipped, {**r.extra, **self.perf(r)})
                     if r.skipped:
                         self.logger.write(f"step {self.step}: {r.reason}; step skipped ({self.consecutive} in a "
                                           f"row, {self.skipped} in total)")
