@@ -323,10 +323,12 @@ class CrepaConfig:
     enabled: bool = opt(False, "CREPA temporal regulariser (cross-frame representation alignment).")
     block_index: int = opt(8, "Block whose output hidden states are aligned (0-based; negative counts from the end).")
     weight: float = opt(0.5, "lambda: weight of the CREPA loss added to the flow-matching loss.")
-    adjacent_distance: int = opt(1, "d: each frame is also aligned to the features of frames f-d and f+d (0: per frame).")
+    adjacent_distance: int = opt(
+        1, "d: each frame is also aligned to the features of frames f-d and f+d (0: per frame).")
     adjacent_tau: float = opt(1.0, "Temporal decay tau: a neighbour at distance d weighs exp(-d / tau).")
-    encoder: str = opt("facebook/dinov2-giant",
-                       "Vision encoder (transformers model dir or hub id); DINOv2 giant is SimpleTuner's dinov2_vitg14.")
+    encoder: str = opt(
+        "facebook/dinov2-giant", "Vision encoder (transformers model dir or hub id); DINOv2 giant is SimpleTuner's "
+        "dinov2_vitg14.")
     encoder_image_size: int = opt(518, "Frames are resized to this square size for the encoder.")
     encoder_dtype: Dtype = opt("bf16", "Dtype the encoder runs in while caching features.")
     spatial_align: bool = opt(

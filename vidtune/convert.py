@@ -86,7 +86,8 @@ NOTED = {
 }
 
 UNSUPPORTED = {
-    "crepa": "CREPA is not in the vidtune schema yet; train without it or keep using SimpleTuner for it",
+    "crepa": "this CREPA option (lambda schedules, cutoffs, backbone features, cumulative neighbours) is not in "
+             "vidtune's [crepa]; the constant-weight CREPA of the guides is",
     "validation_using_datasets": "I2V validation from an image dataset is not in the vidtune schema yet",
     "eval_dataset_id": "I2V validation from an image dataset is not in the vidtune schema yet",
 }
@@ -126,6 +127,33 @@ def _copy(c: "_Converter", cfg: dict, used: set, table) -> None:
         if cfg.get(key) is not None:
             used.add(key)
             c.set(target, conv(cfg[key]))
+
+
+# SimpleTuner loads DINOv2 through torch hub; vidtune through transformers (the same weights).
+CREPA_ENCODERS = {"dinov2_vits14": "facebook/dinov2-small", "dinov2_vitb14": "facebook/dinov2-base",
+                  "dinov2_vitl14": "facebook/dinov2-large", "dinov2_vitg14": "facebook/dinov2-giant"}
+
+
+def _crepa(c: "_Converter", cfg: dict, used: set) -> None:
+    """The guides' CREPA keys -> [crepa]."""
+    _copy(c, cfg, used, (("crepa_enabled", "crepa.enabled", _truthy), ("crepa_block_index", "crepa.block_index", int),
+                         ("crepa_lambda", "crepa.weight", float),
+                         ("crepa_adjacent_distance", "crepa.adjacent_distance", int),
+                         ("crepa_adjacent_tau", "crepa.adjacent_tau", float),
+                         ("crepa_encoder_image_size", "crepa.encoder_image_size", int),
+                         ("crepa_spatial_align", "crepa.spatial_align", _truthy),
+                         ("crepa_drop_vae_encoder", "crepa.drop_vae_encoder", _truthy)))
+    if cfg.get("crepa_encoder") is not None:
+        used.add("crepa_encoder")
+        enc = str(cfg["crepa_encoder"])
+        c.set("crepa.encoder", CREPA_ENCODERS.get(enc, enc))
+        if enc not in CREPA_ENCODERS:
+            c.note("crepa_encoder", f"{enc!r} is taken as a transformers model id or directory")
+    if "crepa_normalize_by_frames" in cfg:
+        used.add("crepa_normalize_by_frames")
+        if not _truthy(cfg["crepa_normalize_by_frames"]):
+            c.unmap("crepa_normalize_by_frames", cfg["crepa_normalize_by_frames"],
+                    "vidtune's CREPA always averages over frames (SimpleTuner's default)")
 
 
 def _choose(c: "_Converter", cfg: dict, used: set, key: str, target: str, table: dict, reason: str) -> None:
@@ -639,6 +667,7 @@ def convert_simpletuner(config: dict, backends: list | None = None, *, source: s
     _train(c, cfg, used, family)
     _memory(c, cfg, used)
     _validation(c, cfg, used)
+    _crepa(c, cfg, used)
     if family == "wan_s2v" and c.get("validation.every"):
         c.set("validation.every", 0)
         c.note("validation_step_interval", "Wan S2V validation needs validation.reference_media (a reference "
@@ -667,7 +696,8 @@ def convert_simpletuner(config: dict, backends: list | None = None, *, source: s
     except ConfigError as exc:
         raise ConvertError(f"the converted config is not valid for vidtune:\n{exc}") from None
 
-    order = ["model", "adapter", "train", "memory", "tread", "cache", "logging", "validation", "ema", "dataset"]
+    order = ["model", "adapter", "train", "memory", "tread", "cache", "logging", "validation", "ema", "crepa",
+             "dataset"]
     data = {k: c.out[k] for k in order if k in c.out}
     header = [f"# Converted from SimpleTuner {source} by `vidtune convert`."]
     if c.notes:

@@ -108,14 +108,14 @@ def test_sana_video_ignores_shift(tmp_path):
 
 def test_unknown_and_unsupported_keys_are_listed(tmp_path):
     def edit(cfg, backends):
-        cfg.update({"frobnicate_level": 3, "crepa_enabled": True, "validation_using_datasets": True,
+        cfg.update({"frobnicate_level": 3, "crepa_scheduler": "cosine", "validation_using_datasets": True,
                     "optimizer": "prodigy"})
         backends[0]["video"]["mystery"] = 1
     cfg, unmapped, _ = _convert("wan", tmp_path, edit)
     keys = {u.split("=", 1)[0]: u for u in unmapped}
-    assert set(keys) == {"frobnicate_level", "crepa_enabled", "validation_using_datasets", "optimizer",
+    assert set(keys) == {"frobnicate_level", "crepa_scheduler", "validation_using_datasets", "optimizer",
                          "dataset[disney-black-and-white].video.mystery"}
-    assert UNSUPPORTED["crepa"] in keys["crepa_enabled"]
+    assert UNSUPPORTED["crepa"] in keys["crepa_scheduler"]
     assert "prodigy" in keys["optimizer"] and cfg.train.optimizer == "adamw"
 
 
@@ -188,3 +188,21 @@ def test_s2v_audio_block_and_separate_audio_dataset(tmp_path):
 
     _, unmapped, _ = _convert("wan_s2v", tmp_path, orphan)
     assert sorted(u.split("=")[0] for u in unmapped) == ["dataset[loose].dataset_type", "dataset[s2v-videos].audio.bogus"]
+
+
+def test_crepa_keys_map(tmp_path):
+    def edit(cfg, _):
+        cfg.update({"crepa_enabled": True, "crepa_block_index": 10, "crepa_lambda": 0.3, "crepa_adjacent_distance": 2,
+                    "crepa_adjacent_tau": 0.5, "crepa_encoder": "dinov2_vits14", "crepa_encoder_image_size": 224,
+                    "crepa_spatial_align": False, "crepa_drop_vae_encoder": True, "crepa_normalize_by_frames": True})
+    cfg, unmapped, _ = _convert("wan", tmp_path, edit)
+    c = cfg.crepa
+    assert (c.enabled, c.block_index, c.weight, c.adjacent_distance, c.adjacent_tau) == (True, 10, 0.3, 2, 0.5)
+    assert (c.encoder, c.encoder_image_size, c.spatial_align, c.drop_vae_encoder) == \
+        ("facebook/dinov2-small", 224, False, True)
+    assert not any(u.startswith("crepa") for u in unmapped)
+
+    def off(cfg, _):
+        cfg.update({"crepa_enabled": True, "crepa_normalize_by_frames": False})
+    _, unmapped, _ = _convert("wan", tmp_path, off)
+    assert any(u.startswith("crepa_normalize_by_frames=") and "always averages" in u for u in unmapped)

@@ -122,7 +122,8 @@ class NoVaeEncoders(Encoders):
 def cache_features(prepared: PreparedData, datasets: list[DatasetConfig], cache: CacheConfig, model: ModelConfig,
                    encoder: FeatureEncoder, log: Callable[[str], None] = print) -> PreparedData:
     """Encode the frames of every entry (training and held out) whose features are not cached; each
-    entry gets ``(FEATURES, key)`` in ``cond_keys`` (loaded into ``Batch.cond["crepa"]``). A clip that fails to decode is skipped and counted."""
+    entry gets ``(FEATURES, key)`` in ``cond_keys`` (loaded into ``Batch.cond["crepa"]``). A clip
+    that fails to decode is skipped and counted."""
     store = CacheStore(cache.dir, cache.compress)
     index = SourceIndex(Path(cache.dir) / "sources.json")
     fps = model.resolved_fps()
