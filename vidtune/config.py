@@ -341,6 +341,16 @@ class CrepaConfig:
 
 
 @dataclass
+class RolloutConfig:
+    probability: float = opt(
+        0.0, "Scheduled sampling (experimental): chance that a sample's training input is the model's own "
+        "rollout from a higher noise level instead of the noised clip.")
+    max_step_offset: int = opt(0, "Rollout length k, drawn from 1..max_step_offset sampler steps (0: off).")
+    sampler_steps: int = opt(40, "Steps of the denoising grid the rollout walks (flow-matching Euler).")
+    shift: float = opt(3.0, "Flow shift of that grid (Wan's sampler uses 3.0).")
+
+
+@dataclass
 class DatasetConfig:
     id: str = opt(help="Unique dataset name (cache subdirectory, logs).")
     path: str = opt(help="Directory of videos/images and their captions (searched recursively).")
@@ -381,6 +391,7 @@ class Config:
     ema: EmaConfig = opt(help="EMA of trained weights.", factory=EmaConfig)
     eval: EvalConfig = opt(help="Evaluation loss on held-out samples.", factory=EvalConfig)
     crepa: CrepaConfig = opt(help="CREPA temporal regulariser.", factory=CrepaConfig)
+    rollout: RolloutConfig = opt(help="Scheduled sampling (rollout), experimental.", factory=RolloutConfig)
     dataset: list[DatasetConfig] = opt(help="Datasets, one [[dataset]] table each.", factory=list)
 
     @property
@@ -639,7 +650,7 @@ def _s2v_dataset_errors(d: DatasetConfig, where: str) -> list[str]:
 
 
 def _validate_eval(cfg: Config) -> list[str]:
-    """Problems of the [eval] and [crepa] sections."""
+    """Problems of the [eval], [crepa] and [rollout] sections."""
     e, ev = [], cfg.eval
     if ev.every < 0 or ev.max_samples < 1:
         e.append(f"eval.every must be >= 0 and eval.max_samples >= 1, got {ev.every} and {ev.max_samples}")
@@ -664,6 +675,10 @@ def _validate_eval(cfg: Config) -> list[str]:
         if cr.encoder_image_size < 14 or cr.head_dim < 1:
             e.append(f"crepa: encoder_image_size must be >= 14 and head_dim >= 1, got {cr.encoder_image_size} "
                      f"and {cr.head_dim}")
+    ro = cfg.rollout
+    if not 0 <= ro.probability <= 1 or ro.max_step_offset < 0 or ro.sampler_steps < 1 or ro.shift <= 0:
+        e.append(f"rollout: need 0 <= probability <= 1, max_step_offset >= 0, sampler_steps >= 1 and shift > 0, got "
+                 f"{ro.probability}, {ro.max_step_offset}, {ro.sampler_steps} and {ro.shift}")
     return e
 
 

@@ -216,6 +216,31 @@ def write_captioned_clips(root: str | Path) -> Path:
     return root
 
 
+def tiny_run_toml(model: str | Path, cache: str | Path, datasets: dict[str, str | Path], extra: str = "") -> str:
+    """A CPU fp32 run config (LoRA rank 4, batch 1, 32x32 9-frame datasets ``{id: path}``, no
+    checkpoints, no metrics backend) for the tiny Wan; ``extra``: more TOML tables."""
+    tables = "".join(f'\n[[dataset]]\nid = "{i}"\npath = "{p}"\nresolution = 32\nnum_frames = 9\n'
+                     for i, p in datasets.items())
+    return f"""
+[model]
+path = "{model}"
+dtype = "fp32"
+vae_dtype = "fp32"
+text_encoder_dtype = "fp32"
+
+[adapter]
+rank = 4
+
+[cache]
+dir = "{cache}"
+
+[logging]
+report_to = "none"
+progress_bar = false
+{extra}
+{tables}"""
+
+
 def make_test_image(path: str | Path, width: int = 32, height: int = 32, seed: int = 0) -> Path:
     from PIL import Image
 

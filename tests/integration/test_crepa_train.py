@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from vidtune.cli.train import main as cli_main
-from vidtune.testing import write_captioned_clips
+from vidtune.testing import tiny_run_toml, write_captioned_clips
 from vidtune.train.checkpoint import checkpoint_dirs
 from vidtune.train.log import read_losses
 
@@ -29,16 +29,7 @@ def dinov2(tmp_path_factory):
 def test_crepa_run(tmp_path, tiny_wan_dir, dinov2, capsys):
     clips = write_captioned_clips(tmp_path / "clips")
     cfg = tmp_path / "crepa.toml"
-    cfg.write_text(f"""
-[model]
-path = "{tiny_wan_dir}"
-dtype = "fp32"
-vae_dtype = "fp32"
-text_encoder_dtype = "fp32"
-
-[adapter]
-rank = 4
-
+    cfg.write_text(tiny_run_toml(tiny_wan_dir, tmp_path / "cache", {"clips": clips}, f"""
 [train]
 output_dir = "{tmp_path / 'run'}"
 device = "cpu"
@@ -54,20 +45,7 @@ encoder = "{dinov2}"
 encoder_image_size = 16
 encoder_dtype = "fp32"
 head_dim = 8
-
-[cache]
-dir = "{tmp_path / 'cache'}"
-
-[logging]
-report_to = "none"
-progress_bar = false
-
-[[dataset]]
-id = "clips"
-path = "{clips}"
-resolution = 32
-num_frames = 9
-""")
+"""))
     assert cli_main([str(cfg)]) == 0
     assert "CREPA: encoding the frames of 2 clip(s)" in capsys.readouterr().out
     rows = read_losses(tmp_path / "run")

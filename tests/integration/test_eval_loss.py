@@ -11,7 +11,7 @@ import torch
 from vidtune.cli.train import main as cli_main
 from vidtune.config import load_config
 from vidtune.data import CachedLoader
-from vidtune.testing import DEMO_CLIPS, make_test_video
+from vidtune.testing import DEMO_CLIPS, make_test_video, tiny_run_toml
 from vidtune.train.evaluate import read_eval
 from vidtune.train.log import read_losses
 from vidtune.train.trainer import Run, prepare
@@ -38,25 +38,9 @@ def cache(tmp_path_factory):
 
 
 def config(tmp_path, model, clips, cache, name="run", held_dataset=False) -> Path:
-    held = f"""
-[[dataset]]
-id = "held"
-path = "{clips / 'held'}"
-resolution = 32
-num_frames = 9
-""" if held_dataset else ""
+    datasets = {"clips": clips / "train", **({"held": clips / "held"} if held_dataset else {})}
     path = tmp_path / f"{name}.toml"
-    path.write_text(f"""
-[model]
-path = "{model}"
-dtype = "fp32"
-vae_dtype = "fp32"
-text_encoder_dtype = "fp32"
-
-[adapter]
-rank = 4
-alpha = 4.0
-
+    path.write_text(tiny_run_toml(model, cache, datasets, f"""
 [train]
 output_dir = "{tmp_path / name}"
 device = "cpu"
@@ -72,20 +56,7 @@ every = 1
 split_fraction = 0.25
 timesteps = [200.0, 800.0]
 max_samples = 2
-
-[cache]
-dir = "{cache}"
-
-[logging]
-report_to = "none"
-progress_bar = false
-
-[[dataset]]
-id = "clips"
-path = "{clips / 'train'}"
-resolution = 32
-num_frames = 9
-{held}""")
+"""))
     return path
 
 

@@ -17,11 +17,14 @@ import torch
 from .flow import noisy_input
 
 
-def wan_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator, **model_kwargs):
-    """Wan text-to-video: denoise the whole clip. ``model_kwargs`` go to the model call
-    (``capture_hidden`` for CREPA, which then returns ``(prediction, {block: hidden})``)."""
-    x_t, target, timestep = noisy_input(batch.latents, noise, sigma)
-    pred = model(x_t, timestep, batch.prompt_embeds, routes=routes, generator=generator, **model_kwargs)
+def wan_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator, x_t=None,
+                **model_kwargs):
+    """Wan text-to-video: denoise the whole clip. ``x_t`` replaces the noised latents as the input
+    (scheduled sampling); ``model_kwargs`` go to the model call (``capture_hidden`` for CREPA,
+    which then returns ``(prediction, {block: hidden})``)."""
+    noised, target, timestep = noisy_input(batch.latents, noise, sigma)
+    pred = model(noised if x_t is None else x_t, timestep, batch.prompt_embeds, routes=routes, generator=generator,
+                 **model_kwargs)
     return pred, target, None
 
 

@@ -161,7 +161,14 @@ class Run:
         self.trainable = built.trainable
         self.routes = cfg.tread.resolve(len(self.model.blocks))
         self.forward = training_forward(cfg.model.family)
-        self.crepa = None
+        self.crepa = self.rollout = None
+        if cfg.rollout.max_step_offset > 0:
+            from .rollout import Rollout
+
+            if not supports(self.forward, "x_t"):
+                raise ConfigError(f"rollout.max_step_offset > 0: the {cfg.model.family} training forward does not "
+                                  f"take x_t yet; set rollout.max_step_offset = 0 for this family")
+            self.rollout = Rollout(cfg.rollout, t.seed)
         if cfg.crepa.enabled:
             from .crepa import Crepa, encoder_width
 
@@ -239,6 +246,8 @@ class Run:
         rng = state["rng"]
         self.flow_gen.set_state(rng["flow"])
         self.tread_gen.set_state(rng["tread"])
+        if self.rollout is not None and "rollout" in rng:
+            self.rollout.load_state_dict(rng["rollout"])
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -281,13 +290,18 @@ class Run:
                                   logit_std=t.logit_std, shift=t.flow_shift,
                                   tokens_per_frame=(h // patch[1]) * (w // patch[2])).to(self.device)
             with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
-                if self.crepa is None:  # the plain step, bit for bit
+                extra = {}  # only what is on: with both off this is the plain step, bit for bit
+                if self.rollout is not None:
+                    x_t = self.rollout.input(self.forward, self.model, batch, noise, sigma)
+                    if x_t is not None:
+                        extra["x_t"] = x_t
+                if self.crepa is None:
                     pred, target, weight = self.forward(self.model, batch, noise, sigma, routes=self.routes,
-                                                        generator=self.tread_gen)
+                                                        generator=self.tread_gen, **extra)
                 else:
                     (pred, hidden), target, weight = self.forward(
                         self.model, batch, noise, sigma, routes=self.routes, generator=self.tread_gen,
-                        capture_hidden=(self.crepa.block,))
+                        capture_hidden=(self.crepa.block,), **extra)
                     reg, sim = self.crepa.loss(hidden[self.crepa.block], x0, batch.cond["crepa"])
             loss = flow_loss(pred, target, weight) / t.gradient_accumulation_steps
             if self.crepa is None:
@@ -423,6 +437,8 @@ class Run:
             return
         t1 = time.perf_counter()
         rng = {"flow": self.flow_gen.get_state(), "tread": self.tread_gen.get_state(), "torch": torch.get_rng_state()}
+        if self.rollout is not None:
+            rng["rollout"] = self.rollout.state_dict()
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
         state = {"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
