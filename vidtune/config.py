@@ -351,6 +351,13 @@ class RolloutConfig:
 
 
 @dataclass
+class HubConfig:
+    repo_id: Optional[str] = opt(None, "Hub model repo (user/name) the final adapter is pushed to (unset: no push).")
+    private: bool = opt(True, "Create the repo private.")
+    push_every_checkpoint: bool = opt(False, "Also push each checkpoint's adapter (as checkpoints/step-N/).")
+
+
+@dataclass
 class DatasetConfig:
     id: str = opt(help="Unique dataset name (cache subdirectory, logs).")
     path: str = opt(help="Directory of videos/images and their captions (searched recursively).")
@@ -392,6 +399,7 @@ class Config:
     eval: EvalConfig = opt(help="Evaluation loss on held-out samples.", factory=EvalConfig)
     crepa: CrepaConfig = opt(help="CREPA temporal regulariser.", factory=CrepaConfig)
     rollout: RolloutConfig = opt(help="Scheduled sampling (rollout), experimental.", factory=RolloutConfig)
+    hub: HubConfig = opt(help="Pushing the final adapter to a hub repository.", factory=HubConfig)
     dataset: list[DatasetConfig] = opt(help="Datasets, one [[dataset]] table each.", factory=list)
 
     @property
@@ -650,7 +658,7 @@ def _s2v_dataset_errors(d: DatasetConfig, where: str) -> list[str]:
 
 
 def _validate_eval(cfg: Config) -> list[str]:
-    """Problems of the [eval], [crepa] and [rollout] sections."""
+    """Problems of the [eval], [crepa], [rollout] and [hub] sections."""
     e, ev = [], cfg.eval
     if ev.every < 0 or ev.max_samples < 1:
         e.append(f"eval.every must be >= 0 and eval.max_samples >= 1, got {ev.every} and {ev.max_samples}")
@@ -679,6 +687,8 @@ def _validate_eval(cfg: Config) -> list[str]:
     if not 0 <= ro.probability <= 1 or ro.max_step_offset < 0 or ro.sampler_steps < 1 or ro.shift <= 0:
         e.append(f"rollout: need 0 <= probability <= 1, max_step_offset >= 0, sampler_steps >= 1 and shift > 0, got "
                  f"{ro.probability}, {ro.max_step_offset}, {ro.sampler_steps} and {ro.shift}")
+    if cfg.hub.repo_id is not None and cfg.hub.repo_id.count("/") != 1:
+        e.append(f"hub.repo_id: expected \"user/name\", got {cfg.hub.repo_id!r}")
     return e
 
 

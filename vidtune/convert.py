@@ -53,10 +53,6 @@ EMA_VALIDATION = {"ema_only": "ema_only", "comparison": "both", "both": "both", 
 
 # Documented exceptions: accepted, not carried over, reason given (docs/convert.md lists them).
 NOTED = {
-    "hub_model_id": "hub push is not part of the vidtune config; upload the exported adapter with "
-                    "`huggingface-cli upload` (or hf upload) after the run",
-    "push_to_hub": "hub push is not part of the vidtune config (see hub_model_id)",
-    "push_checkpoints_to_hub": "hub push is not part of the vidtune config (see hub_model_id)",
     "webhook_config": "vidtune has no webhooks; progress and validation outputs go to the run directory "
                       "and the metrics backend",
     "data_backend_config": "the dataloader JSON is converted when given as the second argument "
@@ -154,6 +150,24 @@ def _crepa(c: "_Converter", cfg: dict, used: set) -> None:
         if not _truthy(cfg["crepa_normalize_by_frames"]):
             c.unmap("crepa_normalize_by_frames", cfg["crepa_normalize_by_frames"],
                     "vidtune's CREPA always averages over frames (SimpleTuner's default)")
+
+
+def _hub(c: "_Converter", cfg: dict, used: set) -> None:
+    """push_to_hub / hub_model_id / push_checkpoints_to_hub -> [hub]. SimpleTuner takes a bare
+    name as the token owner's repo; vidtune needs the owner spelled out."""
+    used.update(k for k in ("push_to_hub", "hub_model_id", "push_checkpoints_to_hub") if k in cfg)
+    if not _truthy(cfg.get("push_to_hub", False)):
+        if "hub_model_id" in cfg:
+            c.note("hub_model_id", "push_to_hub is off: nothing is pushed")
+        return
+    name = str(cfg.get("hub_model_id") or "")
+    if name.count("/") == 1:
+        c.set("hub.repo_id", name)
+    else:
+        c.note("hub_model_id", f"push_to_hub = true: vidtune needs the repo's owner; set hub.repo_id = "
+                               f"\"<your user>/{name or 'name'}\" to push")
+    if _truthy(cfg.get("push_checkpoints_to_hub", False)):
+        c.set("hub.push_every_checkpoint", True)
 
 
 def _choose(c: "_Converter", cfg: dict, used: set, key: str, target: str, table: dict, reason: str) -> None:
@@ -668,6 +682,7 @@ def convert_simpletuner(config: dict, backends: list | None = None, *, source: s
     _memory(c, cfg, used)
     _validation(c, cfg, used)
     _crepa(c, cfg, used)
+    _hub(c, cfg, used)
     if family == "wan_s2v" and c.get("validation.every"):
         c.set("validation.every", 0)
         c.note("validation_step_interval", "Wan S2V validation needs validation.reference_media (a reference "
@@ -697,7 +712,7 @@ def convert_simpletuner(config: dict, backends: list | None = None, *, source: s
         raise ConvertError(f"the converted config is not valid for vidtune:\n{exc}") from None
 
     order = ["model", "adapter", "train", "memory", "tread", "cache", "logging", "validation", "ema", "crepa",
-             "dataset"]
+             "hub", "dataset"]
     data = {k: c.out[k] for k in order if k in c.out}
     header = [f"# Converted from SimpleTuner {source} by `vidtune convert`."]
     if c.notes:

@@ -216,9 +216,11 @@ def write_captioned_clips(root: str | Path) -> Path:
     return root
 
 
-def tiny_run_toml(model: str | Path, cache: str | Path, datasets: dict[str, str | Path], extra: str = "") -> str:
+def tiny_run_toml(model: str | Path, cache: str | Path, datasets: dict[str, str | Path], out: str | Path,
+                  train: str = "", extra: str = "") -> str:
     """A CPU fp32 run config (LoRA rank 4, batch 1, 32x32 9-frame datasets ``{id: path}``, no
-    checkpoints, no metrics backend) for the tiny Wan; ``extra``: more TOML tables."""
+    metrics backend) for the tiny Wan writing to ``out``; ``train``: more [train] lines, ``extra``:
+    more TOML tables."""
     tables = "".join(f'\n[[dataset]]\nid = "{i}"\npath = "{p}"\nresolution = 32\nnum_frames = 9\n'
                      for i, p in datasets.items())
     return f"""
@@ -231,6 +233,12 @@ text_encoder_dtype = "fp32"
 [adapter]
 rank = 4
 
+[train]
+output_dir = "{out}"
+device = "cpu"
+batch_size = 1
+mixed_precision = "no"
+{train}
 [cache]
 dir = "{cache}"
 

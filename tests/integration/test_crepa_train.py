@@ -29,15 +29,8 @@ def dinov2(tmp_path_factory):
 def test_crepa_run(tmp_path, tiny_wan_dir, dinov2, capsys):
     clips = write_captioned_clips(tmp_path / "clips")
     cfg = tmp_path / "crepa.toml"
-    cfg.write_text(tiny_run_toml(tiny_wan_dir, tmp_path / "cache", {"clips": clips}, f"""
-[train]
-output_dir = "{tmp_path / 'run'}"
-device = "cpu"
-max_train_steps = 2
-batch_size = 1
-mixed_precision = "no"
-checkpoint_every = 1
-
+    cfg.write_text(tiny_run_toml(tiny_wan_dir, tmp_path / "cache", {"clips": clips}, tmp_path / "run",
+                                 "max_train_steps = 2\ncheckpoint_every = 1", f"""
 [crepa]
 enabled = true
 block_index = 0

@@ -40,17 +40,8 @@ def cache(tmp_path_factory):
 def config(tmp_path, model, clips, cache, name="run", held_dataset=False) -> Path:
     datasets = {"clips": clips / "train", **({"held": clips / "held"} if held_dataset else {})}
     path = tmp_path / f"{name}.toml"
-    path.write_text(tiny_run_toml(model, cache, datasets, f"""
-[train]
-output_dir = "{tmp_path / name}"
-device = "cpu"
-max_train_steps = 4
-batch_size = 1
-learning_rate = 1e-2
-mixed_precision = "no"
-checkpoint_every = 0
-seed = 5
-
+    path.write_text(tiny_run_toml(model, cache, datasets, tmp_path / name,
+                                  "max_train_steps = 4\nlearning_rate = 1e-2\ncheckpoint_every = 0\nseed = 5", """
 [eval]
 every = 1
 split_fraction = 0.25

@@ -206,3 +206,19 @@ def test_crepa_keys_map(tmp_path):
         cfg.update({"crepa_enabled": True, "crepa_normalize_by_frames": False})
     _, unmapped, _ = _convert("wan", tmp_path, off)
     assert any(u.startswith("crepa_normalize_by_frames=") and "always averages" in u for u in unmapped)
+
+
+def test_hub_keys_map(tmp_path):
+    cfg, _, notes = _convert("wan", tmp_path)  # the guide: hub_model_id "wan-disney", no owner
+    assert cfg.hub.repo_id is None and cfg.hub.push_every_checkpoint
+    assert any(n.startswith("hub_model_id:") and '"<your user>/wan-disney"' in n for n in notes)
+
+    def owned(cfg, _):
+        cfg.update({"hub_model_id": "me/wan-disney", "push_checkpoints_to_hub": "false"})
+    cfg, _, _ = _convert("wan", tmp_path, owned)
+    assert (cfg.hub.repo_id, cfg.hub.push_every_checkpoint) == ("me/wan-disney", False)
+
+    def off(cfg, _):
+        cfg.update({"push_to_hub": "false"})
+    cfg, _, notes = _convert("wan", tmp_path, off)
+    assert cfg.hub.repo_id is None and any(n.startswith("hub_model_id: push_to_hub is off") for n in notes)

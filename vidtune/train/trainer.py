@@ -39,6 +39,7 @@ from .checkpoint import resume_checkpoint, save_checkpoint
 from .ema import Ema
 from .flow import flow_loss, sample_sigmas
 from .forward import supports, training_forward
+from .hub import push
 from ..measure.mfu import mfu, peak_flops
 from ..planner import Shape, step_model_flops
 from .evaluate import eval_series, eval_trend
@@ -455,6 +456,13 @@ class Run:
         self.seconds["checkpointing"] += time.perf_counter() - t1
         write_summary(self.run_dir, self.summary())
         self.logger.write(f"checkpoint: {path}")
+        if self.cfg.hub.repo_id and self.cfg.hub.push_every_checkpoint:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                files = export_final(self.cfg, self.model, Path(tmp), self.step)
+                push(self.cfg, self.run_dir, files, self.step, _trigger_words(self.cfg), self.logger.write,
+                     prefix=f"checkpoints/step-{self.step}/", root=Path(tmp))
 
     # -- health of the trained weights: what may be checkpointed and exported --------------------------
     @torch.no_grad()
@@ -516,6 +524,8 @@ class Run:
                                   f"train.learning_rate (now {self.cfg.train.learning_rate}; a resume takes the new "
                                   f"value) and {then}")
         self.log(f"done: {self.step} steps ({self.skipped} skipped); saved {', '.join(str(f) for f in files)}")
+        if self.cfg.hub.repo_id:
+            push(self.cfg, self.run_dir, files, self.step, _trigger_words(self.cfg), self.log)
         return files
 
 
