@@ -263,7 +263,12 @@ class ValidationConfig:
     skip_layers_stop: float = opt(1.0, "Fraction of sampling where skip-layer guidance stops.")
     skip_layers_scale: float = opt(2.8, "Skip-layer guidance scale: pred += (cond - cond_skipped) * scale (SD3 form).")
     load_other_stage: bool = opt(False, "Wan 2.2 two-stage models: load the other stage for validation.")
-    preview_every: int = opt(0, "Save a preview every K sampling steps (0: off).")
+    preview_every: int = opt(
+        0, "Every K sampling steps, write a preview frame strip (linear latent-to-RGB decode) and send it to "
+        "TensorBoard / wandb and the webhook (0: off).")
+    webhook_url: Optional[str] = opt(
+        None, "POST each preview and validation contact sheet here (multipart PNG + JSON); failures never stop a run.")
+    webhook_timeout: float = opt(5.0, "Seconds a webhook POST may take before it is given up.")
     reference_media: list[str] = opt(
         help="Wan S2V: an image or video per prompt, in order: its first frame is the reference; the audio file "
         "of the same stem beside it (.wav .mp3 .flac .ogg .m4a), else its own track, drives the clip and becomes "
@@ -658,7 +663,7 @@ def _s2v_dataset_errors(d: DatasetConfig, where: str) -> list[str]:
 
 
 def _validate_eval(cfg: Config) -> list[str]:
-    """Problems of the [eval], [crepa], [rollout] and [hub] sections."""
+    """Problems of the [eval], [crepa], [rollout] and [hub] sections and the preview keys."""
     e, ev = [], cfg.eval
     if ev.every < 0 or ev.max_samples < 1:
         e.append(f"eval.every must be >= 0 and eval.max_samples >= 1, got {ev.every} and {ev.max_samples}")
@@ -687,6 +692,12 @@ def _validate_eval(cfg: Config) -> list[str]:
     if not 0 <= ro.probability <= 1 or ro.max_step_offset < 0 or ro.sampler_steps < 1 or ro.shift <= 0:
         e.append(f"rollout: need 0 <= probability <= 1, max_step_offset >= 0, sampler_steps >= 1 and shift > 0, got "
                  f"{ro.probability}, {ro.max_step_offset}, {ro.sampler_steps} and {ro.shift}")
+    v = cfg.validation
+    if v.preview_every < 0 or v.webhook_timeout <= 0:
+        e.append(f"validation: preview_every must be >= 0 and webhook_timeout > 0, got {v.preview_every} and "
+                 f"{v.webhook_timeout}")
+    if v.webhook_url and not v.webhook_url.startswith(("http://", "https://")):
+        e.append(f"validation.webhook_url: expected an http(s):// URL, got {v.webhook_url!r}")
     if cfg.hub.repo_id is not None and cfg.hub.repo_id.count("/") != 1:
         e.append(f"hub.repo_id: expected \"user/name\", got {cfg.hub.repo_id!r}")
     return e

@@ -53,8 +53,8 @@ EMA_VALIDATION = {"ema_only": "ema_only", "comparison": "both", "both": "both", 
 
 # Documented exceptions: accepted, not carried over, reason given (docs/convert.md lists them).
 NOTED = {
-    "webhook_config": "vidtune has no webhooks; progress and validation outputs go to the run directory "
-                      "and the metrics backend",
+    "webhook_config": "the webhook JSON is not read: set validation.webhook_url to its URL (vidtune posts previews "
+                      "and contact sheets as multipart PNG + payload_json, the form Discord takes)",
     "data_backend_config": "the dataloader JSON is converted when given as the second argument "
                            "(or found at this path) and becomes [[dataset]] tables",
     "disable_benchmark": "vidtune renders no base-model benchmark videos before training",

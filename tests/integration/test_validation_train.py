@@ -214,6 +214,8 @@ def test_from_simpletuner_trains(tmp_path, tiny_wan_dir, data_dir, cache_dir, ca
     # The guide's settings arrive: Lion, EMA (ema_only, interval 2), value clipping.
     resolved = (out / "config.resolved.toml").read_text()
     assert 'grad_clip_method = "value"' in resolved and 'validation = "ema_only"' in resolved
-    assert {p.name for p in (out / "validation" / "step_000002").iterdir()} == {"prompt0_ema.mp4", "prompt0_ema.png"}
+    step2 = out / "validation" / "step_000002"
+    assert {p.name for p in step2.iterdir()} == {"prompt0_ema.mp4", "prompt0_ema.png", "previews"}
+    assert [p.name for p in (step2 / "previews").iterdir()] == ["prompt0_ema_step001.png"]  # validation_preview_steps 1
     state = torch.load(checkpoint_dirs(out / "checkpoints")[-1] / "state.pt", weights_only=True)
     assert state["ema"]["optimization_step"] == 1  # ema_update_interval 2 over 2 steps

@@ -147,6 +147,21 @@ class StepLog:
             self._wandb.log({f"validation/{tag}": wandb.Image(str(png)) for tag, (_, png) in outputs.items()},
                             step=step)
 
+    def preview(self, step: int, tag: str, sampling_step: int, png: Path) -> None:
+        """A live preview of validation ``step`` after ``sampling_step`` steps (slider: sampling steps)."""
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(png) as im:
+                self.writer.add_image(f"preview/{tag}/step_{step:06d}", np.asarray(im.convert("RGB")), sampling_step,
+                                      dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({f"preview/{tag}": wandb.Image(str(png), caption=f"sampling step {sampling_step}")},
+                            step=step)
+
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)

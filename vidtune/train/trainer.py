@@ -412,7 +412,7 @@ class Run:
 
     def validate(self) -> None:
         t1 = time.perf_counter()
-        outputs = self.validator.run(self.model, self.step, self.ema)
+        outputs = self.validator.run(self.model, self.step, self.ema, on_preview=self.logger.preview)
         self.logger.images(self.step, outputs)
         self.seconds["validation"] += time.perf_counter() - t1
 

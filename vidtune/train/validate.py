@@ -7,7 +7,9 @@ Sampling is ``vidtune.sample.sample`` (WanPipeline's loop): the model in eval mo
 TREAD routing and no dropout. Outputs per prompt: ``<run>/validation/step_XXXXXX/<name>.mp4``
 and ``<name>.png`` (contact sheet); with EMA, the EMA weights' are ``<name>_ema.*``. Wan S2V clips
 are driven by ``validation.reference_media`` (reference frame + audio), whose audio becomes the
-mp4's soundtrack (``vidtune.sample.s2v``).
+mp4's soundtrack (``vidtune.sample.s2v``). With ``preview_every = K``, sampling steps K, 2K, ...
+also write ``previews/<name>_stepNNN.png`` (``vidtune.sample.preview``: a linear latent-to-RGB
+decode fitted once from this VAE); previews and contact sheets go to ``webhook_url`` when set.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import torch
 
 from ..config import Config, ConfigError, ValidationConfig
 from ..data.cache import pad_prompt_embeds
-from ..data.prepare import TEXT
+from ..data.prepare import LATENTS, TEXT
+from ..fsutil import atomic_write_bytes
 from ..runtime import DTYPES
 from ..sample import load_prompts, load_scheduler_config, sample, save_outputs
+from ..sample.preview import LatentRGB, Previewer, Webhook, fit_latent_rgb
 from ..sample.s2v import sample_s2v
 from ..sample.sampler import safe_name
 
@@ -67,6 +71,37 @@ class Validator:
         self.vae.eval().requires_grad_(False)
         self.scheduler_config = load_scheduler_config(m.resolved_path())
         self.s2v = self._s2v_inputs(cfg, device) if m.family == "wan_s2v" else None
+        self.prepared = prepared  # its cached latents fit the preview decode
+        self.projection: LatentRGB | None = None
+        self.webhook = Webhook(self.v.webhook_url, self.v.webhook_timeout, log) if self.v.webhook_url else None
+
+    def latent_rgb(self) -> LatentRGB:
+        """The preview decode: fitted once per run (least squares against this VAE's decodes of up
+        to four cached training latents, their first two latent frames), kept in the run dir."""
+        path = self.root / "latent_rgb.json"
+        if self.projection is None and path.is_file():
+            self.projection = LatentRGB.from_json(path.read_text())
+        if self.projection is None:
+            store = self.prepared.store
+            latents = [store.load(LATENTS, e.latent_key)["latents"][:, :2].to(self.device, self.vae.dtype)
+                       for e in self.prepared.entries[:4]]
+            self.projection = fit_latent_rgb(self.vae, latents)
+            atomic_write_bytes(path, self.projection.to_json().encode())
+        return self.projection
+
+    def _previewer(self, out_dir: Path, step: int, tag: str, on_preview):
+        """The sampling callback writing (and sending) previews of ``tag``; None when previews are off."""
+        if not self.v.preview_every:
+            return None
+
+        def sent(path: Path, n: int) -> None:
+            if on_preview is not None:
+                on_preview(step, tag, n, path)
+            if self.webhook is not None:
+                self.webhook.post(path, {"content": f"step {step}: {tag}, sampling step {n}/{self.v.steps}",
+                                         "type": "preview", "step": step, "sampling_step": n, "prompt": tag})
+
+        return Previewer(self.latent_rgb(), self.v.preview_every, out_dir / "previews", tag, sent)
 
     def _s2v_inputs(self, cfg: Config, device):
         """Per prompt, the reference latents, audio features and soundtrack of its reference_media."""
@@ -98,8 +133,9 @@ class Validator:
         return {"ema_only": [("_ema", ema)], "both": [("", None), ("_ema", ema)], "none": [("", None)]}[mode]
 
     @torch.no_grad()
-    def run(self, model, step: int, ema=None) -> dict[str, tuple[Path, Path]]:
-        """Sample every prompt (per variant); returns tag -> (mp4, png)."""
+    def run(self, model, step: int, ema=None, on_preview=None) -> dict[str, tuple[Path, Path]]:
+        """Sample every prompt (per variant); returns tag -> (mp4, png). ``on_preview(step, tag,
+        sampling_step, png)`` gets each preview (``validation.preview_every``)."""
         out_dir = self.root / f"step_{step:06d}"
         v, outputs = self.v, {}
         self.vae.to(self.device)
@@ -114,12 +150,16 @@ class Validator:
                                   skip_layers_stop=v.skip_layers_stop, skip_layers_scale=v.skip_layers_scale,
                                   device=self.device, vae=self.vae)
                         tag = safe_name(name) + suffix
+                        kw["callback"] = self._previewer(out_dir, step, tag, on_preview)
                         if self.s2v is not None:  # driven by its audio, which becomes the soundtrack
                             frames = sample_s2v(model, self.s2v[n], **kw)
                             outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps, self.s2v[n].soundtrack)
                         else:
                             frames = sample(model, output_type="video", **kw)
                             outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps)
+                        if self.webhook is not None:
+                            self.webhook.post(outputs[tag][1], {"content": f"step {step}: {tag}", "type": "validation",
+                                                                "step": step, "prompt": tag})
         finally:
             self.vae.to("cpu")
         self.log(f"validation: step {step}: {len(outputs)} video(s) in {out_dir}")
