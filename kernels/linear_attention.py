@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 from ._dispatch import HAS_TRITON, use_triton
 from ._triton_common import interpreting
@@ -384,6 +385,23 @@ def _(grad, q, k, v, cos, sin, kv, ks, eps, needs):
     shape = tuple(q.shape)
     return tuple(torch.empty(shape if n else (0,), dtype=t.dtype, device=t.device)
                  for n, t in zip(needs, (q, k, v)))
+
+
+# FLOPs for torch's flop counter (vidtune's counters, the planner): a custom op is one dispatch, its
+# matmuls are invisible. Per (b, h): the state and the output are C x C x N products each (the
+# normaliser adds 2 C N); backward: kv^T g, then dkv, dv and dk (each C x C x N) as needed.
+@register_flop_formula(torch.ops.vidtune.linear_attention_fwd)
+def _linear_attention_fwd_flop(q_shape, *args, **kwargs):
+    B, N, H, C = q_shape
+    return 4 * B * H * N * C * C + 2 * B * H * N * C
+
+
+@register_flop_formula(torch.ops.vidtune.linear_attention_bwd)
+def _linear_attention_bwd_flop(grad_shape, q_shape, k_shape, v_shape, cos_shape, sin_shape, kv_shape, ks_shape, eps,
+                               needs, *args, **kwargs):
+    B, N, H, C = q_shape
+    products = 1 + (needs[1] or needs[2]) + needs[1] + needs[2]
+    return 2 * products * B * H * N * C * C + 4 * B * H * N * C
 
 
 class LinearAttentionFunction(torch.autograd.Function):

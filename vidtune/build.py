@@ -101,7 +101,7 @@ def load_transformer(model_cfg: ModelConfig, init: str = "pretrained", *, arch=N
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     dt = to_dtype(model_cfg.dtype)
-    kw = dict(force_2_1_time_embedding=model_cfg.force_2_1_time_embedding)
+    kw = dict(force_2_1_time_embedding=True) if model_cfg.force_2_1_time_embedding else {}  # a Wan option
     if init == "pretrained":
         if arch is not None or num_layers is not None:
             raise ValueError("arch and num_layers describe random or meta builds; a pretrained one reads its config")

@@ -1,4 +1,5 @@
-"""Tiny random Wan checkpoints and test videos, built offline (tests and the CPU demo reuse them).
+"""Tiny random Wan and Sana Video checkpoints and test videos, built offline (tests and the CPU
+demo reuse them).
 
 Nothing here downloads anything: the models are random and tiny, the tokenizer is a Unigram
 model built from a fixed vocabulary, and videos come from ffmpeg's ``testsrc`` generator.
@@ -17,23 +18,26 @@ _WORDS = ["▁a", "▁the", "▁cat", "▁dog", "▁video", "▁of", "▁in", "�
 _CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-")
 
 
-def build_tiny_tokenizer():
-    """A T5-style fast tokenizer (Unigram + Metaspace, ``</s>`` appended) with ~90 tokens."""
+def _unigram_tokenizer(special: list[str], unk: str, single: str, pair: str, added: str, **kw):
+    """A fast Unigram + Metaspace tokenizer over the fixed test vocabulary; ``added`` is the special
+    token the template inserts (T5's ``</s>`` after, Gemma's ``<bos>`` before)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = [(t, 0.0) for t in _SPECIAL] + [("▁", -2.0)]
+    vocab = [(t, 0.0) for t in special] + [("▁", -2.0)]
     vocab += [(w, -1.0) for w in _WORDS] + [(c, -3.0) for c in _CHARS]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok = Tokenizer(models.Unigram(vocab, unk_id=special.index(unk)))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=512,
-    )
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                       special_tokens=[(added, special.index(added))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, **kw)
+
+
+def build_tiny_tokenizer():
+    """A T5-style fast tokenizer (Unigram + Metaspace, ``</s>`` appended) with ~90 tokens."""
+    return _unigram_tokenizer(_SPECIAL, "<unk>", "$A </s>", "$A </s> $B </s>", "</s>", pad_token="<pad>",
+                              eos_token="</s>", model_max_length=512)
 
 
 def tiny_vae_config() -> dict:
@@ -97,6 +101,70 @@ def tiny_wan_inputs(b: int = 2, f: int = 3, h: int = 4, w: int = 6, seed: int = 
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(b, 4, f, h, w, generator=g), torch.tensor([900.0, 40.0])[:b],
             torch.randn(b, text_len, 24, generator=g))
+
+
+# Gemma's convention: pad = 0, eos = 1, bos = 2, unk = 3; <bos> starts every encoding.
+_GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def build_tiny_gemma_tokenizer():
+    """A Gemma-style fast tokenizer (Unigram + Metaspace, ``<bos>`` prepended) with ~90 tokens."""
+    return _unigram_tokenizer(_GEMMA_SPECIAL, "<unk>", "<bos> $A", "<bos> $A $B", "<bos>", pad_token="<pad>",
+                              eos_token="<eos>", bos_token="<bos>", model_max_length=4096)
+
+
+def tiny_sana_transformer_config(caption_channels: int = 32) -> dict:
+    return dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                caption_channels=caption_channels, mlp_ratio=2.0, sample_size=30, patch_size=(1, 2, 2),
+                rope_max_seq_len=32)
+
+
+def build_tiny_sana_pipeline(seed: int = 0, d_model: int = 32, transformer: dict | None = None):
+    """A random ``SanaVideoPipeline`` with every component tiny (fp32, CPU): Gemma2 text encoder,
+    Wan VAE, Sana Video transformer, and the published checkpoint's scheduler (flow DPM-Solver,
+    shift 8); ``transformer`` overrides entries of ``tiny_sana_transformer_config``."""
+    from diffusers import (AutoencoderKLWan, DPMSolverMultistepScheduler, SanaVideoPipeline,
+                           SanaVideoTransformer3DModel)
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_gemma_tokenizer()
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=4096,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )).eval()
+    vae = AutoencoderKLWan(**tiny_vae_config()).eval()
+    transformer = SanaVideoTransformer3DModel(
+        **{**tiny_sana_transformer_config(caption_channels=d_model), **(transformer or {})}).eval()
+    scheduler = DPMSolverMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+    return SanaVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+
+
+def build_tiny_sana_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 32,
+                                 transformer: dict | None = None) -> Path:
+    """Save a tiny random Sana Video pipeline in the diffusers layout under ``path``."""
+    path = Path(path)
+    build_tiny_sana_pipeline(seed=seed, d_model=d_model, transformer=transformer).save_pretrained(path)
+    return path
+
+
+def tiny_sana_transformer(seed: int = 0, **config):
+    """A small vidtune Sana Video transformer (3 blocks, 2 heads x 8) with every parameter drawn
+    from N(0, 0.2), so no term is trivially zero; ``config`` overrides SanaVideoConfig fields."""
+    from vidtune.models.sana_video import SanaVideoConfig, SanaVideoTransformer
+
+    base = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=3,
+                num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,
+                mlp_ratio=2.0, rope_max_seq_len=32)
+    torch.manual_seed(seed)
+    model = SanaVideoTransformer(SanaVideoConfig(**{**base, **config}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.train()
 
 
 def make_test_video(path: str | Path, width: int = 32, height: int = 32, frames: int = 9,

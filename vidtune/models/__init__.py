@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("wan",)
+FAMILIES = ("wan", "sana_video")
 
 
 def family(name: str):

@@ -84,6 +84,8 @@ def load_weights(model: torch.nn.Module, files: list[Path], torch_dtype, keep_fp
                         unknown.append(key)
                     continue
                 t = fh.get_tensor(key)
+                if t.dim() == expected[key].dim() + 1 and t.shape[0] == 1 and t.shape[1:] == expected[key].shape:
+                    t = t[0]  # some Sana Video exports store scale_shift_table as (1, 2, D)
                 if t.shape != expected[key].shape:
                     raise ValueError(
                         f"{f}: {key} has shape {tuple(t.shape)}, the model expects {tuple(expected[key].shape)} "

@@ -14,9 +14,9 @@ functions; ``forward`` stays a plain loop over ``self.blocks``.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch import nn
 import vidtune_kernels as K
 
 from ..attention import attention, check_backend
+from ..diffusers_config import DiffusersConfig
 
 # Parameters kept in fp32 whatever the model dtype (diffusers' _keep_in_fp32_modules): matched
 # against the components of a parameter's dotted name.
@@ -32,7 +33,7 @@ KEEP_FP32 = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "no
 
 
 @dataclass
-class WanConfig:
+class WanConfig(DiffusersConfig):
     """The diffusers ``WanTransformer3DModel`` config (same keys and defaults)."""
 
     patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -52,21 +53,7 @@ class WanConfig:
     rope_max_seq_len: int = 1024
     pos_embed_seq_len: int | None = None
     extra: dict = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WanConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        if "patch_size" in kwargs:
-            kwargs["patch_size"] = tuple(kwargs["patch_size"])
-        extra = {k: v for k, v in d.items() if k not in names and not k.startswith("_")}
-        return cls(**kwargs, extra=extra)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        d["patch_size"] = list(self.patch_size)
-        return {"_class_name": "WanTransformer3DModel", **d}
+    CLASS_NAME: ClassVar[str] = "WanTransformer3DModel"
 
     @property
     def inner_dim(self) -> int:
