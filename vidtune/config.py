@@ -51,7 +51,8 @@ FLAVOURS: dict[str, dict[str, str]] = {
         "ti2v-5b-2.2": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
     },
     "wan_s2v": {"s2v-14b-2.2": "tolgacangoz/Wan2.2-S2V-14B-Diffusers"},
-    "sana_video": {"2b-480p": "Efficient-Large-Model/SANA-Video_2B_480p_diffusers"},
+    "sana_video": {"2b-480p": "Efficient-Large-Model/SANA-Video_2B_480p_diffusers",
+                   "i2v-2b-480p": "Efficient-Large-Model/SANA-Video_2B_480p_diffusers"},
 }
 # Frames per second each flavour was trained at; videos are resampled to it.
 FLAVOUR_FPS = {"ti2v-5b-2.2": 24}
@@ -63,7 +64,8 @@ Dtype = Literal["bf16", "fp16", "fp32"]
 @dataclass
 class ModelConfig:
     family: Literal["wan", "wan_s2v", "sana_video"] = opt("wan", "Model family.")
-    flavour: str = opt("t2v-480p-1.3b-2.1", "Model flavour within the family (see the flavour table).")
+    flavour: str = opt("t2v-480p-1.3b-2.1", "Model flavour within the family (see the flavour table); "
+                       "default: the family's first.")
     path: Optional[str] = opt(None, "Diffusers pipeline dir or hub id; default: the flavour's checkpoint.")
     transformer_path: Optional[str] = opt(
         None, "Other transformer (dir, hub id or single .safetensors) for custom fine-tunes.")
@@ -249,7 +251,9 @@ class ValidationConfig:
     num_frames: int = opt(81, "Frames per validation video (4k+1).")
     resolution: str = opt("832x480", "WxH of validation videos (multiples of 16).")
     seed: int = opt(42, "Seed of the validation noise.")
-    scheduler: Literal["unipc", "euler"] = opt("unipc", "Sampler: UniPC multistep or flow-match Euler.")
+    scheduler: Literal["unipc", "euler"] = opt(
+        "unipc", "Sampler (Wan): UniPC multistep or flow-match Euler; Sana Video samples with its pipeline's own "
+        "scheduler (scheduler/scheduler_config.json).")
     skip_layers: list[int] = opt(help="Skip-layer guidance layers (empty: off).", factory=list)
     skip_layers_start: float = opt(0.0, "Fraction of sampling where skip-layer guidance starts.")
     skip_layers_stop: float = opt(1.0, "Fraction of sampling where skip-layer guidance stops.")
@@ -287,6 +291,9 @@ class DatasetConfig:
     min_frames: Optional[int] = opt(None, "Videos shorter than this (at the model fps) are skipped; default: num_frames.")
     max_frames: Optional[int] = opt(None, "Videos longer than this (at the model fps) are skipped; default: no limit.")
     frame_interval: int = opt(4, "resolution_frames: clip lengths are 1 + multiples of this (a multiple of 4).")
+    loss_mask_path: Optional[str] = opt(
+        None, "Masked loss (Sana Video): directory of mask images matched to the clips by file stem; white = full "
+        "loss, black = none, grey = partial; a clip without its mask is skipped.")
     bucket_strategy: Literal["aspect_ratio", "resolution_frames"] = opt(
         "aspect_ratio", "Bucket by aspect ratio only, or by WxH@F (mixed resolutions and durations).")
     disabled: bool = opt(False, "Leave this dataset out of the run.")
@@ -471,6 +478,18 @@ def validate(cfg: Config) -> list[str]:
     if mem.offload.type == "block_level" and a.type == "full":
         e.append("memory.offload.type = \"block_level\" streams frozen base weights, but adapter.type = \"full\" "
                  "trains them all: set memory.offload.type = \"none\" or train a LoRA")
+    if m.family == "sana_video":
+        if a.export_format != "diffusers" and a.type != "full":
+            e.append(f"adapter.export_format = {a.export_format!r}: Sana Video LoRAs have no original-Wan key layout; "
+                     f"use \"diffusers\" (SanaVideoPipeline.load_lora_weights reads it)")
+        if m.force_2_1_time_embedding:
+            e.append("model.force_2_1_time_embedding is a Wan 2.2 option; remove it for Sana Video")
+        if cfg.validation.skip_layers:
+            e.append("validation.skip_layers: skip-layer guidance is a Wan option; Sana Video validates as "
+                     "SanaVideoPipeline does (CFG only): set validation.skip_layers = []")
+    elif any(d.loss_mask_path for d in cfg.dataset):
+        e.append(f"dataset.loss_mask_path: masked loss is a Sana Video option; {m.family} trains without loss masks "
+                 f"(the Wan guide: do not use masked loss with Wan): remove loss_mask_path")
     if mem.offload.type == "block_level" and mem.model_cpu_offload:
         e.append("memory.model_cpu_offload and memory.offload.type = \"block_level\" are mutually "
                  "exclusive: keep one")
@@ -537,6 +556,9 @@ def validate(cfg: Config) -> list[str]:
 
 def _finalize(cfg: Config) -> Config:
     """Fill defaults that depend on other values, so the resolved config says what runs."""
+    m = cfg.model
+    if m.family != "wan" and m.flavour == ModelConfig.flavour and m.family in FLAVOURS:
+        m.flavour = next(iter(FLAVOURS[m.family]))  # the default flavour is Wan's: use the family's first
     for d in cfg.dataset:
         if d.min_frames is None:
             d.min_frames = 1 if d.type == "image" else d.num_frames

@@ -1,4 +1,4 @@
-"""The VAE and the UMT5 text encoder used to fill the caches, loaded lazily from ``[model]``.
+"""The VAE and the text encoder used to fill the caches, loaded lazily from ``[model]``.
 
 Latents are normalised the way Wan trains on them: ``(mu - latents_mean) * (1 / latents_std)``
 per channel, from the VAE config, with ``mu`` the posterior mean (deterministic, so cacheable).
@@ -6,20 +6,38 @@ Text embeddings are exactly ``WanPipeline.encode_prompt``'s (same cleaning, toke
 512-token padding, encoder, trim to the true length); they are returned trimmed and the loader
 zero-pads them back to 512 (``cache.pad_prompt_embeds``), which saves most of the disk.
 
+Sana Video (Gemma2): embeddings and attention masks are exactly ``SanaVideoPipeline.encode_prompt``'s
+(called here) with the arguments ``SanaVideoPipeline.__call__`` gives it: captions and validation
+prompts with its default complex-human-instruction prefix and ``max_sequence_length`` 300 (so
+300 tokens: the first and the last 299 of prefix + prompt + padding), negative prompts without the
+prefix. They are stored whole with their mask: Gemma's states at padding positions are not zero.
+
 With ``offload_during_startup`` only the encoder in use sits on the device; the other waits on
 the CPU. Nothing is loaded until an entry is actually missing from the cache.
 """
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
+from ..models import family
 from ..runtime import DTYPES
 from .cache import TEXT_MAX_LENGTH, model_fingerprint
+
+
+def sana_instruction() -> list[str]:
+    """``SanaVideoPipeline.__call__``'s default complex-human-instruction lines."""
+    import inspect
+
+    from diffusers import SanaVideoPipeline
+
+    return list(inspect.signature(SanaVideoPipeline.__call__).parameters["complex_human_instruction"].default)
 
 
 def _local_component(src: str, subfolder: str, revision: str | None) -> tuple[Path | None, str]:
@@ -92,15 +110,43 @@ class Encoders:
 
     def _load_text(self):
         if self._text_encoder is None:
-            from transformers import AutoTokenizer, UMT5EncoderModel
+            from transformers import AutoModel, AutoTokenizer, UMT5EncoderModel
 
             self._tokenizer = AutoTokenizer.from_pretrained(
                 self.text_src, subfolder="tokenizer", revision=self.model.revision)
-            self._text_encoder = UMT5EncoderModel.from_pretrained(
+            cls = AutoModel if self.model.family == "sana_video" else UMT5EncoderModel  # Gemma2Model for Sana
+            self._text_encoder = cls.from_pretrained(
                 self.text_src, subfolder="text_encoder", dtype=self.text_dtype, revision=self.model.revision
             ).eval().requires_grad_(False)
         self._activate("text")
         return self._tokenizer, self._text_encoder
+
+    def text_form(self, negative: bool = False) -> dict:
+        """What besides the text and the encoder decides a text-cache entry: for Sana Video the
+        instruction prefix (hashed), the length and whether it is a negative prompt; nothing for
+        Wan, whose captions and negative prompts are encoded alike."""
+        if self.model.family != "sana_video":
+            return {}
+        if negative:
+            return {"form": "negative", "max_length": family("sana_video").TEXT_LEN}
+        chi = hashlib.sha256(json.dumps(sana_instruction()).encode()).hexdigest()[:16]
+        return {"form": "caption", "max_length": family("sana_video").TEXT_LEN, "instruction": chi}
+
+    @torch.no_grad()
+    def text_entries(self, prompts: list[str], negative: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Per prompt, the tensors of its text-cache entry: ``prompt_embeds`` (Wan: trimmed to the
+        true length; Sana Video: the pipeline's full 300 tokens, with ``prompt_attention_mask``)."""
+        if self.model.family != "sana_video":
+            return [{"prompt_embeds": e} for e in self.encode_text(prompts)]
+        from diffusers import SanaVideoPipeline
+
+        tokenizer, encoder = self._load_text()
+        pipe = SanaVideoPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None, scheduler=None)
+        embeds, mask, _, _ = pipe.encode_prompt(
+            list(prompts), do_classifier_free_guidance=False, device=self.device,
+            complex_human_instruction=None if negative else sana_instruction(),
+            max_sequence_length=family("sana_video").TEXT_LEN)
+        return [{"prompt_embeds": e, "prompt_attention_mask": m} for e, m in zip(embeds, mask)]
 
     # -- encoding ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -35,6 +35,8 @@ class Batch:
     # Conditioning cached beside the latents (every other tensor of a latent cache entry, stacked
     # per key): what a family's training forward needs besides latents and text.
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (B, max_length) 1 = token, 0 = padding, for text caches that store the pipeline's mask (Sana Video)
+    prompt_mask: torch.Tensor | None = None
 
     def to(self, device, dtype: torch.dtype | None = None) -> "Batch":
         """Move to ``device``; floating tensors (latents, text, conditioning) also to ``dtype``."""
@@ -44,7 +46,8 @@ class Batch:
             return t.to(device, non_blocking=True)
         return Batch(move(self.latents), move(self.prompt_embeds), self.prompt_lengths.to(device),
                      self.captions, self.dropped.to(device), self.dataset_ids, self.sources,
-                     {k: move(v) for k, v in self.cond.items()})
+                     {k: move(v) for k, v in self.cond.items()},
+                     None if self.prompt_mask is None else self.prompt_mask.to(device))
 
 
 class CachedLoader:
@@ -129,17 +132,23 @@ class CachedLoader:
         loaded = [self.store.load(LATENTS, e.latent_key) for e in entries]
         latents = torch.stack([x["latents"] for x in loaded])
         cond = {k: torch.stack([x[k] for x in loaded]) for k in loaded[0] if k != "latents"}
-        embeds = [self.store.load(TEXT, self.null_text_key if dr else e.text_key)["prompt_embeds"]
-                  for e, dr in zip(entries, drop.tolist())]
+        texts = [self.store.load(TEXT, self.null_text_key if dr else e.text_key)
+                 for e, dr in zip(entries, drop.tolist())]
+        embeds = [t["prompt_embeds"] for t in texts]
+        mask = None
+        if "prompt_attention_mask" in texts[0]:
+            mask = pad_prompt_embeds([t["prompt_attention_mask"][:, None] for t in texts], self.text_max_length)[..., 0]
         return Batch(
             latents=latents,
             prompt_embeds=pad_prompt_embeds(embeds, self.text_max_length),
-            prompt_lengths=torch.tensor([min(x.shape[0], self.text_max_length) for x in embeds]),
+            prompt_lengths=(mask.sum(1) if mask is not None else
+                            torch.tensor([min(x.shape[0], self.text_max_length) for x in embeds])),
             captions=["" if dr else e.caption for e, dr in zip(entries, drop.tolist())],
             dropped=drop,
             dataset_ids=[e.dataset_id for e in entries],
             sources=[str(e.source) for e in entries],
             cond=cond,
+            prompt_mask=mask,
         )
 
     # -- resume --------------------------------------------------------------------------------

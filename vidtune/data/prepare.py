@@ -18,11 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import CacheConfig, DatasetConfig, ModelConfig
+from ..models import family
 from .buckets import Bucket
 from .cache import CacheStore, SourceIndex, settings_key
-from .discover import DataError, MediaItem, SkipLog, _short, discover_dataset
+from .discover import IMAGE_EXTS, DataError, MediaItem, SkipLog, _short, discover_dataset
 from .encode import Encoders
-from .video import load_image, load_video_clip
+from .video import load_image, load_mask, load_video_clip
 
 LATENTS, TEXT = "latents", "text"
 
@@ -49,6 +50,7 @@ class PreparedData:
     stats: dict[str, int] = field(default_factory=dict)  # encoded / reused counts
     seconds: float = 0.0  # discovery + caching time
     text_keys: dict[str, str] = field(default_factory=dict)  # extra text (validation prompts) -> cache key
+    negative_keys: dict[str, str] = field(default_factory=dict)  # negative prompt -> cache key
 
     def summary(self) -> str:
         used = Counter(e.dataset_id for e in self.entries)
@@ -89,16 +91,51 @@ def _repeats_needed(buckets: list[Bucket], batch_size: int, need: int) -> int:
     return 10_000
 
 
-def latent_settings(item: MediaItem, ds: DatasetConfig, digest: str, fps: int, encoders: Encoders) -> dict:
+def latent_settings(item: MediaItem, ds: DatasetConfig, digest: str, fps: int, encoders: Encoders,
+                    extras: dict | None = None) -> dict:
+    """``extras``: what else the entry holds and depends on (image latents, a loss mask's digest);
+    absent for plain latents, so their keys never change."""
     return dict(kind=item.kind, source=digest, width=item.bucket.width, height=item.bucket.height,
                 frames=item.bucket.frames, fps=fps if item.kind == "video" else None, crop=ds.crop,
                 crop_style=ds.crop_style if ds.crop else None, vae=encoders.vae_fingerprint,
-                vae_dtype=encoders.model.vae_dtype)
+                vae_dtype=encoders.model.vae_dtype, **(extras or {}))
 
 
-def text_settings(caption: str, encoders: Encoders) -> dict:
+def text_settings(caption: str, encoders: Encoders, negative: bool = False) -> dict:
     return dict(kind="text", text=caption, text_encoder=encoders.text_fingerprint,
-                dtype=encoders.model.text_encoder_dtype)
+                dtype=encoders.model.text_encoder_dtype, **encoders.text_form(negative))
+
+
+def wants_image_latents(model: ModelConfig) -> bool:
+    """I2V flavours of Sana Video condition on the first frame's latents, cached beside the clip's
+    (SanaImageToVideoPipeline encodes the image alone; the Wan VAE is causal, so this equals the
+    clip's first latent frame)."""
+    return model.family == "sana_video" and family(model.family).is_i2v(model.flavour)
+
+
+def loss_mask_file(item: MediaItem, ds: DatasetConfig) -> Path | None:
+    """The loss-mask image of ``item``: the file of the same stem in ``ds.loss_mask_path``."""
+    root = Path(ds.loss_mask_path).expanduser()
+    for ext in sorted(IMAGE_EXTS):
+        for cand in (root / f"{item.path.stem}{ext}", root / f"{item.path.stem}{ext.upper()}"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def latent_loss_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask (1, H, W) in [0, 1] -> the loss weight of each latent cell (1, 1, h, w): the
+    mean over the cell's pixels (so a cell half inside the mask weighs 0.5)."""
+    return torch.nn.functional.adaptive_avg_pool2d(mask[None], latent_hw)[0][None]
+
+
+def _encode_text(store, encoders, texts, keys, batch_size, negative=False) -> int:
+    missing = [t for t in texts if not store.has(TEXT, keys[t])]
+    for s in range(0, len(missing), batch_size):
+        chunk = missing[s:s + batch_size]
+        for text, entry in zip(chunk, encoders.text_entries(chunk, negative=negative)):
+            store.save(TEXT, keys[text], entry, {"caption": text})
+    return len(missing)
 
 
 def prepare_data(
@@ -114,11 +151,14 @@ def prepare_data(
     encoders: Encoders | None = None,
     release_encoders: bool = True,
     extra_texts: Sequence[str] = (),
+    negative_texts: Sequence[str] = (),
 ) -> PreparedData:
     """Find every sample, fill the caches, print the data summary; return the cache entries.
 
     ``extra_texts`` (validation prompts, the negative prompt) are encoded with the captions, so
     the text encoder loads once per run; their cache keys are in ``PreparedData.text_keys``.
+    ``negative_texts`` are encoded as negative prompts (Sana Video: without the instruction
+    prefix), keys in ``PreparedData.negative_keys``.
 
     ``encoders`` defaults to ``Encoders(model, device, offload_during_startup)``; with
     ``release_encoders`` they are freed once the caches are full (the training loop needs no
@@ -144,17 +184,31 @@ def prepare_data(
     by_id = {d.id: d for d in datasets}
     items = [i for ds in datasets for i in found[ds.id]]
     stats = Counter()
+    failed: set[str] = set()  # latent keys that failed to decode, paths without their loss mask
 
     # Text first: cheap, and the empty caption (caption dropout) is always needed.
     captions = sorted({i.caption for i in items} | {""} | set(extra_texts))
     text_keys = {c: settings_key(**text_settings(c, encoders)) for c in captions}
-    missing = [c for c in captions if not store.has(TEXT, text_keys[c])]
-    stats["text reused"] = len(captions) - len(missing)
-    for s in range(0, len(missing), cache.text_batch_size):
-        chunk = missing[s:s + cache.text_batch_size]
-        for caption, emb in zip(chunk, encoders.encode_text(chunk)):
-            store.save(TEXT, text_keys[caption], {"prompt_embeds": emb}, {"caption": caption})
-    stats["text encoded"] = len(missing)
+    negatives = sorted(set(negative_texts))
+    negative_keys = {t: settings_key(**text_settings(t, encoders, negative=True)) for t in negatives}
+    encoded = _encode_text(store, encoders, captions, text_keys, cache.text_batch_size)
+    encoded += _encode_text(store, encoders, negatives, negative_keys, cache.text_batch_size, negative=True)
+    stats["text reused"] = len(captions) + len(negatives) - encoded
+    stats["text encoded"] = encoded
+
+    # Loss masks: a clip whose dataset asks for masks and has none is skipped.
+    masks: dict[Path, Path] = {}
+    for item in list(items):
+        ds = by_id[item.dataset_id]
+        if ds.loss_mask_path:
+            mask = loss_mask_file(item, ds)
+            if mask is None:
+                skips.add(item.dataset_id, item.path, f"no loss mask: no {item.path.stem}.* in {ds.loss_mask_path}")
+                items.remove(item)
+                failed.add(str(item.path))  # re-check the dataset's size below
+            else:
+                masks[item.path] = mask
+    image_latents = wants_image_latents(model)
 
     # Latents: hash sources, then encode the misses bucket by bucket in vae_batch_size batches,
     # decoding the next batch on a worker thread while the VAE runs.
@@ -171,12 +225,14 @@ def prepare_data(
         if isinstance(digest, OSError):
             skips.add(item.dataset_id, item.path, f"unreadable: {_short(digest)}")
             continue
-        keyed.append((item, settings_key(**latent_settings(item, by_id[item.dataset_id], digest, fps, encoders)),
-                      digest))
+        extras = {"image_latents": True} if image_latents else {}
+        if item.path in masks:
+            extras["loss_mask"] = index.digest(masks[item.path])
+        keyed.append((item, settings_key(**latent_settings(item, by_id[item.dataset_id], digest, fps, encoders,
+                                                           extras)), digest))
     index.save()
     todo = [(i, k, d) for i, k, d in keyed if not store.has(LATENTS, k)]
     stats["latents reused"] = len(keyed) - len(todo)
-    failed: set[str] = set()
     groups = defaultdict(list)
     for entry in todo:
         groups[entry[0].bucket].append(entry)
@@ -195,11 +251,15 @@ def prepare_data(
                     px = load_video_clip(item.path, b.frames, fps, b.width, b.height, ds.crop, ds.crop_style, digest)
                 else:
                     px = load_image(item.path, b.width, b.height, ds.crop, ds.crop_style, digest)
+                mask = None
+                if item.path in masks:
+                    mask = load_mask(masks[item.path], item.width, item.height, b.width, b.height, ds.crop,
+                                     ds.crop_style, digest)
             except Exception as exc:  # a file that probes fine but fails mid-decode is skipped
                 skips.add(item.dataset_id, item.path, f"decode failed: {_short(exc)}")
                 failed.add(key)
                 continue
-            out.append((key, px))
+            out.append((key, px, mask))
         return out
 
     encoded = 0
@@ -210,9 +270,16 @@ def prepare_data(
             pending = pool.submit(decode, batches[n + 1]) if n + 1 < len(batches) else None
             if not decoded:
                 continue
-            latents = encoders.encode_video(torch.stack([px for _, px in decoded]))
-            for (key, _), lat in zip(decoded, latents):
-                store.save(LATENTS, key, {"latents": lat})
+            pixels = torch.stack([px for _, px, _ in decoded])
+            latents = encoders.encode_video(pixels)
+            firsts = encoders.encode_video(pixels[:, :, :1]) if image_latents else [None] * len(decoded)
+            for (key, _, mask), lat, first in zip(decoded, latents, firsts):
+                entry = {"latents": lat}
+                if first is not None:
+                    entry["image_latents"] = first
+                if mask is not None:
+                    entry["loss_mask"] = latent_loss_mask(mask, lat.shape[-2:])
+                store.save(LATENTS, key, entry)
                 encoded += 1
     stats["latents encoded"] = encoded
     if release_encoders:
@@ -222,9 +289,9 @@ def prepare_data(
                for i, k, _ in keyed if k not in failed]
     prepared = PreparedData(entries, store, text_keys[""], {d.id: d.repeats for d in datasets},
                             {d.id: d.weight for d in datasets}, skips, dict(stats), time.perf_counter() - t0,
-                            {t: text_keys[t] for t in extra_texts})
+                            {t: text_keys[t] for t in extra_texts}, negative_keys)
     log(prepared.summary())
-    if failed:  # decode failures may have shrunk a dataset below one optimizer step
+    if failed:  # decode failures and missing masks may have shrunk a dataset below one optimizer step
         for ds in datasets:
             check_dataset_size(ds.id, [e.bucket for e in entries if e.dataset_id == ds.id], ds.repeats,
                                batch_size, gradient_accumulation_steps)

@@ -148,14 +148,27 @@ def _vae_scale_factors(vae) -> tuple[int, int]:
 
 
 def initial_latents(batch: int, channels: int, num_frames: int, height: int, width: int, seed: int,
-                    device, generator_device="cpu", vae=None) -> torch.Tensor:
-    """The starting noise, exactly ``WanPipeline.prepare_latents`` with a seeded generator."""
+                    device, generator_device="cpu", vae=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The starting noise, exactly ``WanPipeline.prepare_latents`` with a seeded generator (or
+    ``generator`` as it is, when the caller goes on drawing from it)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     ft, sp = _vae_scale_factors(vae)
     shape = (batch, channels, (num_frames - 1) // ft + 1, int(height) // sp, int(width) // sp)
-    generator = torch.Generator(generator_device).manual_seed(int(seed))
+    generator = generator or torch.Generator(generator_device).manual_seed(int(seed))
     return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+
+
+def check_sampling(output_type: str, vae, guidance: float, negative) -> bool:
+    """Errors for a sampling call that cannot run; returns whether CFG runs (the pipelines'
+    ``do_classifier_free_guidance``: guidance > 1)."""
+    if output_type not in ("latent", "video"):
+        raise ValueError(f"output_type {output_type!r}: choose 'latent' or 'video'")
+    if output_type == "video" and vae is None:
+        raise ValueError("output_type='video' needs the VAE (vae=AutoencoderKLWan)")
+    if guidance > 1.0 and negative is None:
+        raise ValueError(f"guidance {guidance} > 1 runs CFG and needs negative prompt embeddings")
+    return guidance > 1.0
 
 
 @torch.no_grad()
@@ -193,13 +206,7 @@ def sample(
     step (streaming previews). ``output_type``: "latent" returns the fp32 latents (B, C, F', H', W')
     before decoding; "video" decodes with ``vae`` and returns uint8 frames (B, F, 3, H, W).
     """
-    if output_type not in ("latent", "video"):
-        raise ValueError(f"output_type {output_type!r}: choose 'latent' or 'video'")
-    if output_type == "video" and vae is None:
-        raise ValueError("output_type='video' needs the VAE (vae=AutoencoderKLWan)")
-    cfg_on = guidance > 1.0  # WanPipeline.do_classifier_free_guidance
-    if cfg_on and negative_prompt_embeds is None:
-        raise ValueError(f"guidance {guidance} > 1 runs CFG and needs negative_prompt_embeds")
+    cfg_on = check_sampling(output_type, vae, guidance, negative_prompt_embeds)
     if not 0.0 <= skip_layers_start <= skip_layers_stop <= 1.0:
         raise ValueError("skip-layer guidance needs 0 <= skip_layers_start <= skip_layers_stop <= 1")
     if isinstance(scheduler, str):

@@ -25,8 +25,9 @@ from ..adapters import DIFFUSERS_FILE, WAN_FILE, export_lora
 from ..build import build_from_config
 from ..config import Config, ConfigError
 from ..data import CachedLoader, PreparedData
-from ..models import save_pretrained
+from ..models import family, save_pretrained
 from ..runtime import DTYPES, resolve_device, seed_for
+from ..sample import load_scheduler_config
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .ema import Ema
 from .flow import flow_loss, sample_sigmas
@@ -51,6 +52,7 @@ def prepare(cfg: Config, log=print) -> PreparedData:
         batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         encoders=encoders, log=log,
         extra_texts=validation_texts(cfg.validation) if cfg.validation.every > 0 else (),
+        negative_texts=[cfg.validation.negative_prompt] if cfg.validation.every > 0 else (),
     )
 
 
@@ -139,8 +141,13 @@ class Run:
             from .validate import Validator
 
             self.validator = Validator(cfg, prepared, self.device, self.run_dir, log)
+        fam = family(cfg.model.family)
         self.loader = CachedLoader(prepared, t.batch_size, seed=t.seed, caption_dropout=t.caption_dropout,
-                                   gradient_accumulation_steps=t.gradient_accumulation_steps)
+                                   gradient_accumulation_steps=t.gradient_accumulation_steps,
+                                   text_max_length=fam.TEXT_LEN)
+        # A family with its own training schedule (Sana Video's canonical one) replaces timestep_sampling.
+        self.draw_sigmas = (fam.sigma_sampler(t, load_scheduler_config(cfg.model.resolved_path()), log)
+                            if hasattr(fam, "sigma_sampler") else None)
         self.flow_gen = torch.Generator("cpu").manual_seed(seed_for(t.seed, "flow"))
         self.tread_gen = torch.Generator(self.device).manual_seed(seed_for(t.seed, "tread"))
         self.step = self.skipped = self.consecutive = 0
@@ -194,9 +201,12 @@ class Run:
             tokens += b * (f // patch[0]) * (h // patch[1]) * (w // patch[2])
             # Noise and timesteps come from the CPU generator: the same draws on any device.
             noise = torch.randn(x0.shape, generator=self.flow_gen).to(self.device, x0.dtype)
-            sigma = sample_sigmas(b, t.timestep_sampling, self.flow_gen, logit_mean=t.logit_mean,
-                                  logit_std=t.logit_std, shift=t.flow_shift,
-                                  tokens_per_frame=(h // patch[1]) * (w // patch[2])).to(self.device)
+            if self.draw_sigmas is not None:
+                sigma = self.draw_sigmas(b, self.flow_gen).to(self.device)
+            else:
+                sigma = sample_sigmas(b, t.timestep_sampling, self.flow_gen, logit_mean=t.logit_mean,
+                                      logit_std=t.logit_std, shift=t.flow_shift,
+                                      tokens_per_frame=(h // patch[1]) * (w // patch[2])).to(self.device)
             with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
                 pred, target, weight = self.forward(self.model, batch, noise, sigma, routes=self.routes,
                                                     generator=self.tread_gen)

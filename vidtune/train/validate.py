@@ -3,8 +3,10 @@
 Prompt embeddings go through the same text cache as the captions: the data preparation encodes
 ``validation_texts`` with the captions, while the text encoder is loaded anyway, so the loop
 never holds a text encoder. The VAE is loaded once and waits on the CPU between validations.
-Sampling is ``vidtune.sample.sample`` (WanPipeline's loop): the model in eval mode, so no
-TREAD routing and no dropout. Outputs per prompt: ``<run>/validation/step_XXXXXX/<name>.mp4``
+Sampling is ``vidtune.sample.sample`` (WanPipeline's loop) or, for Sana Video,
+``vidtune.sample.sample_sana`` (SanaVideoPipeline's loop with the pipeline's own scheduler; I2V
+flavours condition on the first training clip's first frame): the model in eval mode, so no TREAD
+routing and no dropout. Outputs per prompt: ``<run>/validation/step_XXXXXX/<name>.mp4``
 and ``<name>.png`` (contact sheet); with EMA, the EMA weights' are ``<name>_ema.*``.
 """
 from __future__ import annotations
@@ -16,9 +18,10 @@ import torch
 
 from ..config import Config, ConfigError, ValidationConfig
 from ..data.cache import pad_prompt_embeds
-from ..data.prepare import TEXT
+from ..data.prepare import LATENTS, TEXT
+from ..models import family
 from ..runtime import DTYPES
-from ..sample import load_prompts, load_scheduler_config, sample, save_outputs
+from ..sample import load_prompts, load_scheduler_config, sample, sample_sana, save_outputs
 from ..sample.sampler import safe_name
 
 
@@ -54,11 +57,23 @@ class Validator:
         if missing:
             raise ConfigError(f"validation: {len(missing)} prompt(s) were not encoded with the data, e.g. "
                               f"{missing[0]!r}; prepare the data with this config's validation section")
-        embed = {t: pad_prompt_embeds([store.load(TEXT, keys[t])["prompt_embeds"]])
-                 for t in validation_texts(self.v)}
-        self.prompts = [(name, embed[text]) for name, text in validation_prompts(self.v)]
-        self.negative = embed[self.v.negative_prompt]
         m = cfg.model
+        self.family = m.family
+        text_len = family(m.family).TEXT_LEN
+
+        def text(key):  # (embeds (1, L, D), mask (1, L) or None)
+            entry = store.load(TEXT, key)
+            mask = entry.get("prompt_attention_mask")
+            return pad_prompt_embeds([entry["prompt_embeds"]], text_len), None if mask is None else mask[None]
+
+        embed = {t: text(keys[t]) for t in validation_texts(self.v)}
+        self.prompts = [(name, embed[text]) for name, text in validation_prompts(self.v)]
+        neg = self.v.negative_prompt
+        self.negative = text(prepared.negative_keys[neg]) if neg in prepared.negative_keys else embed[neg]
+        # I2V flavours condition on an image: the first training clip's first frame (cached latents).
+        self.image_latents = None
+        if prepared.entries and "image_latents" in store.load(LATENTS, prepared.entries[0].latent_key):
+            self.image_latents = store.load(LATENTS, prepared.entries[0].latent_key)["image_latents"][None]
         self.vae = AutoencoderKLWan.from_pretrained(m.vae_path or m.resolved_path(), subfolder="vae",
                                                     torch_dtype=DTYPES[m.vae_dtype], revision=m.revision)
         self.vae.eval().requires_grad_(False)
@@ -83,14 +98,21 @@ class Validator:
         try:
             for suffix, e in self.variants(ema):
                 with e.swapped_in() if e is not None else contextlib.nullcontext():
-                    for name, pe in self.prompts:
-                        frames = sample(model, prompt_embeds=pe, negative_prompt_embeds=self.negative,
-                                        num_frames=v.num_frames, height=self.height, width=self.width,
-                                        steps=v.steps, guidance=v.guidance, seed=v.seed, scheduler=v.scheduler,
-                                        scheduler_config=self.scheduler_config, skip_layers=v.skip_layers,
-                                        skip_layers_start=v.skip_layers_start, skip_layers_stop=v.skip_layers_stop,
-                                        skip_layers_scale=v.skip_layers_scale, device=self.device, vae=self.vae,
-                                        output_type="video")
+                    for name, (pe, mask) in self.prompts:
+                        shape = dict(num_frames=v.num_frames, height=self.height, width=self.width, steps=v.steps,
+                                     guidance=v.guidance, seed=v.seed, scheduler_config=self.scheduler_config,
+                                     device=self.device, vae=self.vae, output_type="video")
+                        if self.family == "sana_video":  # the pipeline's own scheduler
+                            frames = sample_sana(model, prompt_embeds=pe, prompt_mask=mask,
+                                                 negative_prompt_embeds=self.negative[0],
+                                                 negative_mask=self.negative[1], image_latents=self.image_latents,
+                                                 **shape)
+                        else:
+                            frames = sample(model, prompt_embeds=pe, negative_prompt_embeds=self.negative[0],
+                                            scheduler=v.scheduler, skip_layers=v.skip_layers,
+                                            skip_layers_start=v.skip_layers_start,
+                                            skip_layers_stop=v.skip_layers_stop,
+                                            skip_layers_scale=v.skip_layers_scale, **shape)
                         tag = safe_name(name) + suffix
                         outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps)
         finally:

@@ -6,6 +6,7 @@ from .model import KEEP_FP32, WanBlock, WanConfig, WanTransformer
 CLASS_NAMES = ("WanTransformer3DModel",)
 CONFIG_CLASS = WanConfig
 MODEL_CLASS = WanTransformer
+TEXT_LEN = 512  # WanPipeline pads UMT5 prompts to 512 tokens
 
 __all__ = ["ARCHS", "CLASS_NAMES", "CONFIG_CLASS", "KEEP_FP32", "MODEL_CLASS", "WanBlock", "WanConfig",
-           "WanTransformer", "flavour_config", "transformer_subfolder"]
+           "WanTransformer", "TEXT_LEN", "flavour_config", "transformer_subfolder"]
