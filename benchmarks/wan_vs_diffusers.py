@@ -19,13 +19,14 @@ step). Steps of all variants are interleaved, so drift hits them alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
 
 import torch
 
-from vidtune.adapters.lora import lora_config
+from vidtune.bench.timing import interleaved_times, peft_lora_copy
 from vidtune.build import build_training_model
 from vidtune.config import AdapterConfig, CompileConfig, MemoryConfig, ModelConfig, resolve_routes
 from vidtune.measure.counters import count
@@ -53,17 +54,10 @@ def ours(adapter: AdapterConfig, ref, compile_: bool = False):
 
 def build(seed=0, compile_=True):
     from diffusers import WanTransformer3DModel
-    from peft import inject_adapter_in_model
 
     torch.manual_seed(seed)
     ref = WanTransformer3DModel(**BENCH).train()
-    ref_lora = WanTransformer3DModel(**BENCH)
-    ref_lora.load_state_dict(ref.state_dict())
-    ref_lora.requires_grad_(False)
-    lc = lora_config(LORA)
-    lc.init_lora_weights = "gaussian"  # non-zero B, so the adapter path does real work
-    inject_adapter_in_model(lc, ref_lora)
-    ref_lora.train()
+    ref_lora = peft_lora_copy(ref, LORA)
     models = {"diffusers": ref, "vidtune": ours(AdapterConfig(type="full"), ref),
               "diffusers+peft lora": ref_lora, "vidtune lora": ours(LORA, ref_lora)}
     if compile_:
@@ -176,12 +170,8 @@ def main(argv=None):
         rows[name] = {"flops": c.flops, "peak_live_bytes": c.peak_live_bytes, "materialized_bytes": c.materialized_bytes}
     for name in vs:
         rows.setdefault(name, {})
-    times = {name: [] for name in vs}
-    for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
-        for name, (model, fn, _) in vs.items():
-            t0 = time.perf_counter()
-            step(model, fn, inputs)
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved_times({name: functools.partial(step, model, fn, inputs) for name, (model, fn, _) in vs.items()},
+                              args.repeats)
     for name, (_, _, base) in vs.items():
         med = statistics.median(times[name])
         rows[name].update(step_s=med, ratio=med / statistics.median(times[base]), baseline=base)

@@ -81,6 +81,8 @@ NOTED = {
                                  "I2V has no CLIP image encoder); no conditioning-embeds cache is needed",
     "cache_dir_conditioning_image_embeds": "no conditioning-embeds cache in vidtune (see conditioning_image_embeds)",
     "is_i2v": "I2V follows model.flavour: i2v-* flavours condition on each clip's first frame",
+    "conditioning_type": "a loss-mask dataset (conditioning_type mask): its directory becomes loss_mask_path of "
+                         "the datasets that name it in conditioning_data (masks matched by file stem)",
     "default": "vidtune has one text-embedding cache",
     "vae_cache_clear_each_epoch": "vidtune cache entries are content-keyed and never cleared per epoch",
 }
@@ -92,6 +94,7 @@ UNSUPPORTED = {
     "s2v_datasets": "separate S2V audio datasets are not in the vidtune dataset schema yet",
     "validation_using_datasets": "I2V validation from an image dataset is not in the vidtune schema yet",
     "eval_dataset_id": "I2V validation from an image dataset is not in the vidtune schema yet",
+    "masked_loss": "masked loss is a Sana Video option (the Wan guide: do not use masked loss with Wan)",
 }
 
 
@@ -460,6 +463,11 @@ def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
                 if k in cfg}
     used.update(defaults)
     cache_dirs, datasets = [], []
+    # Masked loss (the Dreambooth guide's setup): a conditioning dataset of masks, named by the
+    # training dataset's conditioning_data, becomes that dataset's loss_mask_path (Sana Video only).
+    masks = {b.get("id"): b.get("instance_data_dir") for b in backends
+             if b.get("dataset_type") == "conditioning" and b.get("conditioning_type") == "mask"}
+    sana = c.get("model.family") == "sana_video"
     for i, raw in enumerate(backends):
         b = dict(raw)
         did = b.pop("id", f"dataset{i}")
@@ -478,6 +486,12 @@ def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
             continue
         if kind == "conditioning_image_embeds":
             c.note(f"{where}.dataset_type", f"conditioning_image_embeds: {NOTED['conditioning_image_embeds']}")
+            continue
+        if kind == "conditioning" and b.get("conditioning_type") == "mask":
+            if sana:
+                c.note(f"{where}.dataset_type", NOTED["conditioning_type"])
+            else:
+                c.unmap(f"{where}.dataset_type", kind, UNSUPPORTED["masked_loss"])
             continue
         if kind == "audio":
             c.unmap(f"{where}.dataset_type", kind, UNSUPPORTED["s2v_datasets"])
@@ -533,6 +547,13 @@ def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
             if k in b:
                 b.pop(k)
                 c.note(f"{where}.{k}", NOTED[k])
+        if "conditioning_data" in b:
+            ref = b.pop("conditioning_data")
+            if ref in masks and sana:
+                d["loss_mask_path"] = masks[ref]
+            else:
+                c.unmap(f"{where}.conditioning_data", ref, UNSUPPORTED["masked_loss"] if ref in masks else
+                        "only loss-mask conditioning datasets (conditioning_type mask) are converted")
         if kind == "video" and "video" in b:
             _video(c, where, b.pop("video"), d)
         for k in ("audio", "s2v_datasets"):

@@ -28,6 +28,7 @@ from vidtune.build import adapter_dtype, architecture
 from vidtune.config import Config, ConfigError, override
 from vidtune.measure import devices as D
 from vidtune.measure import probes as P
+from vidtune.models import family
 from vidtune.runtime import dtype as _dtype
 from vidtune.runtime import resolve_device
 
@@ -170,7 +171,8 @@ class Plan:
                                f"[{' '.join('--set ' + o for o in s.overrides)}]")
             else:
                 out.append("no combination of the searched options fits this device "
-                           "(checkpointing, chunked FF, int8, block offload, TREAD, fewer frames, lower resolution)")
+                           "(checkpointing, chunked FF, int8, block offload, TREAD, 8-bit AdamW, EMA in CPU RAM, "
+                           "fewer frames, lower resolution)")
         return "\n".join(out)
 
 
@@ -200,10 +202,11 @@ def _weights(model, cfg: Config):
             b += _param_bytes(p, int8 and is_linear)
         block_frozen.append(b)
     other = 0
-    for name, p in model.named_parameters():
+    in_blocks = {id(p) for p in model.blocks.parameters()}  # Sana names them transformer_blocks.*
+    for p in model.parameters():
         if p.requires_grad:
             trainable.append(p)
-        elif not name.startswith("blocks."):
+        elif id(p) not in in_blocks:
             other += p.numel() * p.element_size()
     biggest = max((p.numel() * p.element_size() for n, p in model.blocks[0].named_parameters() if p.ndim == 2),
                   default=0)
@@ -257,7 +260,7 @@ def _classes(cfg: Config, nblocks: int):
 def _probe_kwargs(cfg: Config, arch, shape: Shape, batch: int):
     mp = cfg.train.mixed_precision
     return dict(latent=shape.latent, batch=batch, autocast=None if mp == "no" else _dtype(mp),
-                adapter_dtype=adapter_dtype(cfg.train),
+                adapter_dtype=adapter_dtype(cfg.train), text_len=family(cfg.model.family).TEXT_LEN,
                 chunk=cfg.memory.chunked_ff.chunk_size if cfg.memory.chunked_ff.enabled else None)
 
 
@@ -316,26 +319,30 @@ def simulate_step(cfg: Config, arch, shape: Shape) -> dict:
 
 
 def _caching_phase(cfg: Config, dev: D.Device, shape: Shape) -> Phase:
+    fam = family(cfg.model.family)
+    kind = getattr(fam, "TEXT_ENCODER", "umt5")
+    te_len = getattr(fam, "TEXT_ENCODER_LEN", fam.TEXT_LEN)
     te_cfg = P.local_component_config(cfg.model, "text_encoder")
     te_w, te_act, _ = P.probe_text_encoder(cfg.cache.text_batch_size, _dtype(cfg.model.text_encoder_dtype),
-                                           config=te_cfg)
+                                           text_len=te_len, config=te_cfg, kind=kind)
     vae_w, vae_act, _ = P.probe_vae(shape.frames, shape.height, shape.width, _dtype(cfg.model.vae_dtype),
                                     decode=False, batch=cfg.cache.vae_batch_size,
                                     config=P.local_component_config(cfg.model, "vae"))
-    te_name = "text encoder UMT5-XXL weights" if te_cfg is None else "text encoder weights (local config)"
+    full_name = {"umt5": "UMT5-XXL", "gemma2": "Gemma2-2B"}[kind]
+    te_name = f"text encoder {full_name} weights" if te_cfg is None else "text encoder weights (local config)"
     items = []
     if cfg.memory.offload_during_startup:
         te_peak, vae_peak = te_w + te_act, vae_w + vae_act
         first = max(te_peak, vae_peak)
         items = [Item(te_name, te_w, "alone on the device (offload_during_startup)"),
-                 Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
+                 Item(f"text encoder activations ({cfg.cache.text_batch_size} x {te_len} tokens)", te_act),
                  Item("VAE weights", vae_w, "alone on the device"),
                  Item(f"VAE encode activations ({shape})", vae_act)]
         peak = first
         note = "encoders one at a time"
     else:
         items = [Item(te_name, te_w), Item("VAE weights", vae_w),
-                 Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
+                 Item(f"text encoder activations ({cfg.cache.text_batch_size} x {te_len} tokens)", te_act),
                  Item(f"VAE encode activations ({shape})", vae_act)]
         peak = te_w + vae_w + max(te_act, vae_act)
         note = "both encoders resident"
@@ -361,11 +368,12 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
         notes.append("on the CPU, offloaded groups stay in the same RAM: offload cannot lower its peak")
     train_bytes = sum(p.numel() * p.element_size() for p in trainable)
     state = int(sum(p.numel() * _STATE_BYTES[cfg.train.optimizer](p.element_size()) for p in trainable))
-    ema = train_bytes if cfg.ema.enabled else 0
+    ema = train_bytes if cfg.ema.enabled and cfg.ema.device == "same" else 0  # ema.device = "cpu": host RAM
     dequant = biggest if int8 else 0  # torchao int8 weight-only dequantises one weight per matmul
     b = cfg.train.batch_size
     f, h, w = shape.latent
-    inputs = b * (2 * arch.in_channels * f * h * w + P.TEXT_LEN * arch.text_dim) * _dtype(cfg.model.dtype).itemsize
+    text_len = family(cfg.model.family).TEXT_LEN
+    inputs = b * (2 * arch.in_channels * f * h * w + text_len * arch.text_dim) * _dtype(cfg.model.dtype).itemsize
 
     sim = simulate_step(cfg, arch, shape)
     grads = train_bytes  # grads in the parameters' dtype
@@ -473,6 +481,10 @@ def _options(cfg: Config):
                          "memory.offload.use_stream=true"]) for n in (4, 2, 1)])
     if not cfg.tread.routes:
         groups.append([("TREAD 0.5 over layers 2..-2", ["tread.routes=[{selection_ratio=0.5, start_layer=2, end_layer=-2}]"])])
+    if full and "8bit" not in cfg.train.optimizer:  # a full fine-tune's optimizer state is its biggest item
+        groups.append([("8-bit AdamW", ['train.optimizer="adamw_8bit"'])])
+    if cfg.ema.enabled and cfg.ema.device == "same":
+        groups.append([("EMA in CPU RAM", ['ema.device="cpu"'])])
     shrink = []
     frames = [d.num_frames for d in cfg.datasets if d.type == "video"]
     if frames and max(frames) > 49:

@@ -25,7 +25,8 @@ def _step(model, **kw):
     x["hidden_states"].requires_grad_()
     out = model(**x, **kw)
     out.square().mean().backward()
-    return out.detach(), x["hidden_states"].grad, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), x["hidden_states"].grad, grads
 
 
 def _rel(a, b):
@@ -63,7 +64,8 @@ def test_tread_routes_the_attention_only():
     for h in hooks:
         h.remove()
     S = F * (H // 2) * (W // 2)
-    assert sizes["transformer_blocks.1.attn1"] == sizes["transformer_blocks.1.attn2"] == [S // 2]  # routed block: half the tokens
+    # the routed block attends over half the tokens, the others over all
+    assert sizes["transformer_blocks.1.attn1"] == sizes["transformer_blocks.1.attn2"] == [S // 2]
     assert sizes["transformer_blocks.0.attn1"] == sizes["transformer_blocks.2.attn1"] == [S]
     assert all(sizes[f"ff{i}"] == [S] for i in range(3))  # the convolutions always see the full grid
     plain = _step(model)
@@ -130,3 +132,12 @@ def test_builds_through_vidtune_build_with_checkpointing(tmp_path):
     assert any("attn1.to_q.lora_A" in n for n in names) and any("ff.conv_temp.lora_B" in n for n in names)
     out, dx, grads = _step(built.model)
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_counters_count_a_grouped_conv_backward_like_its_forward():
+    """torch's formula overcounts a depthwise conv's weight grad by its channel count; ours: each
+    of grad_input and grad_weight costs one forward (the Mix-FFN's conv_depth is depthwise)."""
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    c, _ = count(lambda: conv(x).sum().backward())
+    assert c.flops_by_op["convolution_backward"] == 2 * c.flops_by_op["convolution"] > 0

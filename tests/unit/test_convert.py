@@ -107,6 +107,32 @@ def test_sana_video_ignores_shift(tmp_path):
     assert (cfg.train.optimizer, cfg.train.eps, cfg.train.max_grad_norm) == ("adamw_bf16", 1e-6, 0.0)
 
 
+def test_sana_video_keys_land_where_the_guide_means(tmp_path):
+    """Each Sana-specific key of the guide's config and its masked-loss dataloader."""
+    def edit(cfg, backends):
+        cfg.update({"framerate": 24, "validation_num_video_frames": 81, "flow_schedule_auto_shift": True,
+                    "flow_use_uniform_schedule": True})
+        backends[0]["conditioning_data"] = "masks"
+        backends.append({"id": "masks", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask",
+                         "instance_data_dir": "datasets/masks"})
+    cfg, unmapped, notes = _convert("sanavideo", tmp_path, edit)
+    assert not unmapped, unmapped
+    assert cfg.adapter.type == "full"  # model_type = "full"
+    assert (cfg.model.family, cfg.model.flavour, cfg.model.fps) == ("sana_video", "2b-480p", 24)  # framerate
+    assert cfg.validation.num_frames == 81  # validation_num_video_frames, already 4k+1
+    assert cfg.train.timestep_sampling == "logit_norm"  # the shift keys: noted, never set
+    for key in ("flow_schedule_auto_shift", "flow_use_uniform_schedule"):
+        assert any(n.startswith(f"{key}:") and "canonical flow schedule" in n for n in notes), key
+    assert [d.loss_mask_path for d in cfg.dataset] == ["datasets/masks"]  # masked loss, by stem
+    assert any("conditioning_type mask" in n for n in notes)
+    # the same dataloader for Wan: masks are refused as unmapped (the Wan guide: no masked loss)
+    wan = json.loads((FIX / "wan" / "config.json").read_text())
+    backends = json.loads((FIX / "sanavideo" / "multidatabackend.json").read_text())
+    edit({}, backends)
+    _, unmapped, _ = convert_simpletuner(wan, backends)
+    assert sum("masked loss is a Sana Video option" in u for u in unmapped) == 2
+
+
 def test_unknown_and_unsupported_keys_are_listed(tmp_path):
     def edit(cfg, backends):
         cfg.update({"frobnicate_level": 3, "crepa_enabled": True, "validation_using_datasets": True,

@@ -14,8 +14,8 @@ import torch
 
 from vidtune.build import build_from_config
 from vidtune.config import Config, override
-from vidtune.measure import probes as P
 from vidtune.measure.counters import counting
+from vidtune.models import family
 
 
 def real_config(cfg: Config) -> Config:
@@ -35,12 +35,14 @@ def real_step(cfg: Config, arch, latent, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(b, arch.in_channels, f, h, w, generator=g)
     target = torch.randn(b, arch.out_channels, f, h, w, generator=g)
-    t, ctx = torch.full((b,), 500.0), torch.randn(b, P.TEXT_LEN, arch.text_dim, generator=g)
+    t = torch.full((b,), 500.0)
+    ctx = torch.randn(b, family(cfg.model.family).TEXT_LEN, arch.text_dim, generator=g)
     routes = cfg.tread.resolve(len(model.blocks))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     existing = [*model.parameters(), *model.buffers(), x, target, t, ctx]
     with counting(existing) as c:
-        out = model(x, t, ctx, routes=routes, generator=torch.Generator().manual_seed(0))
+        out = model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, routes=routes,
+                    generator=torch.Generator().manual_seed(0))
         loss = (out.float() - target.float()).pow(2).mean()
         c.mark("fwd")
         loss.backward()

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from vidtune.measure import probes as P
 from vidtune.measure.counters import count
+from vidtune.models import family
 from vidtune.runtime import DTYPES
 
 
@@ -92,6 +92,34 @@ def cpu_vs_diffusers(spec: dict, repeats: int | None = None) -> dict:
             "repeats": repeats}
 
 
+def peft_lora_copy(ref, adapter):
+    """A copy of diffusers model ``ref`` (same config and weights), frozen, with a peft LoRA of
+    ``adapter`` whose B starts non-zero (gaussian), so the adapter path does real work; train mode."""
+    from peft import inject_adapter_in_model
+
+    from vidtune.adapters.lora import lora_config
+
+    copy = type(ref).from_config(ref.config)
+    copy.load_state_dict(ref.state_dict())
+    copy.requires_grad_(False)
+    lc = lora_config(adapter)
+    lc.init_lora_weights = "gaussian"
+    inject_adapter_in_model(lc, copy)
+    return copy.train()
+
+
+def interleaved_times(steps: dict, repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each zero-argument step, ``repeats`` rounds with the steps interleaved, so
+    drift (a busy host, thermal) hits every variant alike."""
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def gpu_matches(dev) -> bool:
     if not torch.cuda.is_available() or not dev.match:
         return False
@@ -120,13 +148,13 @@ def gpu_window(cfg, arch, shape, dev, plan, *, warmup: int = 3, steps: int = 10)
     x = torch.randn(b, arch.in_channels, f, h, w, device="cuda", dtype=dtype)
     target = torch.randn_like(x)
     t = torch.full((b,), 500.0, device="cuda")
-    ctx = torch.randn(b, P.TEXT_LEN, arch.text_dim, device="cuda", dtype=dtype)
+    ctx = torch.randn(b, family(cfg.model.family).TEXT_LEN, arch.text_dim, device="cuda", dtype=dtype)
     amp = cfg.train.mixed_precision != "no"
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def step():
         with torch.autocast("cuda", dtype=DTYPES.get(cfg.train.mixed_precision, dtype), enabled=amp):
-            out = model(x, t, ctx, routes=routes, generator=gen)
+            out = model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, routes=routes, generator=gen)
         (out.float() - target.float()).pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

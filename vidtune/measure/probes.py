@@ -6,7 +6,7 @@ Everything here runs under ``FakeTensorMode`` (shapes and dtypes only, no memory
   the probed block 1, the tail (norm, proj_out, loss), then backward. The planner chains the
   probed block once per layer, so a 40-layer step costs two blocks to measure (~2 s, not ~30 s).
 - ``probe_vae`` / ``probe_text_encoder``: the diffusers Wan 2.1 VAE (encode or decode) and the
-  UMT5-XXL encoder from transformers, at full size.
+  text encoder from transformers (UMT5-XXL for Wan, Gemma2-2B for Sana Video), at full size.
 - ``OpRecorder``: per-op FLOPs and bytes read+written, for the roofline projections.
 Models are built by ``vidtune.build`` on the meta device (adapters injected there by peft) and
 their parameters then replaced by fake tensors: peft cannot inject into modules whose parameters
@@ -34,6 +34,11 @@ from vidtune.runtime import dtype as runtime_dtype
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 feed_forward_proj="gated-gelu")
 TEXT_LEN = 512  # Wan pads prompts to 512 tokens
+# Gemma2-2B (Sana Video's text encoder, gemma-2-2b-it's decoder, ~2.6B parameters).
+GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                 query_pre_attn_scalar=256, sliding_window=4096)
+TEXT_ENCODERS = {"umt5": UMT5_XXL, "gemma2": GEMMA2_2B}
 
 
 def local_component_config(model_cfg, component: str) -> dict | None:
@@ -211,7 +216,8 @@ def _probe_step(model, arch, latent, batch, dtype, autocast, route_ratio, grad, 
                     stack.enter_context(torch.no_grad())
                 if autocast is not None:
                     stack.enter_context(torch.autocast("cpu", dtype=autocast))
-                out = model(x, t, ctx, routes=routes, generator=torch.Generator().manual_seed(0))
+                out = model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, routes=routes,
+                            generator=torch.Generator().manual_seed(0))
                 stack.close()  # the loss and backward run outside autocast, as in the trainer
                 loss = (out.float() - target.float()).pow(2).mean()
                 mark("fwd")
@@ -261,15 +267,17 @@ def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decod
     return _AUX[key]
 
 
-def probe_text_encoder(batch: int, dtype: torch.dtype, text_len: int = TEXT_LEN, config: dict | None = None):
-    """(weight bytes, peak activation bytes, FLOPs) of the UMT5 encoder (``config``: its
-    config.json; default UMT5-XXL, Wan's) on ``batch`` prompts."""
-    key = ("umt5", batch, dtype, text_len, json.dumps(config, sort_keys=True))
+def probe_text_encoder(batch: int, dtype: torch.dtype, text_len: int = TEXT_LEN, config: dict | None = None,
+                       kind: str = "umt5"):
+    """(weight bytes, peak activation bytes, FLOPs) of the text encoder ``kind`` (umt5 | gemma2;
+    ``config``: its config.json, default the full-size one of TEXT_ENCODERS) on ``batch`` prompts."""
+    key = (kind, batch, dtype, text_len, json.dumps(config, sort_keys=True))
     if key not in _AUX:
-        from transformers import UMT5Config, UMT5EncoderModel
+        from transformers import Gemma2Config, Gemma2Model, UMT5Config, UMT5EncoderModel
 
+        cls, cfg_cls = (Gemma2Model, Gemma2Config) if kind == "gemma2" else (UMT5EncoderModel, UMT5Config)
         with torch.device("meta"):
-            te = UMT5EncoderModel(UMT5Config(**(config or UMT5_XXL))).to(dtype)
+            te = cls(cfg_cls(**(config or TEXT_ENCODERS[kind]))).to(dtype)
         weights = sum(p.numel() * p.element_size() for p in te.parameters())
         with FakeTensorMode():
             fakeify(te).eval()
