@@ -1,8 +1,8 @@
 """Sana Video transformer forward+backward: vidtune vs diffusers on the same weights, in the same run.
 
 Bench config (documented in benchmarks/README.md): a Sana Video block stack at a CPU-sized width —
-dim 512 (4 heads x 128), mlp_ratio 3 (Mix-FFN hidden 1536), 8 layers, caption 512 channels with
-300 Gemma-length tokens (200 of them padding, masked), latents 16 x 7 x 24 x 40 -> 1,680 video
+dim 512 (4 heads x 128), mlp_ratio 3 (Mix-FFN hidden 1536), 6 layers, caption 512 channels with
+300 Gemma-length tokens (200 of them padding, masked), latents 16 x 5 x 24 x 40 -> 1,200 video
 tokens, batch 1, fp32.
 
 vidtune's models come from ``vidtune.build`` (the trainer's build path), with the diffusers
@@ -32,13 +32,13 @@ from vidtune.config import AdapterConfig, CompileConfig, MemoryConfig, ModelConf
 from vidtune.measure.counters import count
 from vidtune.models.sana_video import SanaVideoConfig
 
-BENCH = dict(in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=128, num_layers=8,
+BENCH = dict(in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=128, num_layers=6,
              num_cross_attention_heads=4, cross_attention_head_dim=128, cross_attention_dim=512, caption_channels=512,
              mlp_ratio=3.0, patch_size=(1, 2, 2))
-LATENT = (1, 16, 7, 24, 40)
+LATENT = (1, 16, 5, 24, 40)
 TEXT_LEN, TEXT_VALID = 300, 100
 ROUTE = [{"selection_ratio": 0.5, "start_layer": 2, "end_layer": -2}]
-CHUNK = 480  # tokens: 2 frames of 12 x 20 per chunk (+ one halo frame each side)
+CHUNK = 480  # tokens: 2 frames of 12 x 20 per chunk (+ one halo frame each side, where there is one)
 LORA = AdapterConfig(rank=16, alpha=16.0)
 
 
@@ -128,9 +128,9 @@ def main(argv=None):
                           spread=(min(times[name]), max(times[name])))
 
     tokens = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)
-    print(f"bench config: Sana Video dim 512, 8 layers, mlp_ratio 3, {tokens} video tokens, {TEXT_LEN} caption tokens "
-          f"({TEXT_VALID} unmasked), fp32, {torch.get_num_threads()} threads, {args.repeats} repeats; ratio = step / "
-          f"the diffusers step of its kind")
+    print(f"bench config: Sana Video dim 512, {BENCH['num_layers']} layers, mlp_ratio 3, {tokens} video tokens, "
+          f"{TEXT_LEN} caption tokens ({TEXT_VALID} unmasked), fp32, {torch.get_num_threads()} threads, "
+          f"{args.repeats} repeats; ratio = step / the diffusers step of its kind")
     print(f"{'variant':<22}{'step s':>9}{'min-max s':>15}{'ratio':>8}{'GFLOP':>10}{'peak MiB':>10}{'mat. MiB':>10}")
     for name, r in rows.items():
         print(f"{name:<22}{r['step_s']:9.3f}{r['spread'][0]:7.3f}-{r['spread'][1]:.3f}{r['ratio']:8.3f}"
