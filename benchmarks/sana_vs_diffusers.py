@@ -16,6 +16,7 @@ or LoRA), FLOPs, peak live bytes and bytes materialised of the step. Steps of al
 interleaved, so drift hits them alike.
 
     python benchmarks/sana_vs_diffusers.py [--repeats 5] [--threads 2] [--json out.json]
+        [--variants diffusers vidtune "diffusers+peft lora" "vidtune lora"]   # only these
 """
 from __future__ import annotations
 
@@ -110,10 +111,18 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                    help="time only these variants (with the baselines their ratios need)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     models, inputs = build(), make_inputs()
     vs = variants(models)
+    if args.variants:
+        unknown = set(args.variants) - set(vs)
+        if unknown:
+            ap.error(f"no variant {sorted(unknown)}; there are {list(vs)}")
+        keep = set(args.variants) | {vs[n][2] for n in args.variants}
+        vs = {n: v for n, v in vs.items() if n in keep}
     tensors = [t for t in inputs.values() if isinstance(t, torch.Tensor)]
     rows = {}
     for name, (model, fn, _) in vs.items():
@@ -135,8 +144,9 @@ def main(argv=None):
     for name, r in rows.items():
         print(f"{name:<22}{r['step_s']:9.3f}{r['spread'][0]:7.3f}-{r['spread'][1]:.3f}{r['ratio']:8.3f}"
               f"{r['flops'] / 1e9:10.1f}{r['peak_live_bytes'] / 2**20:10.1f}{r['materialized_bytes'] / 2**20:10.1f}")
-    print(f"FLOPs with TREAD 0.5 over layers 2..-2 (attention only) / without: "
-          f"{rows['vidtune+tread0.5']['flops'] / rows['vidtune']['flops']:.3f}")
+    if "vidtune+tread0.5" in rows and "vidtune" in rows:
+        print(f"FLOPs with TREAD 0.5 over layers 2..-2 (attention only) / without: "
+              f"{rows['vidtune+tread0.5']['flops'] / rows['vidtune']['flops']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
