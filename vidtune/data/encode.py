@@ -1,4 +1,5 @@
-"""The VAE and the UMT5 text encoder used to fill the caches, loaded lazily from ``[model]``.
+"""The VAE, the UMT5 text encoder (and Wan 2.1 I2V's CLIP image encoder) used to fill the caches,
+loaded lazily from ``[model]``.
 
 Latents are normalised the way Wan trains on them: ``(mu - latents_mean) * (1 / latents_std)``
 per channel, from the VAE config, with ``mu`` the posterior mean (deterministic, so cacheable).
@@ -6,7 +7,7 @@ Text embeddings are exactly ``WanPipeline.encode_prompt``'s (same cleaning, toke
 512-token padding, encoder, trim to the true length); they are returned trimmed and the loader
 zero-pads them back to 512 (``cache.pad_prompt_embeds``), which saves most of the disk.
 
-With ``offload_during_startup`` only the encoder in use sits on the device; the other waits on
+With ``offload_during_startup`` only the encoder in use sits on the device; the others wait on
 the CPU. Nothing is loaded until an entry is actually missing from the cache.
 """
 from __future__ import annotations
@@ -53,6 +54,8 @@ class Encoders:
         self._vae = None
         self._text_encoder = None
         self._tokenizer = None
+        self._image_encoder = None
+        self._image_processor = None
 
     @cached_property
     def vae_fingerprint(self) -> str:
@@ -64,20 +67,29 @@ class Encoders:
         tok = _local_component(self.text_src, "tokenizer", self.model.revision)[1]
         return f"{te}+{tok}"
 
+    @cached_property
+    def image_fingerprint(self) -> str:
+        src = self.model.resolved_path()
+        enc = _local_component(src, "image_encoder", self.model.revision)[1]
+        return f"{enc}+{_local_component(src, 'image_processor', self.model.revision)[1]}"
+
     # -- device placement --------------------------------------------------------------------
     def _activate(self, name: str) -> None:
-        """Put ``name`` ("vae" | "text") on the device; with offload_during_startup, park the other."""
-        mine = self._vae if name == "vae" else self._text_encoder
-        other = self._text_encoder if name == "vae" else self._vae
-        if self.offload_during_startup and other is not None:
-            other.to("cpu")
-        mine.to(self.device)
+        """Put ``name`` ("vae" | "text" | "image") on the device; with offload_during_startup,
+        park the others."""
+        loaded = {"vae": self._vae, "text": self._text_encoder, "image": self._image_encoder}
+        if self.offload_during_startup:
+            for other, m in loaded.items():
+                if other != name and m is not None:
+                    m.to("cpu")
+        loaded[name].to(self.device)
 
     def placement(self) -> dict[str, str | None]:
         """Where each loaded encoder sits (None: not loaded)."""
         def dev(m):
             return None if m is None else str(next(m.parameters()).device)
-        return {"vae": dev(self._vae), "text_encoder": dev(self._text_encoder)}
+        return {"vae": dev(self._vae), "text_encoder": dev(self._text_encoder),
+                "image_encoder": dev(self._image_encoder)}
 
     @property
     def vae(self):
@@ -128,9 +140,30 @@ class Encoders:
         hidden = encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state.to(self.text_dtype)
         return [h[:n] for h, n in zip(hidden, lengths)]
 
+    @torch.no_grad()
+    def encode_image(self, images: list) -> torch.Tensor:
+        """CLIP image embeddings of PIL images exactly as ``WanImageToVideoPipeline.encode_image``:
+        the pipeline's image processor, then the penultimate hidden state (n, tokens, D). The
+        encoder runs in fp32, as diffusers' Wan I2V examples load it."""
+        if self._image_encoder is None:
+            import transformers
+
+            from ..models.wan.pipeline import pipeline_index
+
+            src, rev = self.model.resolved_path(), self.model.revision
+            cls = ((pipeline_index(self.model) or {}).get("image_processor") or [None, "CLIPImageProcessor"])[1]
+            self._image_processor = getattr(transformers, cls).from_pretrained(src, subfolder="image_processor",
+                                                                               revision=rev)
+            self._image_encoder = transformers.CLIPVisionModel.from_pretrained(
+                src, subfolder="image_encoder", dtype=torch.float32, revision=rev).eval().requires_grad_(False)
+        self._activate("image")
+        inputs = self._image_processor(images=images, return_tensors="pt").to(self.device)
+        return self._image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]
+
     def release(self) -> None:
-        """Drop both encoders and free their memory (training needs none of it)."""
+        """Drop the encoders and free their memory (training needs none of it)."""
         self._vae = self._text_encoder = self._tokenizer = None
+        self._image_encoder = self._image_processor = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

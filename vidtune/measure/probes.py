@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,15 +38,9 @@ TEXT_LEN = 512  # Wan pads prompts to 512 tokens
 def local_component_config(model_cfg, component: str) -> dict | None:
     """config.json of a pipeline component (``vae``, ``text_encoder``) in a local checkpoint dir,
     so plans of small or custom checkpoints use their real sizes; None for hub ids."""
-    override = {"vae": model_cfg.vae_path, "text_encoder": model_cfg.text_encoder_path}.get(component)
-    for p in (override, model_cfg.path):
-        if not p:
-            continue
-        cand = Path(p).expanduser() / component / "config.json"
-        if cand.is_file():
-            cfg = json.loads(cand.read_text())
-            return {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return None
+    from vidtune.models.wan.pipeline import component_config
+
+    return component_config(model_cfg, component)
 
 
 def arch_key(arch) -> tuple:

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from ..adapters import DIFFUSERS_FILE, WAN_FILE, export_lora
-from ..build import build_from_config
+from ..build import build_from_config, expert_boundary, model_inputs
 from ..config import Config, ConfigError
 from ..data import CachedLoader, PreparedData
 from ..models import save_pretrained
 from ..runtime import DTYPES, resolve_device, seed_for
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .ema import Ema
-from .flow import flow_loss, sample_sigmas
+from .flow import expert_sigma_range, flow_loss, sample_sigmas
 from .forward import training_forward
 from .log import StepLog, loss_values, memory_bytes, write_plots, write_summary
 from .optim import build_optimizer, build_scheduler, clip_gradients, trains_in_bf16
@@ -46,18 +46,29 @@ def prepare(cfg: Config, log=print) -> PreparedData:
     from .validate import validation_texts
 
     encoders = Encoders(cfg.model, resolve_device(cfg.train.device), cfg.memory.offload_during_startup)
+    v = cfg.validation
+    val = None
+    if v.every > 0 and v.dataset:  # image-to-video validation: first frames from an image dataset
+        w, h = (int(x) for x in v.resolution.lower().split("x"))
+        val = (next(d for d in cfg.dataset if d.id == v.dataset), w, h, v.num_frames)
     return prepare_data(
         cfg.datasets, cfg.cache, cfg.model,
         batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         encoders=encoders, log=log,
         extra_texts=validation_texts(cfg.validation) if cfg.validation.every > 0 else (),
+        inputs=model_inputs(cfg.model), validation=val,
     )
 
 
 def train(cfg: Config, prepared: PreparedData, log=print) -> int:
     """Train; returns 0 when done, 128 + signal number when stopped by SIGTERM/SIGINT (after a
     checkpoint). Raises TrainingStopped after ``max_consecutive_nonfinite`` bad steps in a row."""
-    run = Run(cfg, prepared, log)
+    if cfg.model.experts == "both":
+        from .experts import ExpertsRun
+
+        run = ExpertsRun(cfg, prepared, log)
+    else:
+        run = Run(cfg, prepared, log)
     run.resume()
     rc = run.loop()
     if rc:
@@ -123,6 +134,13 @@ class Run:
         self.trainable = built.trainable
         self.routes = cfg.tread.resolve(len(self.model.blocks))
         self.forward = training_forward(cfg.model.family)
+        # A two-expert checkpoint: each expert trains only on the noise levels it denoises.
+        self.boundary = expert_boundary(cfg.model, log) if cfg.model.experts else None
+        self.sigma_range = None
+        if cfg.model.experts in ("high", "low"):
+            self.sigma_range = expert_sigma_range(cfg.model.experts, self.boundary)
+            log(f"experts: training the {cfg.model.experts}-noise expert on noise levels "
+                f"[{self.sigma_range[0]:g}, {self.sigma_range[1]:g}) (boundary {self.boundary:g})")
         n_all = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.trainable.values())
         log(f"model: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trained ({cfg.adapter.type}) on "
@@ -194,9 +212,7 @@ class Run:
             tokens += b * (f // patch[0]) * (h // patch[1]) * (w // patch[2])
             # Noise and timesteps come from the CPU generator: the same draws on any device.
             noise = torch.randn(x0.shape, generator=self.flow_gen).to(self.device, x0.dtype)
-            sigma = sample_sigmas(b, t.timestep_sampling, self.flow_gen, logit_mean=t.logit_mean,
-                                  logit_std=t.logit_std, shift=t.flow_shift,
-                                  tokens_per_frame=(h // patch[1]) * (w // patch[2])).to(self.device)
+            sigma = self.draw_sigmas(b, (h // patch[1]) * (w // patch[2])).to(self.device)
             with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
                 pred, target, weight = self.forward(self.model, batch, noise, sigma, routes=self.routes,
                                                     generator=self.tread_gen)
@@ -218,6 +234,14 @@ class Run:
         if self.ema is not None and not bad:
             self.ema.maybe_update(self.step)
         return StepResult(loss_val, norm_val, tokens, time.perf_counter() - t0, bad)
+
+    def draw_sigmas(self, batch: int, tokens_per_frame: int) -> torch.Tensor:
+        """Noise levels of one micro-batch, from the flow generator (an expert's own range when a
+        two-expert checkpoint trains one expert)."""
+        t = self.cfg.train
+        return sample_sigmas(batch, t.timestep_sampling, self.flow_gen, logit_mean=t.logit_mean,
+                             logit_std=t.logit_std, shift=t.flow_shift, tokens_per_frame=tokens_per_frame,
+                             sigma_range=self.sigma_range)
 
     # -- the loop -------------------------------------------------------------------------------------
     def loop(self) -> int:
@@ -297,10 +321,7 @@ class Run:
 
     # -- the run's end: exports, plots, summary ---------------------------------------------------------
     def finish(self) -> list[Path]:
-        files = export_final(self.cfg, self.model, self.run_dir, self.step)
-        if self.ema is not None:
-            with self.ema.swapped_in():
-                files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step)
+        files = self.exports()
         write_plots(self.run_dir)
         write_summary(self.run_dir, self.summary())
         losses = loss_values(self.run_dir)
@@ -311,21 +332,35 @@ class Run:
         return files
 
 
+    def exports(self) -> list[Path]:
+        """The run's products: the trained weights (and the EMA's)."""
+        files = export_final(self.cfg, self.model, self.run_dir, self.step)
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step)
+        return files
+
+
 def _trigger_words(cfg: Config) -> str:
     return ", ".join(sorted({d.caption_prefix.strip() for d in cfg.datasets if d.caption_prefix.strip()}))
 
 
-def export_final(cfg: Config, model, run_dir: Path, step: int) -> list[Path]:
-    """The run's product: the LoRA file(s), or the full transformer in the diffusers layout."""
+def export_final(cfg: Config, model, run_dir: Path, step: int, expert: str | None = None) -> list[Path]:
+    """The run's product: the LoRA file(s), or the full transformer in the diffusers layout.
+    ``expert`` (a run training both experts): files named for it (``*_high_noise`` /
+    ``*_low_noise``; a full fine-tune's low-noise expert is ``transformer_2/``, as in the pipeline)."""
     if cfg.adapter.type == "full":
-        return [save_pretrained(model, run_dir / "transformer")]
+        return [save_pretrained(model, run_dir / ("transformer_2" if expert == "low" else "transformer"))]
     meta = {"base_model": cfg.model.transformer_path or cfg.model.resolved_path(), "family": cfg.model.family,
             "flavour": cfg.model.flavour, "trigger_word": _trigger_words(cfg), "steps": step}
+    if expert or cfg.model.experts:
+        meta["expert"] = expert or cfg.model.experts
     fmt = cfg.adapter.export_format
     dtype = DTYPES[cfg.model.dtype]  # the LoRA is saved in the dtype the model trained in
     files = []
-    if fmt in ("diffusers", "both"):
-        files.append(export_lora(model, run_dir / DIFFUSERS_FILE, cfg.adapter, "diffusers", meta, dtype))
-    if fmt in ("wan", "both"):
-        files.append(export_lora(model, run_dir / WAN_FILE, cfg.adapter, "wan", meta, dtype))
+    for layout, name in (("diffusers", DIFFUSERS_FILE), ("wan", WAN_FILE)):
+        if fmt in (layout, "both"):
+            if expert:
+                name = name.replace(".safetensors", f"_{expert}_noise.safetensors")
+            files.append(export_lora(model, run_dir / name, cfg.adapter, layout, meta, dtype))
     return files
