@@ -32,7 +32,7 @@ from ..build import build_from_config, expert_config
 from ..config import Config
 from ..memory.offload import place_resident
 from .ema import Ema
-from .flow import expert_sigma_range, sigma_cdf
+from .flow import draw_expert, expert_sigma_range
 from .optim import build_optimizer, build_scheduler, move_optimizer_state
 from .trainer import Run, export_final
 
@@ -159,10 +159,8 @@ class ExpertsRun(Run):
     def draw_sigmas(self, batch: int, tokens_per_frame: int) -> torch.Tensor:
         t = self.cfg.train
         if self._choose:  # the step's first micro-batch picks the expert
-            u = float(torch.rand((), generator=self.flow_gen, dtype=torch.float64))
-            f = float(sigma_cdf(self.boundary, t.timestep_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std,
-                                shift=t.flow_shift, tokens_per_frame=tokens_per_frame))
-            self._activate("high" if u >= f else "low")
+            self._activate(draw_expert(self.flow_gen, self.boundary, t.timestep_sampling, logit_mean=t.logit_mean,
+                                       logit_std=t.logit_std, shift=t.flow_shift, tokens_per_frame=tokens_per_frame))
             self._choose = False
         self.sigma_range = self.active.sigma_range
         return super().draw_sigmas(batch, tokens_per_frame)

@@ -126,3 +126,11 @@ def expert_sigma_range(expert: str, boundary: float) -> tuple[float, float]:
     if expert not in ("high", "low"):
         raise ValueError(f"expert must be 'high' or 'low', got {expert!r}")
     return (boundary, 1.0) if expert == "high" else (0.0, boundary)
+
+
+def draw_expert(generator: torch.Generator, boundary: float, method: str, **kw) -> str:
+    """Which expert trains a step when both do: "high" with the probability mass the configured
+    distribution (``sample_sigmas``' keywords) puts at or above ``boundary``. Followed by a draw in
+    that expert's range, a noise level has the configured distribution and goes to its owner."""
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    return "high" if u >= float(sigma_cdf(boundary, method, **kw)) else "low"
