@@ -241,18 +241,26 @@ def test_wan21_i2v_trains_and_its_lora_loads_with_image_keys(root, pipes, clips,
         assert rel(theirs, ref) < 1e-5, name
 
 
-def test_two_expert_single_runs_and_timestep_ranges(root, pipes, clips):
+def test_two_expert_single_runs_and_timestep_ranges(root, pipes, clips, capsys):
+    from vidtune.adapters import export_lora
     from vidtune.train.trainer import Run
 
+    # A Wan 2.1 I2V LoRA (with image cross-attention) to start from: its k_img / v_img are left out.
+    wan21 = from_pretrained(pipes("i2v-2.1"), torch_dtype=torch.float32)
+    adapter = AdapterConfig(rank=4, alpha=4.0, target_modules=TARGETS)
+    apply_lora(wan21, adapter)
+    lora21 = export_lora(wan21, root / "wan21_i2v_lora.safetensors", adapter, "wan")
     kind = "t2v-a14b"
     base = config(root, pipes(kind), kind, "a14b-low", model={"experts": "low"}, datasets=[clip_ds(clips)],
                   validation={"every": 2, "prompts": ["a red cat"], "steps": 2, "load_other_stage": True,
-                              "resolution": "32x32", "baseline": False})
+                              "resolution": "32x32", "baseline": False}, adapter={"init_from": str(lora21)})
     assert cli_main([str(write(root, "a14b-low", base))]) == 0
+    assert "4 image cross-attention module(s) (k_img / v_img) left out" in capsys.readouterr().out
     meta = safe_open(root / "a14b-low" / DIFFUSERS_FILE, "pt").metadata()
     assert meta["vidtune.expert"] == "low"
     for expert in ("high", "low"):
-        cfg, prepared = prepared_for({**base, "model": {**base["model"], "experts": expert}, "validation": {}})
+        cfg, prepared = prepared_for({**base, "model": {**base["model"], "experts": expert}, "validation": {},
+                                      "adapter": {**base["adapter"], "init_from": None}})
         run = Run(cfg, prepared, log=lambda m: None)
         assert run.boundary == 0.875  # from the pipeline's model_index.json
         s = run.draw_sigmas(10_000, 4)

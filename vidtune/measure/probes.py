@@ -33,6 +33,9 @@ from vidtune.runtime import dtype as runtime_dtype
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 feed_forward_proj="gated-gelu")
 TEXT_LEN = 512  # Wan pads prompts to 512 tokens
+# CLIP ViT-H/14 vision tower (Wan 2.1 I2V's image encoder, ~632M parameters).
+CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                  image_size=224, patch_size=14, projection_dim=1024)
 
 
 def local_component_config(model_cfg, component: str) -> dict | None:
@@ -146,12 +149,14 @@ def probe_step(model_cfg, adapter_cfg, arch, *, latent: tuple[int, int, int], ba
     Block 0 (unrouted, same checkpointing) stands between the head and the probed block, so the
     probed block sees what blocks 1..N-1 of the real model see: an input that needs its grad, and a
     backward that ends before any head node can run (the head's grads wait for every block)."""
-    m, a = model_cfg, adapter_cfg
+    # flash-attn and SageAttention run on CUDA only; on fake tensors they are counted as SDPA, whose
+    # footprint they share (no S x S score matrix).
+    m, a = dataclasses.replace(model_cfg, attention_backend="sdpa"), adapter_cfg
     what = (m.family, m.dtype, m.force_2_1_time_embedding, m.attention_backend,
             a.type, a.rank, a.alpha, tuple(a.target_modules), a.dropout, adapter_dtype)
     key = (arch_key(arch), what, latent, batch, autocast, ckpt, chunk, route_ratio, grad, text_len)
     if key not in _PROBES:
-        model = build_meta_model(model_cfg, adapter_cfg, arch, num_layers=2, ckpt=ckpt, chunk=chunk,
+        model = build_meta_model(m, adapter_cfg, arch, num_layers=2, ckpt=ckpt, chunk=chunk,
                                  adapter_dtype=adapter_dtype)
         _PROBES[key] = _probe_step(model, arch, latent, batch, runtime_dtype(m.dtype), autocast, route_ratio, grad,
                                    text_len)
@@ -231,7 +236,8 @@ _AUX: dict = {}
 def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decode: bool, batch: int = 1,
               config: dict | None = None):
     """(weight bytes, peak activation bytes, FLOPs) of the Wan VAE (``config``: its config.json;
-    default the Wan 2.1 VAE) encoding pixels (F, H, W) or decoding their latents, no grad,
+    default the Wan 2.1 VAE; the Wan 2.2 one strides 16) encoding pixels (F, H, W) or decoding
+    their latents, no grad,
     measured at full size on fake tensors (memoised)."""
     key = ("vae", frames, height, width, dtype, decode, batch, json.dumps(config, sort_keys=True))
     if key not in _AUX:
@@ -243,7 +249,8 @@ def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decod
         with FakeTensorMode():
             fakeify(vae).eval()
             if decode:
-                z = torch.randn(batch, vae.config.z_dim, (frames - 1) // 4 + 1, height // 8, width // 8, dtype=dtype)
+                t, sp = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+                z = torch.randn(batch, vae.config.z_dim, (frames - 1) // t + 1, height // sp, width // sp, dtype=dtype)
                 fn = lambda: vae.decode(z).sample  # noqa: E731
             else:
                 z = torch.randn(batch, 3, frames, height, width, dtype=dtype)
@@ -272,6 +279,16 @@ def probe_text_encoder(batch: int, dtype: torch.dtype, text_len: int = TEXT_LEN,
                 te(input_ids=ids, attention_mask=mask)
         _AUX[key] = (weights, c.peak_live_bytes, c.flops)
     return _AUX[key]
+
+
+def image_encoder_bytes(config: dict | None = None) -> int:
+    """Weight bytes of the CLIP vision encoder (``config``: its config.json; default ViT-H/14) in
+    fp32, the dtype vidtune runs it in while caching; its activations (one image) are negligible."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with torch.device("meta"):
+        enc = CLIPVisionModel(CLIPVisionConfig(**(config or CLIP_VIT_H)))
+    return sum(p.numel() * 4 for p in enc.parameters())
 
 
 def optimizer_peak(shapes_dtypes: list[tuple[tuple, torch.dtype]], foreach: bool) -> int:
