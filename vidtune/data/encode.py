@@ -85,11 +85,13 @@ class Encoders:
         loaded[name].to(self.device)
 
     def placement(self) -> dict[str, str | None]:
-        """Where each loaded encoder sits (None: not loaded)."""
+        """Where each loaded encoder sits (None: not loaded; the image encoder only once loaded)."""
         def dev(m):
             return None if m is None else str(next(m.parameters()).device)
-        return {"vae": dev(self._vae), "text_encoder": dev(self._text_encoder),
-                "image_encoder": dev(self._image_encoder)}
+        out = {"vae": dev(self._vae), "text_encoder": dev(self._text_encoder)}
+        if self._image_encoder is not None:
+            out["image_encoder"] = dev(self._image_encoder)
+        return out
 
     @property
     def vae(self):
