@@ -33,7 +33,7 @@ from ..config import Config
 from ..memory.offload import place_resident
 from .ema import Ema
 from .flow import draw_expert, expert_sigma_range
-from .optim import build_optimizer, build_scheduler, move_optimizer_state
+from .optim import build_optimizer, build_scheduler, move_optimizer_state, optimizer_hparams
 from .trainer import Run, export_final
 
 EXPERTS = ("high", "low")
@@ -132,6 +132,7 @@ class ExpertsRun(Run):
         self.trainable = {f"{e.name}.{n}": p for e in self.experts.values() for n, p in e.trainable.items()}
         self.optimizer, self.scheduler = _Optimizers(self), _Schedulers(self)
         self.ema = _Emas(self) if cfg.ema.enabled else None
+        self.start_max_abs = self.max_abs()  # over both experts' trained weights
         self.active = first
         self._park(second)
         self._choose = True
@@ -164,6 +165,11 @@ class ExpertsRun(Run):
             self._choose = False
         self.sigma_range = self.active.sigma_range
         return super().draw_sigmas(batch, tokens_per_frame)
+
+    def apply_hparams(self) -> None:
+        for e in self.experts.values():
+            optimizer_hparams(e.optimizer, self.cfg.train)
+            e.scheduler = build_scheduler(e.optimizer, self.cfg.train, step=self.step)
 
     def train_step(self):
         self._choose = True
