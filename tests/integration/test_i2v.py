@@ -155,6 +155,13 @@ def test_text_to_video_data_on_an_i2v_model_is_refused(root, pipes, clips, capsy
     assert "dataset 'clips': i2v = false, but this model is image-to-video" in err
 
 
+def test_validation_size_off_the_wan22_vae_stride_is_refused(root, pipes, clips, capsys):
+    cfg = config(root, pipes("ti2v"), "ti2v", "stride", datasets=[clip_ds(clips)],
+                 validation={"every": 1, "prompts": ["a red cat"], "resolution": "48x32"})
+    assert cli_main([str(write(root, "stride", cfg))]) == 2
+    assert "validation.resolution = '48x32': this model needs sides in multiples of 32" in capsys.readouterr().err
+
+
 # -- 3 and 4. validation equals diffusers' pipelines ---------------------------------------------
 
 def our_experts(pipe_dir, kind):

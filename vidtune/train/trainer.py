@@ -59,16 +59,22 @@ def prepare(cfg: Config, log=print) -> PreparedData:
 
     encoders = Encoders(cfg.model, resolve_device(cfg.train.device), cfg.memory.offload_during_startup)
     v = cfg.validation
+    inputs = model_inputs(cfg.model)
     val = None
-    if v.every > 0 and v.dataset:  # image-to-video validation: first frames from an image dataset
+    if v.every > 0:
         w, h = (int(x) for x in v.resolution.lower().split("x"))
-        val = (next(d for d in cfg.dataset if d.id == v.dataset), w, h, v.num_frames)
+        side = getattr(inputs, "side_multiple", 16)  # VAE stride x patch: 32 for the Wan 2.2 VAE
+        if w % side or h % side:
+            raise ConfigError(f"validation.resolution = {v.resolution!r}: this model needs sides in multiples of "
+                              f"{side}; use e.g. \"{max(side, w // side * side)}x{max(side, h // side * side)}\"")
+        if v.dataset:  # image-to-video validation: first frames from an image dataset
+            val = (next(d for d in cfg.dataset if d.id == v.dataset), w, h, v.num_frames)
     return prepare_data(
         cfg.datasets, cfg.cache, cfg.model,
         batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         encoders=encoders, log=log,
         extra_texts=validation_texts(cfg.validation) if cfg.validation.every > 0 else (),
-        inputs=model_inputs(cfg.model), validation=val,
+        inputs=inputs, validation=val,
     )
 
 
