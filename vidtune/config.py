@@ -99,6 +99,10 @@ class ModelConfig:
         "bf16", "Precision of the frozen base transformer: bf16, or int8 weights via torchao.")
     quantize_via: Literal["device", "cpu"] = opt(
         "device", "Where int8 quantization runs: on the training device (fast) or on the CPU (less VRAM).")
+    audio_encoder_path: Optional[str] = opt(
+        None, "Wan S2V: pipeline dir or hub id with audio_encoder/ (Wav2Vec2ForCTC, the English XLS-R-53 CTC "
+        "fine-tune) and audio_processor/; default: path.")
+    audio_encoder_dtype: Dtype = opt("fp32", "Wan S2V: dtype the audio encoder runs in while caching features.")
 
     def resolved_path(self) -> str:
         return self.path or FLAVOURS[self.family][self.flavour]
@@ -278,6 +282,10 @@ class ValidationConfig:
         None, "Image-to-video: id of an image [[dataset]] whose images (with their captions) are the first "
         "frames of the validation videos; it is not trained on.")
     preview_every: int = opt(0, "Save a preview every K sampling steps (0: off).")
+    reference_media: list[str] = opt(
+        help="Wan S2V: an image or video per prompt, in order: its first frame is the reference; the audio file "
+        "of the same stem beside it (.wav .mp3 .flac .ogg .m4a), else its own track, drives the clip and becomes "
+        "the mp4's soundtrack.", factory=list)
 
 
 @dataclass
@@ -287,6 +295,31 @@ class EmaConfig:
     update_interval: int = opt(1, "Update the EMA every N optimizer steps.")
     device: Literal["same", "cpu"] = opt("same", "Where the EMA weights live: with the model, or in CPU RAM.")
     validation: Literal["ema_only", "both", "none"] = opt("both", "Validate with the EMA weights, both, or the live ones.")
+
+
+@dataclass
+class AudioConfig:
+    auto_split: bool = opt(
+        True, "Take each video's own audio track (decoded with torchcodec); false: the file of the same stem in path.")
+    path: Optional[str] = opt(
+        None, "Folder of audio files (.wav .mp3 .flac .ogg .m4a) matched to the videos by stem, same subfolders "
+        "first (SimpleTuner's s2v_datasets); used when auto_split = false.")
+    sample_rate: int = opt(16000, "Sample rate the audio is decoded at; wav2vec2 takes 16000.")
+    channels: int = opt(1, "Audio channels; wav2vec2 takes mono (1): every channel is averaged.")
+    allow_zero_audio: bool = opt(
+        False, "Videos without audio train on silent (zero) features instead of being skipped.")
+    max_duration_seconds: Optional[float] = opt(
+        None, "Skip videos whose audio is longer than this (seconds); default: no limit.")
+    duration_interval: float = opt(
+        3.0, "bucket_strategy = resolution_frames: clip lengths step by this many seconds (in 4-frame steps), so "
+        "audio windows fall in duration buckets; 0: by frame_interval.")
+    truncation_mode: Literal["beginning", "end", "random"] = opt(
+        "beginning", "Which window of a longer video (and its audio) a clip takes: the start, the end, or a random "
+        "one (fixed per file).")
+    motion: Literal["off", "auto"] = opt(
+        "off", "auto: a video with 72 frames more than the clip (and 64+ pixels a side) trains the window after its "
+        "first 73 frames, those becoming its motion frames (the later windows of a long S2V generation); off: "
+        "every clip is a first window, without motion frames.")
 
 
 @dataclass
@@ -318,6 +351,8 @@ class DatasetConfig:
     last_image: bool = opt(
         False, "With i2v: condition on the last frame too (first-and-last-frame, as WanImageToVideoPipeline's "
         "last_image).")
+    audio: AudioConfig = opt(help="Wan S2V: where each video's audio comes from and how it is cut.",
+                             factory=AudioConfig)
 
 
 @dataclass
@@ -532,6 +567,10 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"validation.resolution: expected \"WxH\" such as \"832x480\", got {v.resolution!r}")
     if not 0 <= v.skip_layers_start <= v.skip_layers_stop <= 1:
         e.append("validation.skip_layers_start/stop: need 0 <= start <= stop <= 1")
+    if m.family == "wan_s2v" and v.every > 0 and not v.reference_media:
+        e.append("validation.reference_media: Wan S2V validation needs an image or video per prompt (its first "
+                 "frame is the reference; the audio file of the same stem beside it drives the clip); set it, or "
+                 "validation.every = 0")
     if cfg.ema.update_interval < 1:
         e.append(f"ema.update_interval: must be >= 1, got {cfg.ema.update_interval}")
     if not 0 < cfg.ema.decay < 1:
@@ -567,6 +606,8 @@ def validate(cfg: Config) -> list[str]:
         if (d.i2v or d.last_image) and d.type == "image":
             e.append(f"{where}.i2v: an image has no frames after the first to learn; train image-to-video on "
                      f"videos (an image dataset can feed validation: validation.dataset = {d.id!r})")
+        if m.family == "wan_s2v":
+            e += _s2v_dataset_errors(d, where)
         if d.type != "video":
             continue
         if not _is_4k1(d.num_frames):
@@ -601,6 +642,25 @@ def _expert_errors(cfg: Config) -> list[str]:
     if cfg.validation.load_other_stage and not two:
         e.append(f"validation.load_other_stage: {m.flavour} has no other stage; it is for two-expert flavours "
                  f"({', '.join(EXPERT_FLAVOURS.get(m.family, ()))})")
+    return e
+
+
+def _s2v_dataset_errors(d: DatasetConfig, where: str) -> list[str]:
+    a, e = d.audio, []
+    if d.type != "video":
+        e.append(f"{where}.type: Wan S2V trains on videos with audio, not {d.type}s; use type = \"video\"")
+    elif d.num_frames < 5:
+        e.append(f"{where}.num_frames: Wan S2V needs the reference frame and at least 4 more (one latent), got "
+                 f"{d.num_frames}; use 5 or more")
+    if a.sample_rate != 16000 or a.channels != 1:
+        e.append(f"{where}.audio: wav2vec2 takes 16 kHz mono; set sample_rate = 16000 and channels = 1 "
+                 f"(got {a.sample_rate}, {a.channels})")
+    if not a.auto_split and not a.path:
+        e.append(f"{where}.audio.path: auto_split = false needs the folder of audio files matched by stem")
+    if a.max_duration_seconds is not None and a.max_duration_seconds <= 0:
+        e.append(f"{where}.audio.max_duration_seconds: must be > 0, got {a.max_duration_seconds}")
+    if a.duration_interval < 0:
+        e.append(f"{where}.audio.duration_interval: must be >= 0, got {a.duration_interval}")
     return e
 
 

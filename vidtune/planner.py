@@ -70,6 +70,7 @@ class Shape:
 
 
 WAN_ASPECT = 832 / 480  # the aspect Wan was trained at; the planner sizes the largest bucket with it
+AUDIO_SECONDS = 60.0  # Wan S2V audio tracks are sized at this without audio.max_duration_seconds
 
 
 def _round16(x: float, multiple: int = 16) -> int:
@@ -226,11 +227,12 @@ def _weights(model, cfg: Config):
             b += _param_bytes(p, int8 and is_linear)
         block_frozen.append(b)
     other = 0
+    also = tuple(f"{n}." for n in getattr(model, "quantize_also", ()))
     for name, p in model.named_parameters():
         if p.requires_grad:
             trainable.append(p)
         elif not name.startswith("blocks."):
-            other += p.numel() * p.element_size()
+            other += _param_bytes(p, int8 and name.startswith(also) and name.endswith(".weight"))
     biggest = max((p.numel() * p.element_size() for n, p in model.blocks[0].named_parameters() if p.ndim == 2),
                   default=0)
     groups = []
@@ -353,21 +355,31 @@ def _caching_phase(cfg: Config, dev: D.Device, shape: Shape) -> Phase:
     if inputs is not None and inputs.image_encoder:
         clip_w = P.image_encoder_bytes(P.local_component_config(cfg.model, "image_encoder"))
     clip = [Item("image encoder (CLIP) weights, fp32", clip_w)] if clip_w else []
+    au_w = au_act = 0
+    au_items = []
+    if cfg.model.family == "wan_s2v":  # wav2vec2 over each video's whole audio track
+        limits = [d.audio.max_duration_seconds for d in cfg.datasets]
+        seconds = max(limits) if limits and None not in limits else AUDIO_SECONDS
+        au_w, au_act, _ = P.probe_audio_encoder(_dtype(cfg.model.audio_encoder_dtype), seconds,
+                                                P.local_component_config(cfg.model, "audio_encoder"))
+        au_items = [Item("audio encoder (wav2vec2) weights", au_w),
+                    Item(f"audio encoder activations ({seconds:g} s of audio)", au_act,
+                         "" if None not in limits else "no audio.max_duration_seconds: sized for 60 s")]
     items = []
     if cfg.memory.offload_during_startup:
         te_peak, vae_peak = te_w + te_act, vae_w + vae_act
-        first = max(te_peak, vae_peak, clip_w)
+        first = max(te_peak, vae_peak, clip_w, au_w + au_act)
         items = [Item(te_name, te_w, "alone on the device (offload_during_startup)"),
                  Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
                  Item("VAE weights", vae_w, "alone on the device"),
-                 Item(f"VAE encode activations ({shape})", vae_act)] + clip
+                 Item(f"VAE encode activations ({shape})", vae_act)] + clip + au_items
         peak = first
         note = "encoders one at a time"
     else:
         items = [Item(te_name, te_w), Item("VAE weights", vae_w),
                  Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
-                 Item(f"VAE encode activations ({shape})", vae_act)] + clip
-        peak = te_w + vae_w + clip_w + max(te_act, vae_act)
+                 Item(f"VAE encode activations ({shape})", vae_act)] + clip + au_items
+        peak = te_w + vae_w + clip_w + au_w + max(te_act, vae_act, au_act)
         note = "all encoders resident"
     return Phase("caching", items, peak, peak <= dev.usable_bytes, note)
 

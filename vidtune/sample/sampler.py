@@ -196,6 +196,8 @@ def sample(
     image_embeds: torch.Tensor | None = None,
     first_frame: torch.Tensor | None = None,
     expand_timesteps: bool = False,
+    extra: dict | None = None,
+    extra_uncond: dict | None = None,
 ):
     """Sample videos for ``prompt_embeds`` (B, L, D) (padded like ``WanPipeline.encode_prompt``).
 
@@ -208,6 +210,8 @@ def sample(
     ``transformer_2`` + ``boundary_ratio``: the low-noise expert and where it takes over.
     ``condition`` (B, 4 + C, F', H', W'), ``image_embeds`` (B, tokens, D), ``first_frame``
     (B, C, 1, H', W') and ``expand_timesteps``: the image-to-video inputs (module docstring).
+    ``extra`` / ``extra_uncond``: keyword inputs of the conditional / unconditional forward (Wan S2V's
+    audio and reference latents; the unconditional pass takes ``extra`` when not given its own).
     """
     if output_type not in ("latent", "video"):
         raise ValueError(f"output_type {output_type!r}: choose 'latent' or 'video'")
@@ -246,6 +250,11 @@ def sample(
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
 
+    extra = extra or {}
+    extra_uncond = extra if extra_uncond is None else extra_uncond
+    if image_embeds is not None:  # Wan 2.1 I2V's CLIP context goes to both passes, like the pipeline
+        extra = {**extra, "encoder_hidden_states_image": image_embeds}
+        extra_uncond = {**extra_uncond, "encoder_hidden_states_image": image_embeds}
     mask = None
     if expand_timesteps:  # per-token timesteps; 0 where the clean first frame conditions
         mask = torch.ones(1, 1, *latents.shape[2:], device=device)
@@ -271,13 +280,13 @@ def sample(
             if condition is not None:
                 x = torch.cat([latents, condition], dim=1)
             x = x.to(dtype)
-            noise_pred = model(x, timestep, cond, image_embeds)
+            noise_pred = model(x, timestep, cond, **extra)
             cond_pred = noise_pred
             if cfg_on:
-                noise_uncond = model(x, timestep, uncond, image_embeds)
+                noise_uncond = model(x, timestep, uncond, **extra_uncond)
                 noise_pred = noise_uncond + guidance * (noise_pred - noise_uncond)
             if skip_layers and skip_layers_start <= i / steps <= skip_layers_stop:
-                cond_skip = model(x, timestep, cond, image_embeds, skip_layers=tuple(skip_layers))
+                cond_skip = model(x, timestep, cond, skip_layers=tuple(skip_layers), **extra)
                 noise_pred = noise_pred + (cond_pred - cond_skip) * skip_layers_scale
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if callback is not None:
@@ -309,9 +318,11 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Writing results.
 
-def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
+def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16, audio: torch.Tensor | None = None,
+               sample_rate: int = 16000) -> Path:
     """Write uint8 frames (F, 3, H, W) as an H.264 mp4 (yuv420p; odd sizes are padded by one
-    pixel, which yuv420p needs). torchcodec encodes; ffmpeg through a pipe if it is missing."""
+    pixel, which yuv420p needs). torchcodec encodes; ffmpeg through a pipe if it is missing.
+    ``audio``: mono samples at ``sample_rate``, muxed in as the soundtrack (AAC; torchcodec)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = frames.to("cpu", torch.uint8).contiguous()
@@ -323,11 +334,25 @@ def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
     except ImportError:
         VideoEncoder = None
     with atomic_path(path) as tmp:
-        if VideoEncoder is not None:
+        if audio is not None:
+            _encode_with_audio(frames, audio, tmp, fps, sample_rate)
+        elif VideoEncoder is not None:
             VideoEncoder(frames, frame_rate=fps).to_file(tmp, codec="libx264", pixel_format="yuv420p")
         else:
             _ffmpeg_encode(frames, tmp, fps)
     return path
+
+
+def _encode_with_audio(frames: torch.Tensor, audio: torch.Tensor, path: Path, fps: int, sample_rate: int) -> None:
+    from torchcodec.encoders import Encoder
+
+    enc = Encoder()
+    video = enc.add_video(height=frames.shape[2], width=frames.shape[3], frame_rate=fps, codec="libx264",
+                          pixel_format="yuv420p")
+    sound = enc.add_audio(sample_rate=sample_rate, num_channels=1)
+    with enc.open_file(path):
+        video.add_frames(frames)
+        sound.add_samples(audio.reshape(1, -1).float().cpu())
 
 
 def _ffmpeg_encode(frames: torch.Tensor, path: Path, fps: int) -> None:
@@ -363,9 +388,11 @@ def save_contact_sheet(frames: torch.Tensor, path: str | Path, max_frames: int =
     return path
 
 
-def save_outputs(frames: torch.Tensor, out_dir: str | Path, name: str, fps: int = 16) -> tuple[Path, Path]:
-    """``<out_dir>/<name>.mp4`` and ``<out_dir>/<name>.png`` for one video (F, 3, H, W uint8)."""
+def save_outputs(frames: torch.Tensor, out_dir: str | Path, name: str, fps: int = 16,
+                 audio: torch.Tensor | None = None) -> tuple[Path, Path]:
+    """``<out_dir>/<name>.mp4`` (with ``audio``, 16 kHz mono, as its soundtrack) and
+    ``<out_dir>/<name>.png`` for one video (F, 3, H, W uint8)."""
     out_dir = Path(out_dir)
     stem = safe_name(name)
-    return (save_video(frames, out_dir / f"{stem}.mp4", fps),
+    return (save_video(frames, out_dir / f"{stem}.mp4", fps, audio),
             save_contact_sheet(frames, out_dir / f"{stem}.png"))

@@ -37,9 +37,11 @@ def pipeline_index(model_cfg, fetch: bool = True) -> dict | None:
 
 
 def component_config(model_cfg, component: str) -> dict | None:
-    """config.json of a pipeline component (``vae``, ``text_encoder``, ``image_encoder``) in a
-    local checkpoint dir (``vae_path`` / ``text_encoder_path`` first); None for hub ids."""
-    override = {"vae": model_cfg.vae_path, "text_encoder": model_cfg.text_encoder_path}.get(component)
+    """config.json of a pipeline component (``vae``, ``text_encoder``, ``image_encoder``,
+    ``audio_encoder``) in a local checkpoint dir (``vae_path`` / ``text_encoder_path`` /
+    ``audio_encoder_path`` first); None for hub ids."""
+    override = {"vae": model_cfg.vae_path, "text_encoder": model_cfg.text_encoder_path,
+                "audio_encoder": getattr(model_cfg, "audio_encoder_path", None)}.get(component)
     for p in (override, model_cfg.path):
         if not p:
             continue
