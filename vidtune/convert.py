@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import FLAVOURS, ConfigError, config_from_dict
+from .config import FLAVOUR_ALIASES, FLAVOURS, ConfigError, config_from_dict
 
 
 class ConvertError(ValueError):
@@ -77,18 +77,16 @@ NOTED = {
                           "is needed (same result when it equals the resolution, as in the guides)",
     "target_downsample_size": "vidtune resizes every clip straight to its bucket (see maximum_image_size)",
     "metadata_backend": "vidtune discovers files itself and keeps its own content-keyed metadata",
-    "conditioning_image_embeds": "vidtune conditions I2V on the first-frame latents of the clip (Wan 2.2 "
-                                 "I2V has no CLIP image encoder); no conditioning-embeds cache is needed",
+    "conditioning_image_embeds": "vidtune caches each clip's I2V conditioning (first-frame latents, and the "
+                                 "CLIP image embedding for Wan 2.1 I2V; Wan 2.2 I2V has no image encoder) in "
+                                 "the clip's latent cache entry; no separate conditioning-embeds dataset",
     "cache_dir_conditioning_image_embeds": "no conditioning-embeds cache in vidtune (see conditioning_image_embeds)",
-    "is_i2v": "I2V follows model.flavour: i2v-* flavours condition on each clip's first frame",
     "default": "vidtune has one text-embedding cache",
     "vae_cache_clear_each_epoch": "vidtune cache entries are content-keyed and never cleared per epoch",
 }
 
 UNSUPPORTED = {
     "crepa": "CREPA is not in the vidtune schema yet; train without it or keep using SimpleTuner for it",
-    "validation_using_datasets": "I2V validation from an image dataset is not in the vidtune schema yet",
-    "eval_dataset_id": "I2V validation from an image dataset is not in the vidtune schema yet",
 }
 
 
@@ -168,11 +166,14 @@ def _model(c: _Converter, cfg: dict, used: set) -> str:
     family = FAMILIES[fam_raw]
     flavour = cfg.get("model_flavour") or DEFAULT_FLAVOUR[family]
     used.add("model_flavour")
+    flavour, experts = FLAVOUR_ALIASES.get(family, {}).get(flavour, (flavour, None))
     if flavour not in FLAVOURS[family]:
-        raise ConvertError(f"model_flavour={flavour!r}: not a vidtune {family} flavour; choose one of "
-                           f"{sorted(FLAVOURS[family])}")
+        raise ConvertError(f"model_flavour={cfg['model_flavour']!r}: not a vidtune {family} flavour; choose one of "
+                           f"{sorted(FLAVOURS[family]) + sorted(FLAVOUR_ALIASES.get(family, {}))}")
     c.set("model.family", family)
     c.set("model.flavour", flavour)
+    if experts:  # SimpleTuner's -high / -low flavours train one expert
+        c.set("model.experts", experts)
 
     path = cfg.get("pretrained_model_name_or_path")
     used.add("pretrained_model_name_or_path")
@@ -442,6 +443,17 @@ def _validation(c: _Converter, cfg: dict, used: set) -> None:
                     "SimpleTuner's built-in prompt library is not shipped; point user_prompt_library "
                     "(validation.prompt_library) at a {nickname: prompt} JSON")
     _copy(c, cfg, used, (("wan_validation_load_other_stage", "validation.load_other_stage", _truthy),))
+    if "validation_using_datasets" in cfg or "eval_dataset_id" in cfg:
+        used.update(("validation_using_datasets", "eval_dataset_id"))
+        on, ds = _truthy(cfg.get("validation_using_datasets", False)), cfg.get("eval_dataset_id")
+        if on and ds:  # the guide's I2V recipe: the image dataset whose images start the validation videos
+            c.set("validation.dataset", str(ds))
+        elif on:
+            c.unmap("validation_using_datasets", cfg["validation_using_datasets"],
+                    "name the image dataset whose images start the validation videos with eval_dataset_id")
+        elif ds:
+            c.unmap("eval_dataset_id", ds, "without validation_using_datasets this names an eval-loss dataset; "
+                    "vidtune's eval_dataset_id support is I2V validation (validation.dataset)")
 
     _choose(c, cfg, used, "ema_validation", "ema.validation", EMA_VALIDATION, "expected ema_only, comparison or none")
     _copy(c, cfg, used, (("use_ema", "ema.enabled", _truthy), ("ema_update_interval", "ema.update_interval", int),
@@ -608,8 +620,7 @@ def _video(c: _Converter, where: str, v: dict, d: dict) -> None:
         if d["frame_interval"] != fi:
             c.note(f"{where}.video.frame_interval", f"{fi} -> {d['frame_interval']}: clip lengths must stay 4k+1")
     if "is_i2v" in v:
-        v.pop("is_i2v")
-        c.note(f"{where}.video.is_i2v", NOTED["is_i2v"])
+        d["i2v"] = _truthy(v.pop("is_i2v"))
     _leftovers(c, f"{where}.video", v)
 
 

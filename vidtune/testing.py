@@ -94,6 +94,78 @@ def build_tiny_wan_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 
     return path
 
 
+# Tiny stand-ins of the Wan 2.1 / 2.2 pipelines beside text-to-video (build_tiny_wan_variant).
+WAN_VARIANTS = ("i2v-2.1", "i2v-2.2", "t2v-a14b", "ti2v")
+TINY_BOUNDARY = {"i2v-2.2": 0.9, "t2v-a14b": 0.875}
+
+
+def tiny_wan22_vae_config(z_dim: int = 48) -> dict:
+    """The Wan 2.2 VAE's layout (residual blocks, 2x2 patchify: 16x spatial, 4x temporal) at tiny width."""
+    g = torch.Generator().manual_seed(z_dim)
+    return dict(base_dim=8, decoder_base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                latents_mean=(torch.randn(z_dim, generator=g) * 0.5).tolist(),
+                latents_std=(torch.rand(z_dim, generator=g) + 0.5).tolist())
+
+
+def build_tiny_wan_variant(kind: str, seed: int = 0, d_model: int = 32, transformer: dict | None = None,
+                           boundary_ratio: float | None = None):
+    """A random diffusers pipeline of one Wan variant, every component tiny (fp32, CPU):
+
+    - ``i2v-2.1``: WanImageToVideoPipeline, 36-channel transformer with CLIP image cross-attention
+      and a tiny CLIPVisionModel image encoder + CLIPImageProcessor;
+    - ``i2v-2.2``: WanImageToVideoPipeline, two 36-channel experts, no image encoder;
+    - ``t2v-a14b``: WanPipeline with two experts (``transformer_2``) and ``boundary_ratio``;
+    - ``ti2v``: WanPipeline with ``expand_timesteps`` and the Wan 2.2 VAE layout (48 channels, 16x).
+
+    ``boundary_ratio`` defaults to the published one of two-expert kinds (0 = leave it out)."""
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+
+    if kind not in WAN_VARIANTS:
+        raise ValueError(f"kind must be one of {WAN_VARIANTS}, got {kind!r}")
+    tcfg = dict(transformer or {})
+    if kind.startswith("i2v"):
+        tcfg.setdefault("in_channels", 36)
+    if kind == "i2v-2.1":
+        tcfg.update(image_dim=16, added_kv_proj_dim=16)
+    if kind == "ti2v":
+        tcfg.update(in_channels=48, out_channels=48)
+    base = build_tiny_wan_pipeline(seed=seed, d_model=d_model, transformer=tcfg)
+    parts = dict(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                 transformer=base.transformer)
+    if kind in TINY_BOUNDARY:
+        torch.manual_seed(seed + 1)
+        parts["transformer_2"] = WanTransformer3DModel(
+            **{**tiny_transformer_config(text_dim=d_model), **tcfg}).eval()
+        ratio = TINY_BOUNDARY[kind] if boundary_ratio is None else boundary_ratio
+        if ratio:
+            parts["boundary_ratio"] = ratio
+    if kind == "ti2v":
+        torch.manual_seed(seed + 2)
+        parts["vae"] = AutoencoderKLWan(**tiny_wan22_vae_config()).eval()
+        return WanPipeline(**parts, expand_timesteps=True)
+    if kind == "t2v-a14b":
+        return WanPipeline(**parts)
+    if kind == "i2v-2.1":
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        torch.manual_seed(seed + 3)
+        parts["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=16, projection_dim=16)).eval()
+        parts["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32},
+                                                      crop_size={"height": 32, "width": 32})
+    return WanImageToVideoPipeline(**parts)
+
+
+def build_tiny_wan_variant_dir(path: str | Path, kind: str, **kw) -> Path:
+    """``build_tiny_wan_variant`` saved in the diffusers layout under ``path``."""
+    path = Path(path)
+    build_tiny_wan_variant(kind, **kw).save_pretrained(path)
+    return path
+
+
 def build_tiny_wan_s2v_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 32) -> Path:
     """A tiny random Wan S2V pipeline in the diffusers-port layout: the tiny Wan components, a
     ``transformer/`` holding ``tiny_wan_s2v_transformer`` (text_dim = the text encoder's width,

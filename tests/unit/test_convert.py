@@ -37,7 +37,8 @@ def test_guide_configs_convert_and_load(name, tmp_path):
     assert cfg.validation.num_frames == 81 and cfg.validation.resolution == "832x480"
     assert cfg.ema.enabled and cfg.ema.validation == "ema_only" and cfg.ema.update_interval == 2
     assert cfg.train.resume == "latest" and cfg.cache.compress
-    assert [d.id for d in cfg.dataset] == [{"wan_s2v": "s2v-videos"}.get(name, "disney-black-and-white")]
+    assert [d.id for d in cfg.dataset] == {"wan_s2v": ["s2v-videos"], "wan22_i2v": [
+        "disney-black-and-white", "my-image-dataset"]}.get(name, ["disney-black-and-white"])
 
 
 def test_wan_t2v_values(tmp_path):
@@ -89,11 +90,20 @@ def test_feed_forward_chunk_size_note(tmp_path):
 
 def test_wan22_i2v_and_int8(tmp_path):
     cfg, _, notes = _convert("wan22_i2v", tmp_path)
-    assert (cfg.model.flavour, cfg.model.base_precision, cfg.model.force_2_1_time_embedding) == (
-        "i2v-14b-2.2-high", "int8", True)
-    assert cfg.validation.load_other_stage and cfg.train.optimizer == "paged_lion_8bit"
+    # The guide's Wan 2.2 keys, each to its vidtune key: model_flavour i2v-14b-2.2-high is the
+    # two-expert flavour training the high-noise expert; validation_using_datasets + eval_dataset_id
+    # name the image dataset that starts the I2V validation videos (not an eval-loss set).
+    assert (cfg.model.flavour, cfg.model.experts) == ("i2v-14b-2.2", "high")
+    assert cfg.validation.load_other_stage is True
+    assert cfg.model.force_2_1_time_embedding is True
+    assert cfg.validation.dataset == "my-image-dataset"
+    assert [d.id for d in cfg.datasets] == ["disney-black-and-white"]  # the validation images are not trained on
+    assert cfg.model.base_precision == "int8" and cfg.train.optimizer == "paged_lion_8bit"
     assert cfg.train.max_grad_norm == 1.0
     assert any("conditioning_image_embeds" in n and "first-frame" in n for n in notes)
+    low, _, _ = _convert("wan22_i2v", tmp_path, lambda c, b: c.update(model_flavour="i2v-14b-2.2-low",
+                                                                     wan_validation_load_other_stage=False))
+    assert (low.model.flavour, low.model.experts, low.validation.load_other_stage) == ("i2v-14b-2.2", "low", False)
 
 
 def test_sana_video_ignores_shift(tmp_path):

@@ -44,6 +44,10 @@ _TO_WAN = {
 }
 
 
+# Wan 2.1 I2V's image cross-attention projections (original layout: cross_attn.k_img / v_img).
+IMAGE_MODULES = ("attn2.add_k_proj", "attn2.add_v_proj")
+
+
 class AdapterError(ValueError):
     """An adapter file or setting that cannot be used; the message names the file and the fix."""
 
@@ -181,6 +185,14 @@ def load_lora_into(model: nn.Module, path: str | Path, log=print) -> int:
     weights = read_lora(path)
     ours = lora_modules(model)
     unknown = sorted(set(weights) - set(ours))
+    image = [m for m in unknown if m.endswith(IMAGE_MODULES)]
+    if image and not any(n.endswith(IMAGE_MODULES) for n, _ in model.named_modules()):
+        # A Wan 2.1 I2V LoRA's image cross-attention (k_img / v_img) on a model without that branch
+        # (Wan 2.2): nothing to apply it to, the rest of the adapter still fits.
+        log(f"adapter.init_from: {path}: {len(image)} image cross-attention module(s) (k_img / v_img) left out: "
+            f"this model has no image branch")
+        weights = {k: v for k, v in weights.items() if k not in image}
+        unknown = sorted(set(weights) - set(ours))
     if unknown:
         raise AdapterError(
             f"adapter.init_from: {path} has LoRA weights for {len(unknown)} module(s) this run does not "

@@ -1,5 +1,5 @@
-"""The VAE, the UMT5 text encoder and (Wan S2V) the wav2vec2 audio encoder used to fill the caches,
-loaded lazily from ``[model]``.
+"""The VAE, the UMT5 text encoder, Wan 2.1 I2V's CLIP image encoder and (Wan S2V) the wav2vec2
+audio encoder used to fill the caches, loaded lazily from ``[model]``.
 
 Latents are normalised the way Wan trains on them: ``(mu - latents_mean) * (1 / latents_std)``
 per channel, from the VAE config, with ``mu`` the posterior mean (deterministic, so cacheable).
@@ -7,7 +7,7 @@ Text embeddings are exactly ``WanPipeline.encode_prompt``'s (same cleaning, toke
 512-token padding, encoder, trim to the true length); they are returned trimmed and the loader
 zero-pads them back to 512 (``cache.pad_prompt_embeds``), which saves most of the disk.
 
-With ``offload_during_startup`` only the encoder in use sits on the device; the other waits on
+With ``offload_during_startup`` only the encoder in use sits on the device; the others wait on
 the CPU. Nothing is loaded until an entry is actually missing from the cache.
 """
 from __future__ import annotations
@@ -55,6 +55,8 @@ class Encoders:
         self._vae = None
         self._text_encoder = None
         self._tokenizer = None
+        self._image_encoder = None
+        self._image_processor = None
         self._audio_encoder = None
         self._feature_extractor = None
 
@@ -69,6 +71,12 @@ class Encoders:
         return f"{te}+{tok}"
 
     @cached_property
+    def image_fingerprint(self) -> str:
+        src = self.model.resolved_path()
+        enc = _local_component(src, "image_encoder", self.model.revision)[1]
+        return f"{enc}+{_local_component(src, 'image_processor', self.model.revision)[1]}"
+
+    @cached_property
     def audio_fingerprint(self) -> str:
         enc = _local_component(self.audio_src, "audio_encoder", self.model.revision)[1]
         proc = _local_component(self.audio_src, "audio_processor", self.model.revision)[1]
@@ -76,20 +84,24 @@ class Encoders:
 
     # -- device placement --------------------------------------------------------------------
     def _encoders(self) -> dict:
-        return {"vae": self._vae, "text": self._text_encoder, "audio": self._audio_encoder}
+        return {"vae": self._vae, "text": self._text_encoder, "image": self._image_encoder,
+                "audio": self._audio_encoder}
 
     def _activate(self, name: str) -> None:
-        """Put ``name`` ("vae" | "text" | "audio") on the device; with offload_during_startup, park the others."""
+        """Put ``name`` ("vae" | "text" | "image" | "audio") on the device; with offload_during_startup,
+        park the others."""
         for other, m in self._encoders().items():
             if self.offload_during_startup and other != name and m is not None:
                 m.to("cpu")
         self._encoders()[name].to(self.device)
 
     def placement(self) -> dict[str, str | None]:
-        """Where each loaded encoder sits (None: not loaded; the audio encoder listed once loaded)."""
+        """Where each loaded encoder sits (None: not loaded; the image and audio encoders listed once loaded)."""
         def dev(m):
             return None if m is None else str(next(m.parameters()).device)
         out = {"vae": dev(self._vae), "text_encoder": dev(self._text_encoder)}
+        if self._image_encoder is not None:
+            out["image_encoder"] = dev(self._image_encoder)
         if self._audio_encoder is not None:
             out["audio_encoder"] = dev(self._audio_encoder)
         return out
@@ -143,6 +155,26 @@ class Encoders:
         hidden = encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state.to(self.text_dtype)
         return [h[:n] for h, n in zip(hidden, lengths)]
 
+    @torch.no_grad()
+    def encode_image(self, images: list) -> torch.Tensor:
+        """CLIP image embeddings of PIL images exactly as ``WanImageToVideoPipeline.encode_image``:
+        the pipeline's image processor, then the penultimate hidden state (n, tokens, D). The
+        encoder runs in fp32, as diffusers' Wan I2V examples load it."""
+        if self._image_encoder is None:
+            import transformers
+
+            from ..models.wan.pipeline import pipeline_index
+
+            src, rev = self.model.resolved_path(), self.model.revision
+            cls = ((pipeline_index(self.model) or {}).get("image_processor") or [None, "CLIPImageProcessor"])[1]
+            self._image_processor = getattr(transformers, cls).from_pretrained(src, subfolder="image_processor",
+                                                                               revision=rev)
+            self._image_encoder = transformers.CLIPVisionModel.from_pretrained(
+                src, subfolder="image_encoder", dtype=torch.float32, revision=rev).eval().requires_grad_(False)
+        self._activate("image")
+        inputs = self._image_processor(images=images, return_tensors="pt").to(self.device)
+        return self._image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]
+
     def _load_audio(self):
         if self._audio_encoder is None:
             from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
@@ -179,6 +211,7 @@ class Encoders:
     def release(self) -> None:
         """Drop every encoder and free its memory (training needs none of it)."""
         self._vae = self._text_encoder = self._tokenizer = self._audio_encoder = self._feature_extractor = None
+        self._image_encoder = self._image_processor = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

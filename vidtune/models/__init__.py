@@ -3,7 +3,8 @@
 Each family is a package (``vidtune.models.<family>``) that exposes what the rest of vidtune needs
 to know about it: ``CLASS_NAMES`` (the diffusers ``_class_name`` values it loads), ``CONFIG_CLASS``,
 ``MODEL_CLASS``, ``KEEP_FP32`` (parameters kept in fp32 whatever the dtype),
-``flavour_config(flavour)`` (full-size architecture) and ``transformer_subfolder(flavour)``; optionally
+``flavour_config(flavour)`` (full-size architecture) and ``transformer_subfolder(flavour, expert)``;
+optionally ``model_inputs(arch, model_cfg)`` (the conditioning the transformer takes),
 ``checkpoint_key(key)`` (a checkpoint's key in another layout -> our parameter name) and
 ``example_inputs(config, hidden_states)`` (the extra model inputs probes and benchmarks pass).
 Family rules live there, never in the trainer.

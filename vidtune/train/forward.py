@@ -17,10 +17,34 @@ from .flow import noisy_input
 
 
 def wan_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator):
-    """Wan text-to-video: denoise the whole clip."""
+    """Wan: text-to-video denoises the whole clip; image-to-video adds the conditioning cached
+    beside the latents (``vidtune.data.conditioning``), as WanImageToVideoPipeline feeds it."""
     x_t, target, timestep = noisy_input(batch.latents, noise, sigma)
-    pred = model(x_t, timestep, batch.prompt_embeds, routes=routes, generator=generator)
-    return pred, target, None
+    x_in, timestep, weight, keep = i2v_model_input(x_t, timestep, batch.cond, model.config.patch_size)
+    image = batch.cond.get("image_embeds")
+    if image is not None:  # (B, images, tokens, D): one CLIP context per conditioning image
+        image = image.flatten(0, 1)
+    pred = model(x_in, timestep, batch.prompt_embeds, image, routes=routes, force_keep=keep, generator=generator)
+    return pred, target, weight
+
+
+def i2v_model_input(x_t: torch.Tensor, timestep: torch.Tensor, cond: dict, patch):
+    """(model input, timestep, loss weight, tokens TREAD must keep) of noisy latents ``x_t``.
+
+    ``condition`` (Wan I2V: mask + first-frame latents) is concatenated on channels.
+    ``first_frame`` (TI2V-5B, diffusers' expand_timesteps) replaces latent frame 0 by the clean
+    first-frame latent, whose tokens get t = 0 and stay out of the loss; TREAD keeps them, so
+    every routed block still sees the conditioning."""
+    if "condition" in cond:
+        return torch.cat([x_t, cond["condition"].to(x_t.dtype)], dim=1), timestep, None, None
+    if "first_frame" not in cond:
+        return x_t, timestep, None, None
+    mask = torch.ones_like(x_t[:, :1])
+    mask[:, :, 0] = 0
+    x_in = (1 - mask) * cond["first_frame"].to(x_t.dtype) + mask * x_t
+    tokens = mask[:, 0, :, ::patch[1], ::patch[2]].flatten(1)  # (B, F' x H'/2 x W'/2) in the model's order
+    per_token = tokens * timestep.view(-1, 1).to(tokens.dtype)
+    return x_in, per_token.float(), mask, tokens == 0
 
 
 def wan_s2v_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator):
