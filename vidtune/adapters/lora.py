@@ -44,6 +44,10 @@ _TO_WAN = {
 }
 
 
+# Wan 2.1 I2V's image cross-attention projections (original layout: cross_attn.k_img / v_img).
+IMAGE_MODULES = ("attn2.add_k_proj", "attn2.add_v_proj")
+
+
 class AdapterError(ValueError):
     """An adapter file or setting that cannot be used; the message names the file and the fix."""
 
@@ -110,12 +114,7 @@ def export_lora(model: nn.Module, path: str | Path, cfg: AdapterConfig, layout: 
             tensors[f"transformer.{name}.lora_A.weight"] = a.to(dtype).contiguous()
             tensors[f"transformer.{name}.lora_B.weight"] = (b * scale).to(dtype).contiguous()
         elif layout == "wan":
-            parts = name.split(".")
-            inner = ".".join(parts[2:])
-            if parts[0] != "blocks" or inner not in _TO_WAN:
-                raise AdapterError(f"LoRA on {name!r} has no original-Wan key; export it with "
-                                   f"adapter.export_format = \"diffusers\"")
-            key = f"diffusion_model.blocks.{parts[1]}.{_TO_WAN[inner]}"
+            key = f"diffusion_model.{_original_module(model, name)}"
             tensors[f"{key}.lora_down.weight"] = a.to(dtype).contiguous()
             tensors[f"{key}.lora_up.weight"] = b.to(dtype).contiguous()
             tensors[f"{key}.alpha"] = torch.tensor(scale * a.shape[0], dtype=torch.float32)
@@ -130,6 +129,22 @@ def export_lora(model: nn.Module, path: str | Path, cfg: AdapterConfig, layout: 
         meta["lora_adapter_metadata"] = json.dumps({f"transformer.{k}": v for k, v in peft_meta.items()},
                                                    sort_keys=True)
     return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def _original_module(model: nn.Module, name: str) -> str:
+    """The original-Wan (ComfyUI) name of one of our modules: the block table, or the family's own
+    map for modules outside the blocks (Wan S2V's audio injector)."""
+    from ..models import family
+
+    parts = name.split(".")
+    inner = ".".join(parts[2:])
+    if parts[0] == "blocks" and inner in _TO_WAN:
+        return f"blocks.{parts[1]}.{_TO_WAN[inner]}"
+    other = getattr(family(getattr(model, "family", "wan")), "official_module", lambda n: None)(name)
+    if other is None:
+        raise AdapterError(f"LoRA on {name!r} has no original-Wan key; export it with "
+                           f"adapter.export_format = \"diffusers\"")
+    return other
 
 
 def read_lora(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -170,6 +185,14 @@ def load_lora_into(model: nn.Module, path: str | Path, log=print) -> int:
     weights = read_lora(path)
     ours = lora_modules(model)
     unknown = sorted(set(weights) - set(ours))
+    image = [m for m in unknown if m.endswith(IMAGE_MODULES)]
+    if image and not any(n.endswith(IMAGE_MODULES) for n, _ in model.named_modules()):
+        # A Wan 2.1 I2V LoRA's image cross-attention (k_img / v_img) on a model without that branch
+        # (Wan 2.2): nothing to apply it to, the rest of the adapter still fits.
+        log(f"adapter.init_from: {path}: {len(image)} image cross-attention module(s) (k_img / v_img) left out: "
+            f"this model has no image branch")
+        weights = {k: v for k, v in weights.items() if k not in image}
+        unknown = sorted(set(weights) - set(ours))
     if unknown:
         raise AdapterError(
             f"adapter.init_from: {path} has LoRA weights for {len(unknown)} module(s) this run does not "

@@ -15,7 +15,7 @@ import torch
 from vidtune.build import build_from_config
 from vidtune.config import Config, override
 from vidtune.measure.counters import counting
-from vidtune.models import family
+from vidtune.models import example_inputs, family
 
 
 def real_config(cfg: Config) -> Config:
@@ -37,12 +37,13 @@ def real_step(cfg: Config, arch, latent, seed: int = 0) -> dict:
     target = torch.randn(b, arch.out_channels, f, h, w, generator=g)
     t = torch.full((b,), 500.0)
     ctx = torch.randn(b, family(cfg.model.family).TEXT_LEN, arch.text_dim, generator=g)
+    extra = example_inputs(model, x)
     routes = cfg.tread.resolve(len(model.blocks))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    existing = [*model.parameters(), *model.buffers(), x, target, t, ctx]
+    existing = [*model.parameters(), *model.buffers(), x, target, t, ctx, *extra.values()]
     with counting(existing) as c:
         out = model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, routes=routes,
-                    generator=torch.Generator().manual_seed(0))
+                    generator=torch.Generator().manual_seed(0), **extra)
         loss = (out.float() - target.float()).pow(2).mean()
         c.mark("fwd")
         loss.backward()

@@ -22,8 +22,8 @@ def flavour_config(flavour: str) -> SanaVideoConfig | None:
     return SanaVideoConfig(**ARCHS[flavour]) if flavour in ARCHS else None
 
 
-def transformer_subfolder(flavour: str) -> str | None:
-    """Every flavour's transformer is the pipeline's ``transformer/``."""
+def transformer_subfolder(flavour: str, expert: str | None = None) -> str | None:
+    """Every flavour's transformer is the pipeline's ``transformer/`` (one expert: ``expert`` is unused)."""
     return None
 
 
