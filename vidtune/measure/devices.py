@@ -56,6 +56,10 @@ DEVICES: dict[str, Device] = {
         "h100", "NVIDIA H100 SXM5 80GB", 80 * GiB, 989.4 * T, 66.9 * T, 3350 * GB, 64 * GB, 1 * GiB,
         ("H100",), "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 1979 TFLOPS BF16 with sparsity "
         "(989.4 dense), 66.9 TFLOPS FP32, 80 GB HBM3 at 3.35 TB/s; PCIe Gen5 x16 (64 GB/s per direction)"),
+    "h200": Device(
+        "h200", "NVIDIA H200 SXM 141GB", 141 * GiB, 989.4 * T, 67 * T, 4800 * GB, 64 * GB, 1 * GiB,
+        ("H200",), "NVIDIA H200 Tensor Core GPU datasheet (SXM): 1979 TFLOPS BF16 with sparsity "
+        "(989.4 dense), 67 TFLOPS FP32, 141 GB HBM3e at 4.8 TB/s; PCIe Gen5 x16 (64 GB/s per direction)"),
 }
 
 
@@ -98,6 +102,11 @@ def device(name: str, *, measure: bool = False) -> Device:
     if key not in DEVICES:
         raise ValueError(f"unknown GPU class {name!r}: choose one of {', '.join([*DEVICES, 'cpu'])}")
     return DEVICES[key]
+
+
+def gpu_class(gpu_name: str) -> Device | None:
+    """The class whose ``match`` names this GPU (``torch.cuda.get_device_name()``), or None."""
+    return next((d for d in DEVICES.values() if any(m.lower() in gpu_name.lower() for m in d.match)), None)
 
 
 def names() -> list[str]:
