@@ -341,8 +341,10 @@ def apply_sequence_parallel(model: nn.Module, par: Parallel) -> SequenceParallel
 # ---------------------------------------------------------------------------------------------------
 # Data parallelism: DDP or FSDP2
 
-def parallel_problems(par_cfg: ParallelConfig, model_cfg, adapter_cfg, memory_cfg, train_cfg) -> list[str]:
-    """Why this combination cannot train under ``parallel.data`` (checked at start, on every rank)."""
+def parallel_problems(cfg) -> list[str]:
+    """Why this run config cannot train under ``parallel.data`` (checked at start, on every rank)."""
+    par_cfg, model_cfg, adapter_cfg, memory_cfg, train_cfg = cfg.parallel, cfg.model, cfg.adapter, cfg.memory, cfg.train
+    ema_cfg, validation_cfg = cfg.ema, cfg.validation
     if par_cfg.data != "fsdp":
         # DDP reduces only the trained (resident) parameters: int8 bases and offloaded frozen blocks
         # stay per-rank, untouched by it.
@@ -361,6 +363,12 @@ def parallel_problems(par_cfg: ParallelConfig, model_cfg, adapter_cfg, memory_cf
                    f"reduces gradients of one dtype per block, and the family keeps its norms and modulation tables "
                    f"in fp32; set model.dtype = \"fp32\" (sharded fp32 master weights, gathered in bf16 for compute "
                    f"under train.mixed_precision = \"bf16\")")
+    if ema_cfg.enabled:
+        out.append("parallel.data = \"fsdp\" with ema.enabled = true: the EMA copy would be sharded too and is "
+                   "not gathered for checkpoints yet; use parallel.data = \"ddp\" or ema.enabled = false")
+    if validation_cfg.every > 0:
+        out.append("parallel.data = \"fsdp\" with validation.every > 0: sampling on rank 0 alone needs the whole "
+                   "weights; use parallel.data = \"ddp\", or validation.every = 0 and sample the exported weights")
     if train_cfg.optimizer not in ("adamw", "adamw_bf16", "lion"):
         out.append(f"parallel.data = \"fsdp\" with train.optimizer = {train_cfg.optimizer!r}: bitsandbytes' 8-bit "
                    f"states do not shard; use adamw, adamw_bf16 or lion, or parallel.data = \"ddp\"")
@@ -385,7 +393,9 @@ def apply_data_parallel(model: nn.Module, par: Parallel | None, policy=None) -> 
         return model
     if par.shards_model:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = policy or MixedPrecisionPolicy()
 
         # The model's output is a reshaped view; nothing writes into it in place.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -413,12 +423,97 @@ def no_sync(step_model: nn.Module, last: bool):
     return step_model.no_sync() if hasattr(step_model, "no_sync") else contextlib.nullcontext()
 
 
-def is_sharded(t: torch.Tensor) -> bool:
+def load_weights(params: dict[str, nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors ``weights`` into ``params``; a sharded (FSDP2) parameter takes its shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for n, p in params.items():
+            w = weights[n].to(p.device, p.dtype)
+            p.copy_(distribute_tensor(w, p.device_mesh, p.placements) if isinstance(p, DTensor) else w)
+
+
+def weights_peak(params, par: Parallel | None) -> torch.Tensor:
+    """Largest |w| over ``params`` (sharded ones included), the same on every rank (collective under FSDP2)."""
     from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    peaks = [t.detach().abs().amax().float() for t in local if t.numel()]
+    # One host sync: the peaks meet on the first one's device.
+    peak = torch.stack([x.to(peaks[0].device) for x in peaks]).amax().cpu() if peaks else torch.zeros(())
+    if par is not None and par.shards_model:
+        with par.guard("the weight check", wait=True):
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=par.waits)
+    return peak
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole of a sharded (DTensor) tensor; a plain tensor as it is. Collective for DTensors."""
-    return t.full_tensor() if is_sharded(t) else t
+@contextlib.contextmanager
+def whole_sequence(model: nn.Module):
+    """Run ``model`` on one rank over the whole sequence for the block (validation on rank 0)."""
+    split = [m for m in model.modules() if getattr(m, "sequence_parallel", None) is not None]
+    sp = split[0].sequence_parallel if split else None
+    for m in split:
+        m.sequence_parallel = None
+    try:
+        yield
+    finally:
+        for m in split:
+            m.sequence_parallel = sp
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, par: Parallel | None):
+    """Every FSDP2-sharded module of ``model`` holds its whole parameters for the block (on every
+    rank: collective), so checkpoints and exports read plain tensors; a no-op without FSDP2."""
+    if par is None or not par.shards_model:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    with par.guard("gathering the sharded weights"):
+        for m in sharded:
+            m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+
+
+def _names(model: nn.Module, optimizer) -> list[str]:
+    """The optimizer's parameters by name, in the order a plain ``optimizer.state_dict()`` numbers them."""
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def optimizer_state(model: nn.Module, optimizer, par: Parallel | None) -> dict:
+    """``optimizer.state_dict()``; under FSDP2 the whole (unsharded) state in the same layout, on
+    CPU on rank 0 (collective): a checkpoint any world size, or one rank, can resume."""
+    if par is None or not par.shards_model:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    names = _names(model, optimizer)
+    with par.guard("gathering the optimizer state"):
+        sd = get_optimizer_state_dict(model, optimizer,
+                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not par.is_main:
+        return {}
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[k]: v for k, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [index[p] for p in g["params"]]} for g in sd["param_groups"]]}
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, par: Parallel | None) -> None:
+    """Load what :func:`optimizer_state` saved (at any world size); under FSDP2 each rank keeps its shard."""
+    if par is None or not par.shards_model:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _names(model, optimizer)
+    sd = {"state": {names[i]: v for i, v in state["state"].items()},
+          "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    with par.guard("loading the optimizer state"):
+        set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
