@@ -183,16 +183,22 @@ if __name__ == "__main__":
         sys.exit(0 if demo_check(sys.argv[2]) else 1)
 
 
+def torchrun_exe() -> str:
+    """The torchrun of this Python's environment."""
+    import os
+    import sys
+
+    return shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+
+
 def run_torchrun(script_and_args: list[str], nproc: int, timeout: float, cwd=None, env=None):
     """Run ``torchrun --standalone --nproc_per_node=nproc ...``; returns (returncode, stdout, stderr).
     The launch is its own process group, killed whole if it outlives ``timeout`` (a hung rank
     never outlives a test)."""
     import os
     import signal
-    import sys
 
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    proc = subprocess.Popen([torchrun, "--standalone", f"--nproc_per_node={nproc}", *script_and_args], cwd=cwd,
+    proc = subprocess.Popen([torchrun_exe(), "--standalone", f"--nproc_per_node={nproc}", *script_and_args], cwd=cwd,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

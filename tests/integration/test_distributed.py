@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vidtune.cli.train import main as cli_main
-from vidtune.testing import run_torchrun, write_captioned_clips
+from vidtune.testing import run_torchrun, torchrun_exe, write_captioned_clips
 from vidtune.train.log import read_losses
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -99,3 +99,57 @@ def test_ddp_run_matches_one_rank_and_resumes_across_world_sizes(tmp_path, tiny_
     shutil.copytree(tmp_path / "one" / "checkpoints" / "step-000005", tmp_path / "back" / "checkpoints" / "step-000005")
     torchrun("back", "train.max_train_steps=10", "train.resume=\"latest\"")
     assert_same(losses(tmp_path / "back"), want, range(6, 11))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+
+
+def test_a_rank_killed_mid_run_stops_the_other_with_one_line(tmp_path, tiny_wan_dir):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    cfg = write_config(tmp_path / "kill.toml", tiny_wan_dir, write_captioned_clips(tmp_path / "clips"),
+                       tmp_path / "cache", tmp_path / "kill", "repeats = 3\n")
+    proc = subprocess.Popen([torchrun_exe(), "--standalone", "--nproc_per_node=2", "-m", "vidtune.train", str(cfg),
+                             "--set", "train.max_train_steps=100000", "--set", "parallel.timeout_s=20"],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        losses_file = tmp_path / "kill" / "losses.jsonl"
+        deadline = time.monotonic() + 240
+        while not (losses_file.exists() and losses_file.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "the 2-rank run never trained"
+            time.sleep(0.5)
+        victim = next(p for w in _children(proc.pid) for p in [w, *_children(w)] if _rank_of(p) == 1)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        waited = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    lost = [ln for ln in err.splitlines() if "lost the other ranks" in ln]
+    assert lost and lost[0].startswith("error: rank 0"), err[-3000:]
+    assert "parallel.timeout_s = 20 s" in lost[0] and 'train.resume = "latest"' in lost[0]
+    assert waited < 20 + 60  # the configured timeout, plus the launcher's teardown

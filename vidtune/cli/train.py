@@ -2,7 +2,7 @@
 
     vidtune-train config.toml [--set section.key=value ...] [--print-config] [--prepare-only]
     vidtune-train --from-simpletuner config.json [--backend multidatabackend.json] [--set ...]
-    vidtune-train --plan config.toml [--gpu rtx4090|a6000|mi300x|h100|cpu]
+    vidtune-train --plan config.toml [--gpu rtx4090|a6000|mi300x|h100|cpu] [--nproc N]
     vidtune-train --help-config
     torchrun --nproc_per_node=N [--nnodes=M --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT] -m vidtune.train config.toml
 
@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the predicted peak memory per phase and the fit verdict, then exit (1 if it does not fit)")
     p.add_argument("--gpu", metavar="CLASS",
                    help="with --plan: rtx4090, a6000, mi300x, h100 or cpu (default: the training device)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="with --plan: the per-rank peak of each layout of N GPUs (DDP, FSDP2, sequence parallel) "
+                        "and the smallest setup that fits")
     p.add_argument("--prepare-only", action="store_true",
                    help="discover the data and fill the latent/text caches, then exit")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
@@ -122,7 +125,7 @@ def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
         print("error: a config file is required (vidtune-train config.toml)", file=sys.stderr)
         return 2
     from ..fsutil import remove_debris, run_dir_lock
-    from ..planner import check_plan
+    from ..planner import check_plan, plan_parallel
     from ..runtime import resolve_device
     from ..train.preflight import check_model_sources
 
@@ -130,7 +133,7 @@ def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
 
     if args.plan:
         try:
-            fits, report = check_plan(cfg, args.gpu)
+            fits, report = plan_parallel(cfg, args.gpu, args.nproc) if args.nproc else check_plan(cfg, args.gpu)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
