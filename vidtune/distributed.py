@@ -481,6 +481,18 @@ def gathered(model: nn.Module, par: Parallel | None):
             m.reshard()
 
 
+def model_state(model: nn.Module, par: Parallel | None) -> dict | None:
+    """Under FSDP2 the whole state dict, on CPU on rank 0 (collective; None on the other ranks);
+    None without FSDP2 (``model.state_dict()`` is whole)."""
+    if par is None or not par.shards_model:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    with par.guard("gathering the model", wait=True):
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if par.is_main else None
+
+
 def _names(model: nn.Module, optimizer) -> list[str]:
     """The optimizer's parameters by name, in the order a plain ``optimizer.state_dict()`` numbers them."""
     name = {id(p): n for n, p in model.named_parameters()}

@@ -33,8 +33,8 @@ from ..build import build_from_config
 from ..config import Config, ConfigError
 from ..data import CachedLoader, PreparedData
 from ..data.cache import CacheEntryError
-from ..distributed import (Parallel, gathered, load_optimizer_state, load_weights, no_sync, optimizer_state,
-                           weights_peak, whole_sequence)
+from ..distributed import (Parallel, gathered, load_optimizer_state, load_weights, model_state, no_sync,
+                           optimizer_state, weights_peak, whole_sequence)
 from ..models import save_pretrained
 from ..runtime import DTYPES, resolve_device, seed_for
 from .checkpoint import resume_checkpoint, save_checkpoint
@@ -414,7 +414,8 @@ class Run:
 
     def summary(self) -> dict:
         t = self.cfg.train
-        out = {"steps": self.step, "samples_seen": self.step * t.batch_size * t.gradient_accumulation_steps,
+        dp = self.par.dp if self.par is not None else 1
+        out = {"steps": self.step, "samples_seen": self.step * t.batch_size * dp * t.gradient_accumulation_steps,
                "skipped_files": len(self.prepared.skips.entries), "skipped_steps": self.skipped,
                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
         if self.skipped:
@@ -430,9 +431,13 @@ class Run:
         problem = self.weights_problem()
         files = []
         if not problem:
-            with gathered(self.model, self.par):  # rank 0 exports the whole weights; the others wait
+            # Rank 0 exports the whole weights; the others wait. A full model under FSDP2 is
+            # gathered as a state dict, an adapter by unsharding the blocks.
+            full = self.cfg.adapter.type == "full"
+            whole = model_state(self.model, self.par) if full else None
+            with contextlib.nullcontext() if full else gathered(self.model, self.par):
                 if self.main:
-                    files = export_final(self.cfg, self.model, self.run_dir, self.step)
+                    files = export_final(self.cfg, self.model, self.run_dir, self.step, whole)
                     if self.ema is not None:
                         with self.ema.swapped_in():
                             files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step)
@@ -471,10 +476,11 @@ def _trigger_words(cfg: Config) -> str:
     return ", ".join(sorted({d.caption_prefix.strip() for d in cfg.datasets if d.caption_prefix.strip()}))
 
 
-def export_final(cfg: Config, model, run_dir: Path, step: int) -> list[Path]:
-    """The run's product: the LoRA file(s), or the full transformer in the diffusers layout."""
+def export_final(cfg: Config, model, run_dir: Path, step: int, state_dict: dict | None = None) -> list[Path]:
+    """The run's product: the LoRA file(s), or the full transformer in the diffusers layout
+    (``state_dict``: its weights gathered from FSDP2 shards)."""
     if cfg.adapter.type == "full":
-        return [save_pretrained(model, run_dir / "transformer")]
+        return [save_pretrained(model, run_dir / "transformer", state_dict)]
     meta = {"base_model": cfg.model.transformer_path or cfg.model.resolved_path(), "family": cfg.model.family,
             "flavour": cfg.model.flavour, "trigger_word": _trigger_words(cfg), "steps": step}
     fmt = cfg.adapter.export_format
