@@ -164,20 +164,25 @@ def apply_checkpointing(model: nn.Module, memory_cfg: MemoryConfig) -> int:
     return apply_activation_checkpointing(model.blocks, memory_cfg.gradient_checkpointing_every_n)
 
 
-# ``compile.enabled = "auto"`` per device type, from measurements (benchmarks/README.md): on CPU
-# inductor's step is 1-3.5% faster than eager at the bench config, within the run-to-run spread,
-# and each process pays 5-15 s of compile (more per new token count): off. GPUs stay off until
-# the GPU check has measured them.
-COMPILE_AUTO = {"cpu": False, "cuda": False}
+# ``compile.enabled = "auto"``, from measurements (benchmarks/README.md). CPU: inductor's step is
+# 1-3.5% faster than eager at the bench config, within the run-to-run spread, for 5-15 s of compile
+# per process: off. NVIDIA GPU (H200, Wan 1.3B LoRA at 32,760 tokens, two passes): 0.950x / 0.946x
+# of eager, 8.4 GiB less peak, 9-12 s of compile: on, for what was measured (a bf16/fp32 base
+# without offload); int8 bases, offload and ROCm stay eager until measured.
+COMPILE_AUTO = {"cpu": False, "cuda": True}
 
 
-def compile_enabled(compile_cfg: CompileConfig, device) -> bool:
+def compile_enabled(compile_cfg: CompileConfig, device, *, quantized: bool = False, offloaded: bool = False) -> bool:
     if compile_cfg.enabled == "auto":
-        return COMPILE_AUTO.get(torch.device(device).type, False)
+        dev = torch.device(device).type
+        if dev == "cuda" and (torch.version.hip is not None or quantized or offloaded):
+            return False
+        return COMPILE_AUTO.get(dev, False)
     return compile_cfg.enabled == "on"
 
 
-def apply_compile(model: nn.Module, compile_cfg: CompileConfig, device="cpu") -> int:
+def apply_compile(model: nn.Module, compile_cfg: CompileConfig, device="cpu", *, quantized: bool = False,
+                  offloaded: bool = False) -> int:
     """Regional compilation: each block's own computation goes through ``torch.compile``. The
     blocks share their code, so Dynamo traces the block class once and the blocks reuse that graph
     (parameters are graph inputs, not constants): a 40-block model compiles one graph, not 40
@@ -193,7 +198,7 @@ def apply_compile(model: nn.Module, compile_cfg: CompileConfig, device="cpu") ->
     dynamic shapes: the first time a second count shows up the block graph is recompiled once
     with the token dimension symbolic, and every later count reuses it; ``"on"`` makes the
     dimensions symbolic from the start, ``"off"`` compiles one graph per count."""
-    if not compile_enabled(compile_cfg, device):
+    if not compile_enabled(compile_cfg, device, quantized=quantized, offloaded=offloaded):
         return 0
     kw = dict(backend=compile_cfg.backend, dynamic={"auto": None, "on": True, "off": False}[compile_cfg.dynamic])
     if compile_cfg.mode != "default":
@@ -272,7 +277,8 @@ def build_training_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, mem
     else:
         offload = apply_offload(model, memory_cfg, device)
     apply_checkpointing(model, memory_cfg)
-    compiled = 0 if init == "meta" else apply_compile(model, compile_cfg, device)
+    compiled = 0 if init == "meta" else apply_compile(model, compile_cfg, device, quantized=model_cfg.base_precision == "int8",
+                                                      offloaded=offload is not None)
     model.train()
     step_model = apply_parallel(model, parallel, model_cfg, mixed_precision) if init != "meta" else model
     return TrainingModel(model, params, device, offload, compiled, skipped, parallel, step_model)

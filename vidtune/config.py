@@ -85,6 +85,10 @@ class ModelConfig:
         "bf16", "Precision of the frozen base transformer: bf16, or int8 weights via torchao.")
     quantize_via: Literal["device", "cpu"] = opt(
         "device", "Where int8 quantization runs: on the training device (fast) or on the CPU (less VRAM).")
+    audio_encoder_path: Optional[str] = opt(
+        None, "Wan S2V: pipeline dir or hub id with audio_encoder/ (Wav2Vec2ForCTC, the English XLS-R-53 CTC "
+        "fine-tune) and audio_processor/; default: path.")
+    audio_encoder_dtype: Dtype = opt("fp32", "Wan S2V: dtype the audio encoder runs in while caching features.")
 
     def resolved_path(self) -> str:
         return self.path or FLAVOURS[self.family][self.flavour]
@@ -196,8 +200,9 @@ class MemoryConfig:
 class CompileConfig:
     enabled: Literal["auto", "on", "off"] = opt(
         "auto", "Regional torch.compile of the transformer blocks (one compiled graph serves every block). "
-        "auto: off on CPU (1-3.5% faster steps do not repay 5-15 s of compile, benchmarks/README.md) and on "
-        "GPUs until the GPU check measures it.")
+        "auto: on for NVIDIA GPUs with a bf16/fp32 base and no offload (0.95x step time and 8 GiB less peak "
+        "for 9-12 s of compile, measured on an H200), off on CPU (1-3.5% faster steps do not repay 5-15 s of "
+        "compile), with int8 bases, offload and ROCm (not yet measured); benchmarks/README.md.")
     backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager compiles without code generation).")
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = opt(
         "default", "torch.compile mode.")
@@ -277,6 +282,10 @@ class ValidationConfig:
     skip_layers_scale: float = opt(2.8, "Skip-layer guidance scale: pred += (cond - cond_skipped) * scale (SD3 form).")
     load_other_stage: bool = opt(False, "Wan 2.2 two-stage models: load the other stage for validation.")
     preview_every: int = opt(0, "Save a preview every K sampling steps (0: off).")
+    reference_media: list[str] = opt(
+        help="Wan S2V: an image or video per prompt, in order: its first frame is the reference; the audio file "
+        "of the same stem beside it (.wav .mp3 .flac .ogg .m4a), else its own track, drives the clip and becomes "
+        "the mp4's soundtrack.", factory=list)
 
 
 @dataclass
@@ -286,6 +295,31 @@ class EmaConfig:
     update_interval: int = opt(1, "Update the EMA every N optimizer steps.")
     device: Literal["same", "cpu"] = opt("same", "Where the EMA weights live: with the model, or in CPU RAM.")
     validation: Literal["ema_only", "both", "none"] = opt("both", "Validate with the EMA weights, both, or the live ones.")
+
+
+@dataclass
+class AudioConfig:
+    auto_split: bool = opt(
+        True, "Take each video's own audio track (decoded with torchcodec); false: the file of the same stem in path.")
+    path: Optional[str] = opt(
+        None, "Folder of audio files (.wav .mp3 .flac .ogg .m4a) matched to the videos by stem, same subfolders "
+        "first (SimpleTuner's s2v_datasets); used when auto_split = false.")
+    sample_rate: int = opt(16000, "Sample rate the audio is decoded at; wav2vec2 takes 16000.")
+    channels: int = opt(1, "Audio channels; wav2vec2 takes mono (1): every channel is averaged.")
+    allow_zero_audio: bool = opt(
+        False, "Videos without audio train on silent (zero) features instead of being skipped.")
+    max_duration_seconds: Optional[float] = opt(
+        None, "Skip videos whose audio is longer than this (seconds); default: no limit.")
+    duration_interval: float = opt(
+        3.0, "bucket_strategy = resolution_frames: clip lengths step by this many seconds (in 4-frame steps), so "
+        "audio windows fall in duration buckets; 0: by frame_interval.")
+    truncation_mode: Literal["beginning", "end", "random"] = opt(
+        "beginning", "Which window of a longer video (and its audio) a clip takes: the start, the end, or a random "
+        "one (fixed per file).")
+    motion: Literal["off", "auto"] = opt(
+        "off", "auto: a video with 72 frames more than the clip (and 64+ pixels a side) trains the window after its "
+        "first 73 frames, those becoming its motion frames (the later windows of a long S2V generation); off: "
+        "every clip is a first window, without motion frames.")
 
 
 @dataclass
@@ -311,6 +345,8 @@ class DatasetConfig:
     bucket_strategy: Literal["aspect_ratio", "resolution_frames"] = opt(
         "aspect_ratio", "Bucket by aspect ratio only, or by WxH@F (mixed resolutions and durations).")
     disabled: bool = opt(False, "Leave this dataset out of the run.")
+    audio: AudioConfig = opt(help="Wan S2V: where each video's audio comes from and how it is cut.",
+                             factory=AudioConfig)
 
 
 @dataclass
@@ -530,6 +566,10 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"validation.resolution: expected \"WxH\" such as \"832x480\", got {v.resolution!r}")
     if not 0 <= v.skip_layers_start <= v.skip_layers_stop <= 1:
         e.append("validation.skip_layers_start/stop: need 0 <= start <= stop <= 1")
+    if m.family == "wan_s2v" and v.every > 0 and not v.reference_media:
+        e.append("validation.reference_media: Wan S2V validation needs an image or video per prompt (its first "
+                 "frame is the reference; the audio file of the same stem beside it drives the clip); set it, or "
+                 "validation.every = 0")
     if cfg.ema.update_interval < 1:
         e.append(f"ema.update_interval: must be >= 1, got {cfg.ema.update_interval}")
     if not 0 < cfg.ema.decay < 1:
@@ -550,6 +590,8 @@ def validate(cfg: Config) -> list[str]:
             e.append(f"{where}.weight: must be > 0, got {d.weight}")
         if d.caption_strategy == "instanceprompt" and not d.caption_prefix:
             e.append(f"{where}: caption_strategy = \"instanceprompt\" needs caption_prefix (the prompt)")
+        if m.family == "wan_s2v":
+            e += _s2v_dataset_errors(d, where)
         if d.type != "video":
             continue
         if not _is_4k1(d.num_frames):
@@ -561,6 +603,25 @@ def validate(cfg: Config) -> list[str]:
         if d.frame_interval < 4 or d.frame_interval % 4:
             e.append(f"{where}.frame_interval: must be a positive multiple of 4 (Wan's 4k+1 frames), "
                      f"got {d.frame_interval}; use {max(4, round(d.frame_interval / 4) * 4)}")
+    return e
+
+
+def _s2v_dataset_errors(d: DatasetConfig, where: str) -> list[str]:
+    a, e = d.audio, []
+    if d.type != "video":
+        e.append(f"{where}.type: Wan S2V trains on videos with audio, not {d.type}s; use type = \"video\"")
+    elif d.num_frames < 5:
+        e.append(f"{where}.num_frames: Wan S2V needs the reference frame and at least 4 more (one latent), got "
+                 f"{d.num_frames}; use 5 or more")
+    if a.sample_rate != 16000 or a.channels != 1:
+        e.append(f"{where}.audio: wav2vec2 takes 16 kHz mono; set sample_rate = 16000 and channels = 1 "
+                 f"(got {a.sample_rate}, {a.channels})")
+    if not a.auto_split and not a.path:
+        e.append(f"{where}.audio.path: auto_split = false needs the folder of audio files matched by stem")
+    if a.max_duration_seconds is not None and a.max_duration_seconds <= 0:
+        e.append(f"{where}.audio.max_duration_seconds: must be > 0, got {a.max_duration_seconds}")
+    if a.duration_interval < 0:
+        e.append(f"{where}.audio.duration_interval: must be >= 0, got {a.duration_interval}")
     return e
 
 

@@ -87,9 +87,6 @@ NOTED = {
 
 UNSUPPORTED = {
     "crepa": "CREPA is not in the vidtune schema yet; train without it or keep using SimpleTuner for it",
-    "audio": "S2V audio settings (audio.auto_split, sample_rate, channels...) are not in the vidtune "
-             "dataset schema yet",
-    "s2v_datasets": "separate S2V audio datasets are not in the vidtune dataset schema yet",
     "validation_using_datasets": "I2V validation from an image dataset is not in the vidtune schema yet",
     "eval_dataset_id": "I2V validation from an image dataset is not in the vidtune schema yet",
 }
@@ -454,11 +451,42 @@ def _validation(c: _Converter, cfg: dict, used: set) -> None:
 # ---------------------------------------------------------------------------------------------
 # multidatabackend.json
 
+# SimpleTuner's dataset "audio" block -> [dataset.audio] (same names and meanings).
+AUDIO_KEYS = ("auto_split", "sample_rate", "channels", "allow_zero_audio", "max_duration_seconds",
+              "duration_interval", "truncation_mode")
+
+
+def _audio(c: _Converter, where: str, b: dict, d: dict, audio_backends: dict, linked: set) -> None:
+    """A video dataset's ``audio`` block and ``s2v_datasets`` (audio backends, matched by stem)."""
+    audio = dict(b.pop("audio", None) or {})
+    out = {k: audio.pop(k) for k in AUDIO_KEYS if k in audio}
+    if "auto_split" in out:
+        out["auto_split"] = _truthy(out["auto_split"])
+    _leftovers(c, f"{where}.audio", audio)
+    ids = b.pop("s2v_datasets", None)
+    if ids is not None:
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        dirs = [audio_backends[i].get("instance_data_dir") for i in ids if i in audio_backends]
+        for i in ids:
+            if i not in audio_backends:
+                c.unmap(f"{where}.s2v_datasets", i, "no dataset_type = audio backend with this id")
+        if dirs:
+            linked.update(i for i in ids if i in audio_backends)
+            out.update(auto_split=False, path=dirs[0])
+            for extra in dirs[1:]:
+                c.unmap(f"{where}.s2v_datasets", extra, "vidtune matches a video dataset's audio from one folder "
+                        "(dataset.audio.path); merge the audio folders")
+    if out:
+        d["audio"] = out
+
+
 def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
     defaults = {k: cfg[k] for k in ("resolution", "resolution_type", "aspect_bucket_rounding",
                                     "minimum_image_size", "maximum_image_size", "target_downsample_size")
                 if k in cfg}
     used.update(defaults)
+    audio_backends = {b.get("id"): b for b in backends if b.get("dataset_type") == "audio"}
+    linked: set = set()
     cache_dirs, datasets = [], []
     for i, raw in enumerate(backends):
         b = dict(raw)
@@ -479,8 +507,10 @@ def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
         if kind == "conditioning_image_embeds":
             c.note(f"{where}.dataset_type", f"conditioning_image_embeds: {NOTED['conditioning_image_embeds']}")
             continue
-        if kind == "audio":
-            c.unmap(f"{where}.dataset_type", kind, UNSUPPORTED["s2v_datasets"])
+        if kind == "audio":  # read through the s2v_datasets of the video datasets that name it
+            for k in ("instance_data_dir", "disabled"):
+                b.pop(k, None)
+            _leftovers(c, where, b)
             continue
         if kind not in ("video", "image"):
             c.unmap(f"{where}.dataset_type", kind, "vidtune datasets are video or image directories")
@@ -535,11 +565,11 @@ def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
                 c.note(f"{where}.{k}", NOTED[k])
         if kind == "video" and "video" in b:
             _video(c, where, b.pop("video"), d)
-        for k in ("audio", "s2v_datasets"):
-            if k in b:
-                c.unmap(f"{where}.{k}", b.pop(k), UNSUPPORTED[k])
+        _audio(c, where, b, d, audio_backends, linked)
         _leftovers(c, where, b)
         datasets.append(d)
+    for i in sorted(set(audio_backends) - linked):
+        c.unmap(f"dataset[{i}].dataset_type", "audio", "no video dataset names this audio backend in s2v_datasets")
     if datasets:
         c.set("dataset", datasets)
     if cache_dirs:
@@ -609,6 +639,11 @@ def convert_simpletuner(config: dict, backends: list | None = None, *, source: s
     _train(c, cfg, used, family)
     _memory(c, cfg, used)
     _validation(c, cfg, used)
+    if family == "wan_s2v" and c.get("validation.every"):
+        c.set("validation.every", 0)
+        c.note("validation_step_interval", "Wan S2V validation needs validation.reference_media (a reference "
+               "image or video + its audio per prompt), which the SimpleTuner config does not name: validation is "
+               "off until you set it and validation.every")
     if backends is not None:
         _datasets(c, [_strip(b) for b in backends], cfg, used)
     for key in ("resolution", "resolution_type", "aspect_bucket_rounding"):

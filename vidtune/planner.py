@@ -60,6 +60,7 @@ class Shape:
 
 
 WAN_ASPECT = 832 / 480  # the aspect Wan was trained at; the planner sizes the largest bucket with it
+AUDIO_SECONDS = 60.0  # Wan S2V audio tracks are sized at this without audio.max_duration_seconds
 
 
 def _round16(x: float) -> int:
@@ -200,11 +201,12 @@ def _weights(model, cfg: Config):
             b += _param_bytes(p, int8 and is_linear)
         block_frozen.append(b)
     other = 0
+    also = tuple(f"{n}." for n in getattr(model, "quantize_also", ()))
     for name, p in model.named_parameters():
         if p.requires_grad:
             trainable.append(p)
         elif not name.startswith("blocks."):
-            other += p.numel() * p.element_size()
+            other += _param_bytes(p, int8 and name.startswith(also) and name.endswith(".weight"))
     biggest = max((p.numel() * p.element_size() for n, p in model.blocks[0].named_parameters() if p.ndim == 2),
                   default=0)
     groups = []
@@ -323,22 +325,31 @@ def _caching_phase(cfg: Config, dev: D.Device, shape: Shape) -> Phase:
                                     decode=False, batch=cfg.cache.vae_batch_size,
                                     config=P.local_component_config(cfg.model, "vae"))
     te_name = "text encoder UMT5-XXL weights" if te_cfg is None else "text encoder weights (local config)"
+    au_w = au_act = 0
+    if cfg.model.family == "wan_s2v":  # wav2vec2 over each video's whole audio track
+        limits = [d.audio.max_duration_seconds for d in cfg.datasets]
+        seconds = max(limits) if limits and None not in limits else AUDIO_SECONDS
+        au_w, au_act, _ = P.probe_audio_encoder(_dtype(cfg.model.audio_encoder_dtype), seconds,
+                                                P.local_component_config(cfg.model, "audio_encoder"))
+        au_items = [Item("audio encoder (wav2vec2) weights", au_w),
+                    Item(f"audio encoder activations ({seconds:g} s of audio)", au_act,
+                         "" if None not in limits else "no audio.max_duration_seconds: sized for 60 s")]
     items = []
     if cfg.memory.offload_during_startup:
         te_peak, vae_peak = te_w + te_act, vae_w + vae_act
-        first = max(te_peak, vae_peak)
+        first = max(te_peak, vae_peak, au_w + au_act)
         items = [Item(te_name, te_w, "alone on the device (offload_during_startup)"),
                  Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
                  Item("VAE weights", vae_w, "alone on the device"),
-                 Item(f"VAE encode activations ({shape})", vae_act)]
+                 Item(f"VAE encode activations ({shape})", vae_act)] + (au_items if au_w else [])
         peak = first
         note = "encoders one at a time"
     else:
         items = [Item(te_name, te_w), Item("VAE weights", vae_w),
                  Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
-                 Item(f"VAE encode activations ({shape})", vae_act)]
-        peak = te_w + vae_w + max(te_act, vae_act)
-        note = "both encoders resident"
+                 Item(f"VAE encode activations ({shape})", vae_act)] + (au_items if au_w else [])
+        peak = te_w + vae_w + au_w + max(te_act, vae_act, au_act)
+        note = "all encoders resident"
     return Phase("caching", items, peak, peak <= dev.usable_bytes, note)
 
 

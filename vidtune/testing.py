@@ -36,6 +36,23 @@ def build_tiny_tokenizer():
     )
 
 
+def build_tiny_wav2vec2(seed: int = 0, hidden: int = 12, layers: int = 24):
+    """A random ``Wav2Vec2ForCTC`` in the XLS-R layout (stable layer norm, layer-norm feature
+    extractor; ``layers`` + 1 hidden states of size ``hidden``: 25 like XLS-R, what Wan S2V's layer
+    average takes) and its feature extractor."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    torch.manual_seed(seed)
+    cfg = Wav2Vec2Config(vocab_size=8, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=2 * hidden, conv_dim=(8,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
+                         conv_kernel=(10, 3, 3, 3, 3, 2, 2), num_conv_pos_embeddings=8,
+                         num_conv_pos_embedding_groups=2, do_stable_layer_norm=True, feat_extract_norm="layer",
+                         architectures=["Wav2Vec2ForCTC"])
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                  return_attention_mask=True)
+    return Wav2Vec2ForCTC(cfg).eval(), fe
+
+
 def tiny_vae_config() -> dict:
     return dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                 temperal_downsample=[False, True, True])
@@ -77,6 +94,22 @@ def build_tiny_wan_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 
     return path
 
 
+def build_tiny_wan_s2v_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 32) -> Path:
+    """A tiny random Wan S2V pipeline in the diffusers-port layout: the tiny Wan components, a
+    ``transformer/`` holding ``tiny_wan_s2v_transformer`` (text_dim = the text encoder's width,
+    audio_dim = the audio encoder's), ``audio_encoder/`` (a tiny Wav2Vec2ForCTC) and ``audio_processor/``."""
+    from vidtune.models import save_pretrained
+
+    path = build_tiny_wan_pipeline_dir(path, seed=seed, d_model=d_model)
+    audio, fe = build_tiny_wav2vec2(seed)
+    audio.save_pretrained(path / "audio_encoder")
+    fe.save_pretrained(path / "audio_processor")
+    shutil.rmtree(path / "transformer")
+    save_pretrained(tiny_wan_s2v_transformer(seed, text_dim=d_model, audio_dim=audio.config.hidden_size),
+                    path / "transformer")
+    return path
+
+
 def tiny_wan_transformer(seed: int = 0, **config):
     """A small vidtune Wan transformer (4 blocks, 2 heads x 16) with every parameter drawn from
     N(0, 0.2), so no term is trivially zero; ``config`` overrides WanConfig fields."""
@@ -99,6 +132,39 @@ def tiny_wan_inputs(b: int = 2, f: int = 3, h: int = 4, w: int = 6, seed: int = 
             torch.randn(b, text_len, 24, generator=g))
 
 
+def tiny_s2v_config(**config) -> dict:
+    """A small Wan S2V config (3 blocks, 2 heads x 16, audio injected after blocks 0 and 2)."""
+    base = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
+                out_channels=16, text_dim=24, freq_dim=16, ffn_dim=40, num_layers=3, rope_max_seq_len=64,
+                audio_dim=12, audio_inject_layers=(0, 2), pose_dim=16)
+    return {**base, **config}
+
+
+def tiny_wan_s2v_transformer(seed: int = 0, **config):
+    """A small vidtune Wan S2V transformer with every parameter drawn from N(0, 0.2)."""
+    from vidtune.models.wan_s2v import WanS2VConfig, WanS2VTransformer
+
+    torch.manual_seed(seed)
+    model = WanS2VTransformer(WanS2VConfig(**tiny_s2v_config(**config)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.train()
+
+
+def tiny_wan_s2v_inputs(b: int = 2, f: int = 3, h: int = 8, w: int = 8, seed: int = 1, audio_dim: int = 12,
+                        text_len: int = 5, motion: int | None = 19) -> tuple[tuple, dict]:
+    """(args, kwargs) for ``tiny_wan_s2v_transformer``: f x 4 x 4 video tokens + 16 reference
+    tokens (+ 16 + 4 + 4 motion tokens with ``motion`` latents)."""
+    g = torch.Generator().manual_seed(seed)
+    args = (torch.randn(b, 16, f, h, w, generator=g), torch.tensor([900.0, 40.0, 500.0, 3.0])[:b],
+            torch.randn(b, text_len, 24, generator=g))
+    kwargs = dict(audio=torch.randn(b, 25, audio_dim, 4 * f, generator=g),
+                  ref_latents=torch.randn(b, 16, 1, h, w, generator=g),
+                  motion_latents=None if motion is None else torch.randn(b, 16, motion, h, w, generator=g))
+    return args, kwargs
+
+
 def make_test_video(path: str | Path, width: int = 32, height: int = 32, frames: int = 9,
                     fps: int = 16, pattern: str = "testsrc") -> Path:
     """Encode ``frames`` frames of an ffmpeg test pattern (h264 for .mp4/.mkv/.mov, vp8 for .webm)."""
@@ -114,6 +180,30 @@ def make_test_video(path: str | Path, width: int = 32, height: int = 32, frames:
          str(path)],
         check=True,
     )
+    return path
+
+
+def make_test_clip_with_audio(path: str | Path, width: int = 32, height: int = 32, frames: int = 9,
+                              fps: int = 16, pattern: str = "testsrc", tones: tuple[float, ...] = (440.0,),
+                              audio_seconds: float | None = None, sample_rate: int = 44100) -> Path:
+    """A video with an AAC soundtrack of sine tones, one channel per tone (two tones: stereo);
+    ``audio_seconds`` shorter than the video leaves the rest silent (no samples)."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise RuntimeError("ffmpeg is missing: sudo apt-get install -y ffmpeg")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seconds = audio_seconds if audio_seconds is not None else frames / fps
+    inputs = ["-f", "lavfi", "-t", f"{frames / fps}", "-i", f"{pattern}=size={width}x{height}:rate={fps}"]
+    for f in tones:
+        inputs += ["-f", "lavfi", "-t", f"{seconds}", "-i", f"sine=frequency={f}:sample_rate={sample_rate}"]
+    if len(tones) > 1:
+        pads = "".join(f"[{i + 1}:a]" for i in range(len(tones)))
+        mix = ["-filter_complex", f"{pads}amerge=inputs={len(tones)}[a]", "-map", "0:v", "-map", "[a]"]
+    else:
+        mix = ["-map", "0:v", "-map", "1:a"]
+    subprocess.run([ffmpeg, "-loglevel", "error", "-y", *inputs, *mix, "-pix_fmt", "yuv420p", "-c:a", "aac",
+                    str(path)], check=True)
     return path
 
 

@@ -90,3 +90,17 @@ def test_compile_is_off_by_default_on_cpu_and_on_when_asked():
     assert apply_compile(m, CompileConfig(), "cpu") == 0
     assert apply_compile(m, CompileConfig(enabled="on", backend="aot_eager"), "cpu") == len(m.blocks)
     assert apply_compile(m, CompileConfig(enabled="on", backend="aot_eager"), "cpu") == 0  # idempotent
+
+
+def test_compile_auto_follows_the_measurements():
+    """auto: off on CPU; on for a CUDA (NVIDIA) bf16 base without offload, the H200-measured case;
+    eager for int8 bases and offload, not measured yet. on/off override everything."""
+    from vidtune.build import compile_enabled
+
+    auto = CompileConfig()
+    assert not compile_enabled(auto, "cpu")
+    assert compile_enabled(auto, "cuda") == (torch.version.hip is None)
+    assert not compile_enabled(auto, "cuda", quantized=True)
+    assert not compile_enabled(auto, "cuda", offloaded=True)
+    assert compile_enabled(CompileConfig(enabled="on"), "cpu")
+    assert not compile_enabled(CompileConfig(enabled="off"), "cuda")

@@ -11,8 +11,7 @@ from vidtune.convert import NOTED, UNSUPPORTED, ConvertError, convert_simpletune
 FIX = Path(__file__).parents[1] / "fixtures" / "simpletuner"
 DOCS = (Path(__file__).parents[2] / "docs" / "convert.md").read_text()
 GUIDES = ["wan", "wan22_i2v", "wan_s2v", "sanavideo"]
-# Documented gaps (docs/convert.md, "Not supported yet"): S2V audio settings have no vidtune key.
-EXPECTED_UNMAPPED = {"wan_s2v": ["dataset[s2v-videos].audio="]}
+EXPECTED_UNMAPPED: dict[str, list[str]] = {}
 
 
 def _convert(name, tmp_path, edit=None):
@@ -159,3 +158,33 @@ def test_cli_finds_the_backend_and_writes(tmp_path, capsys):
 def test_docs_list_every_exception():
     for key in list(NOTED) + list(UNSUPPORTED):
         assert f"`{key}" in DOCS, key
+
+
+def test_s2v_audio_block_and_separate_audio_dataset(tmp_path):
+    """The S2V guide's two dataloaders: the audio block (auto_split), and s2v_datasets naming an
+    audio backend (its folder, matched by stem)."""
+    cfg, unmapped, notes = _convert("wan_s2v", tmp_path)
+    a = cfg.dataset[0].audio
+    assert not unmapped and (a.auto_split, a.sample_rate, a.channels, a.path) == (True, 16000, 1, None)
+    # S2V validation needs reference media the SimpleTuner config does not name: off, with a note.
+    assert cfg.validation.every == 0 and any("reference_media" in n for n in notes)
+
+    def manual(_, backends):
+        video = backends[0]
+        del video["audio"]
+        video["s2v_datasets"] = ["s2v-audio"]
+        backends.insert(1, {"id": "s2v-audio", "type": "local", "dataset_type": "audio",
+                            "instance_data_dir": "datasets/s2v-audio", "disabled": False})
+
+    cfg, unmapped, _ = _convert("wan_s2v", tmp_path, manual)
+    assert not unmapped and [d.id for d in cfg.dataset] == ["s2v-videos"]
+    a = cfg.dataset[0].audio
+    assert (a.auto_split, a.path, cfg.model.family, cfg.model.flavour) == (False, "datasets/s2v-audio", "wan_s2v",
+                                                                          "s2v-14b-2.2")
+
+    def orphan(_, backends):
+        backends.append({"id": "loose", "type": "local", "dataset_type": "audio", "instance_data_dir": "x"})
+        backends[0]["audio"]["bogus"] = 1
+
+    _, unmapped, _ = _convert("wan_s2v", tmp_path, orphan)
+    assert sorted(u.split("=")[0] for u in unmapped) == ["dataset[loose].dataset_type", "dataset[s2v-videos].audio.bogus"]

@@ -110,12 +110,7 @@ def export_lora(model: nn.Module, path: str | Path, cfg: AdapterConfig, layout: 
             tensors[f"transformer.{name}.lora_A.weight"] = a.to(dtype).contiguous()
             tensors[f"transformer.{name}.lora_B.weight"] = (b * scale).to(dtype).contiguous()
         elif layout == "wan":
-            parts = name.split(".")
-            inner = ".".join(parts[2:])
-            if parts[0] != "blocks" or inner not in _TO_WAN:
-                raise AdapterError(f"LoRA on {name!r} has no original-Wan key; export it with "
-                                   f"adapter.export_format = \"diffusers\"")
-            key = f"diffusion_model.blocks.{parts[1]}.{_TO_WAN[inner]}"
+            key = f"diffusion_model.{_original_module(model, name)}"
             tensors[f"{key}.lora_down.weight"] = a.to(dtype).contiguous()
             tensors[f"{key}.lora_up.weight"] = b.to(dtype).contiguous()
             tensors[f"{key}.alpha"] = torch.tensor(scale * a.shape[0], dtype=torch.float32)
@@ -130,6 +125,22 @@ def export_lora(model: nn.Module, path: str | Path, cfg: AdapterConfig, layout: 
         meta["lora_adapter_metadata"] = json.dumps({f"transformer.{k}": v for k, v in peft_meta.items()},
                                                    sort_keys=True)
     return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def _original_module(model: nn.Module, name: str) -> str:
+    """The original-Wan (ComfyUI) name of one of our modules: the block table, or the family's own
+    map for modules outside the blocks (Wan S2V's audio injector)."""
+    from ..models import family
+
+    parts = name.split(".")
+    inner = ".".join(parts[2:])
+    if parts[0] == "blocks" and inner in _TO_WAN:
+        return f"blocks.{parts[1]}.{_TO_WAN[inner]}"
+    other = getattr(family(getattr(model, "family", "wan")), "official_module", lambda n: None)(name)
+    if other is None:
+        raise AdapterError(f"LoRA on {name!r} has no original-Wan key; export it with "
+                           f"adapter.export_format = \"diffusers\"")
+    return other
 
 
 def read_lora(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

@@ -35,6 +35,11 @@ class MediaItem:
     height: int
     frames: int  # available at the model fps
     bucket: Bucket
+    # Wan S2V windows (vidtune.data.s2v): first decoded frame, frames decoded before the denoised
+    # ones (the reference, plus the motion frames of a continuation window), the audio source.
+    start: int = 0
+    lead: int = 0
+    audio: str | None = None
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Discover -> bucket -> size check -> cache text embeddings and latents. Runs once per run.
+"""Discover -> bucket -> size check -> cache text embeddings and latents (and, for Wan S2V, audio
+features). Runs once per run.
 
 ``prepare_data`` is the single call the trainer makes before its loop; it returns the cache
 entries the ``CachedLoader`` draws batches from. A second run with the same data and settings
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import CacheConfig, DatasetConfig, ModelConfig
+from . import s2v
 from .buckets import Bucket
 from .cache import CacheStore, SourceIndex, settings_key
 from .discover import IMAGE_EXTS, VIDEO_EXTS, DataError, MediaItem, SkipLog, _short, discover_dataset
@@ -36,6 +38,8 @@ class CacheEntry:
     bucket: Bucket  # pixel-space (width, height, frames)
     latent_key: str
     text_key: str
+    # Other cache entries whose tensors join the batch's conditioning: ((kind, key), ...).
+    cond_keys: tuple = ()
 
 
 @dataclass
@@ -109,10 +113,11 @@ def _repeats_needed(buckets: list[Bucket], batch_size: int, need: int) -> int:
 
 
 def latent_settings(item: MediaItem, ds: DatasetConfig, digest: str, fps: int, encoders: Encoders) -> dict:
+    window = {"start": item.start} if item.start else {}  # S2V windows after a video's first frame
     return dict(kind=item.kind, source=digest, width=item.bucket.width, height=item.bucket.height,
                 frames=item.bucket.frames, fps=fps if item.kind == "video" else None, crop=ds.crop,
                 crop_style=ds.crop_style if ds.crop else None, vae=encoders.vae_fingerprint,
-                vae_dtype=encoders.model.vae_dtype)
+                vae_dtype=encoders.model.vae_dtype, **window)
 
 
 def text_settings(caption: str, encoders: Encoders) -> dict:
@@ -162,6 +167,8 @@ def prepare_data(
     found: dict[str, list[MediaItem]] = {}
     for ds in datasets:
         found[ds.id] = discover_dataset(ds, fps, skips, index)
+        if model.family == "wan_s2v":  # audio source and training window of each video
+            found[ds.id] = s2v.plan(found[ds.id], ds, fps, skips, index)
     check_dataset_sizes(datasets, {d: [i.bucket for i in items] for d, items in found.items()}, skips,
                         batch_size, gradient_accumulation_steps, log)
 
@@ -233,7 +240,8 @@ def prepare_data(
             b = item.bucket
             try:
                 if item.kind == "video":
-                    px = load_video_clip(item.path, b.frames, fps, b.width, b.height, ds.crop, ds.crop_style, digest)
+                    px = load_video_clip(item.path, b.frames, fps, b.width, b.height, ds.crop, ds.crop_style, digest,
+                                         item.start)
                 else:
                     px = load_image(item.path, b.width, b.height, ds.crop, ds.crop_style, digest)
             except DecoderUnavailable:
@@ -263,10 +271,15 @@ def prepare_data(
         skips.add(dataset_id, path, reason)
         failed.add(key)
     stats["latents encoded"] = encoded
+    cond: dict[str, tuple] = {}
+    if model.family == "wan_s2v":
+        cond, counts = s2v.cache_audio([e for e in keyed if e[1] not in failed], store, encoders, index, fps, model,
+                                       skips, failed, log)
+        stats.update(counts)
     if release_encoders:
         encoders.release()
 
-    entries = [CacheEntry(i.dataset_id, i.path, i.caption, i.bucket, k, text_keys[i.caption])
+    entries = [CacheEntry(i.dataset_id, i.path, i.caption, i.bucket, k, text_keys[i.caption], cond.get(k, ()))
                for i, k, _ in keyed if k not in failed]
     prepared = PreparedData(entries, store, text_keys[""], {d.id: d.repeats for d in datasets},
                             {d.id: d.weight for d in datasets}, skips, dict(stats), time.perf_counter() - t0,

@@ -183,6 +183,8 @@ def sample(
     output_type: str = "latent",
     latents: torch.Tensor | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    extra: dict | None = None,
+    extra_uncond: dict | None = None,
 ):
     """Sample videos for ``prompt_embeds`` (B, L, D) (padded like ``WanPipeline.encode_prompt``).
 
@@ -192,6 +194,8 @@ def sample(
     (default: the transformer's first parameter's device). ``callback(i, latents)`` after each
     step (streaming previews). ``output_type``: "latent" returns the fp32 latents (B, C, F', H', W')
     before decoding; "video" decodes with ``vae`` and returns uint8 frames (B, F, 3, H, W).
+    ``extra`` / ``extra_uncond``: keyword inputs of the conditional / unconditional forward (Wan S2V's
+    audio and reference latents; the unconditional pass takes ``extra`` when not given its own).
     """
     if output_type not in ("latent", "video"):
         raise ValueError(f"output_type {output_type!r}: choose 'latent' or 'video'")
@@ -224,19 +228,21 @@ def sample(
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
 
+    extra = extra or {}
+    extra_uncond = extra if extra_uncond is None else extra_uncond
     was_training = transformer.training
     transformer.eval()  # no TREAD routes, no dropout while sampling
     try:
         for i, t in enumerate(timesteps):
             x = latents.to(dtype)
             timestep = t.expand(batch)
-            noise_pred = transformer(x, timestep, cond)
+            noise_pred = transformer(x, timestep, cond, **extra)
             cond_pred = noise_pred
             if cfg_on:
-                noise_uncond = transformer(x, timestep, uncond)
+                noise_uncond = transformer(x, timestep, uncond, **extra_uncond)
                 noise_pred = noise_uncond + guidance * (noise_pred - noise_uncond)
             if skip_layers and skip_layers_start <= i / steps <= skip_layers_stop:
-                cond_skip = transformer(x, timestep, cond, skip_layers=tuple(skip_layers))
+                cond_skip = transformer(x, timestep, cond, skip_layers=tuple(skip_layers), **extra)
                 noise_pred = noise_pred + (cond_pred - cond_skip) * skip_layers_scale
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if callback is not None:
@@ -265,9 +271,11 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Writing results.
 
-def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
+def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16, audio: torch.Tensor | None = None,
+               sample_rate: int = 16000) -> Path:
     """Write uint8 frames (F, 3, H, W) as an H.264 mp4 (yuv420p; odd sizes are padded by one
-    pixel, which yuv420p needs). torchcodec encodes; ffmpeg through a pipe if it is missing."""
+    pixel, which yuv420p needs). torchcodec encodes; ffmpeg through a pipe if it is missing.
+    ``audio``: mono samples at ``sample_rate``, muxed in as the soundtrack (AAC; torchcodec)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = frames.to("cpu", torch.uint8).contiguous()
@@ -279,11 +287,25 @@ def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
     except ImportError:
         VideoEncoder = None
     with atomic_path(path) as tmp:
-        if VideoEncoder is not None:
+        if audio is not None:
+            _encode_with_audio(frames, audio, tmp, fps, sample_rate)
+        elif VideoEncoder is not None:
             VideoEncoder(frames, frame_rate=fps).to_file(tmp, codec="libx264", pixel_format="yuv420p")
         else:
             _ffmpeg_encode(frames, tmp, fps)
     return path
+
+
+def _encode_with_audio(frames: torch.Tensor, audio: torch.Tensor, path: Path, fps: int, sample_rate: int) -> None:
+    from torchcodec.encoders import Encoder
+
+    enc = Encoder()
+    video = enc.add_video(height=frames.shape[2], width=frames.shape[3], frame_rate=fps, codec="libx264",
+                          pixel_format="yuv420p")
+    sound = enc.add_audio(sample_rate=sample_rate, num_channels=1)
+    with enc.open_file(path):
+        video.add_frames(frames)
+        sound.add_samples(audio.reshape(1, -1).float().cpu())
 
 
 def _ffmpeg_encode(frames: torch.Tensor, path: Path, fps: int) -> None:
@@ -319,9 +341,11 @@ def save_contact_sheet(frames: torch.Tensor, path: str | Path, max_frames: int =
     return path
 
 
-def save_outputs(frames: torch.Tensor, out_dir: str | Path, name: str, fps: int = 16) -> tuple[Path, Path]:
-    """``<out_dir>/<name>.mp4`` and ``<out_dir>/<name>.png`` for one video (F, 3, H, W uint8)."""
+def save_outputs(frames: torch.Tensor, out_dir: str | Path, name: str, fps: int = 16,
+                 audio: torch.Tensor | None = None) -> tuple[Path, Path]:
+    """``<out_dir>/<name>.mp4`` (with ``audio``, 16 kHz mono, as its soundtrack) and
+    ``<out_dir>/<name>.png`` for one video (F, 3, H, W uint8)."""
     out_dir = Path(out_dir)
     stem = safe_name(name)
-    return (save_video(frames, out_dir / f"{stem}.mp4", fps),
+    return (save_video(frames, out_dir / f"{stem}.mp4", fps, audio),
             save_contact_sheet(frames, out_dir / f"{stem}.png"))

@@ -23,7 +23,28 @@ def wan_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, route
     return pred, target, None
 
 
-FORWARDS: dict[str, Callable] = {"wan": wan_forward}
+def wan_s2v_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator):
+    """Wan S2V (the inputs inference implies; ``vidtune.data.s2v``): the window's first latent is
+    its reference frame (clean, at t = 0, outside the loss); a continuation window's first 19 latents
+    are its motion frames; the latents after them are denoised with the audio features of their
+    frames (``batch.cond["audio"]``, (B, 4F, L, C)), zeroed where the caption was dropped: the
+    unconditional branch of CFG drops both. No pose video: the pose embedder adds its bias."""
+    from ..models.wan_s2v import MOTION_FRAMES
+
+    latents, audio = batch.latents, batch.cond["audio"]
+    lead = latents.shape[2] - audio.shape[1] // 4
+    if lead not in (1, MOTION_FRAMES[1]):
+        raise ValueError(f"S2V batch: {latents.shape[2]} latents for {audio.shape[1]} audio frames; expected the "
+                         f"reference latent (+ {MOTION_FRAMES[1] - 1} motion latents) and 1 latent per 4 frames")
+    x_t, target, timestep = noisy_input(latents[:, :, lead:], noise[:, :, lead:], sigma)
+    audio = audio * (~batch.dropped).to(audio.dtype).view(-1, 1, 1, 1)
+    pred = model(x_t, timestep, batch.prompt_embeds, audio=audio.permute(0, 2, 3, 1),
+                 ref_latents=latents[:, :, :1], motion_latents=latents[:, :, :lead] if lead > 1 else None,
+                 routes=routes, generator=generator)
+    return pred, target, None
+
+
+FORWARDS: dict[str, Callable] = {"wan": wan_forward, "wan_s2v": wan_s2v_forward}
 
 
 def training_forward(family: str) -> Callable:

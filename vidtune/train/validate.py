@@ -5,7 +5,9 @@ Prompt embeddings go through the same text cache as the captions: the data prepa
 never holds a text encoder. The VAE is loaded once and waits on the CPU between validations.
 Sampling is ``vidtune.sample.sample`` (WanPipeline's loop): the model in eval mode, so no
 TREAD routing and no dropout. Outputs per prompt: ``<run>/validation/step_XXXXXX/<name>.mp4``
-and ``<name>.png`` (contact sheet); with EMA, the EMA weights' are ``<name>_ema.*``.
+and ``<name>.png`` (contact sheet); with EMA, the EMA weights' are ``<name>_ema.*``. Wan S2V clips
+are driven by ``validation.reference_media`` (reference frame + audio), whose audio becomes the
+mp4's soundtrack (``vidtune.sample.s2v``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ..data.cache import pad_prompt_embeds
 from ..data.prepare import TEXT
 from ..runtime import DTYPES
 from ..sample import load_prompts, load_scheduler_config, sample, save_outputs
+from ..sample.s2v import sample_s2v
 from ..sample.sampler import safe_name
 
 
@@ -63,6 +66,26 @@ class Validator:
                                                     torch_dtype=DTYPES[m.vae_dtype], revision=m.revision)
         self.vae.eval().requires_grad_(False)
         self.scheduler_config = load_scheduler_config(m.resolved_path())
+        self.s2v = self._s2v_inputs(cfg, device) if m.family == "wan_s2v" else None
+
+    def _s2v_inputs(self, cfg: Config, device):
+        """Per prompt, the reference latents, audio features and soundtrack of its reference_media."""
+        from ..data import Encoders
+        from ..sample.s2v import s2v_inputs
+
+        media = self.v.reference_media
+        if len(media) != len(self.prompts):
+            raise ConfigError(f"validation.reference_media: Wan S2V validation needs one image or video per prompt "
+                              f"({len(self.prompts)} prompt(s), {len(media)} given); its first frame is the "
+                              f"reference and its audio (or the audio file of the same stem) drives the clip")
+        missing = [m for m in media if not Path(m).is_file()]
+        if missing:
+            raise ConfigError(f"validation.reference_media: no such file {missing[0]!r}")
+        encoders = Encoders(cfg.model, device)
+        try:
+            return [s2v_inputs(m, self.width, self.height, self.v.num_frames, self.fps, encoders) for m in media]
+        finally:
+            encoders.release()
 
     def due(self, step: int) -> bool:
         return self.v.every > 0 and step % self.v.every == 0
@@ -83,16 +106,20 @@ class Validator:
         try:
             for suffix, e in self.variants(ema):
                 with e.swapped_in() if e is not None else contextlib.nullcontext():
-                    for name, pe in self.prompts:
-                        frames = sample(model, prompt_embeds=pe, negative_prompt_embeds=self.negative,
-                                        num_frames=v.num_frames, height=self.height, width=self.width,
-                                        steps=v.steps, guidance=v.guidance, seed=v.seed, scheduler=v.scheduler,
-                                        scheduler_config=self.scheduler_config, skip_layers=v.skip_layers,
-                                        skip_layers_start=v.skip_layers_start, skip_layers_stop=v.skip_layers_stop,
-                                        skip_layers_scale=v.skip_layers_scale, device=self.device, vae=self.vae,
-                                        output_type="video")
+                    for n, (name, pe) in enumerate(self.prompts):
+                        kw = dict(prompt_embeds=pe, negative_prompt_embeds=self.negative, num_frames=v.num_frames,
+                                  height=self.height, width=self.width, steps=v.steps, guidance=v.guidance,
+                                  seed=v.seed, scheduler=v.scheduler, scheduler_config=self.scheduler_config,
+                                  skip_layers=v.skip_layers, skip_layers_start=v.skip_layers_start,
+                                  skip_layers_stop=v.skip_layers_stop, skip_layers_scale=v.skip_layers_scale,
+                                  device=self.device, vae=self.vae)
                         tag = safe_name(name) + suffix
-                        outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps)
+                        if self.s2v is not None:  # driven by its audio, which becomes the soundtrack
+                            frames = sample_s2v(model, self.s2v[n], **kw)
+                            outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps, self.s2v[n].soundtrack)
+                        else:
+                            frames = sample(model, output_type="video", **kw)
+                            outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps)
         finally:
             self.vae.to("cpu")
         self.log(f"validation: step {step}: {len(outputs)} video(s) in {out_dir}")

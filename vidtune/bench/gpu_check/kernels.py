@@ -160,17 +160,18 @@ def correctness(ctx) -> None:
 # ---------------------------------------------------------------------------------------------
 # speed
 
-SPEED = {"toy": dict(S=8, H=2, Dh=16, F=40, reps=1, copy_mib=4),
-         "full": dict(S=32760, H=12, Dh=128, F=8960, reps=50, copy_mib=1024)}
+# S = the latent grid's tokens: 81 frames at 832x480 are 21 x 30 x 52 after the VAE and patching.
+SPEED = {"toy": dict(S=8, grid=(1, 8, 1), H=2, Dh=16, F=40, reps=1, copy_mib=4),
+         "full": dict(S=32760, grid=(21, 30, 52), H=12, Dh=128, F=8960, reps=50, copy_mib=1024)}
 
 
-def speed_cases(device, S, H, Dh, F_, **_):
+def speed_cases(device, S, grid, H, Dh, F_, **_):
     """(op, fused, torch sequence, inputs, grad inputs) at one block shape, bf16."""
     import vidtune_kernels as K
     from vidtune_kernels import reference as R
 
     D, bf = H * Dh, torch.bfloat16
-    cos, sin = K.wan_rope_freqs(Dh, 1, S, 1, device=device)
+    cos, sin = K.wan_rope_freqs(Dh, *grid, device=device)
     x = randn((1, S, D), device, bf, 1, scale=2.0).requires_grad_()
     xq = randn((1, S, H, Dh), device, bf, 2).requires_grad_()
     y = randn((1, S, D), device, bf, 3).requires_grad_()
@@ -203,7 +204,7 @@ def speed(ctx) -> None:
     copy_bw = 2 * n / copy_seconds(n, ctx.device, max(3, sz["reps"] // 2))  # read + write
     ctx.row("device copy (the bandwidth reference)", None, MiB=sz["copy_mib"], GB_s=copy_bw / 1e9)
     S, H, Dh = sz["S"], sz["H"], sz["Dh"]
-    for op, fused, ref, inputs, grads in speed_cases(ctx.device, S, H, Dh, sz["F"]):
+    for op, fused, ref, inputs, grads in speed_cases(ctx.device, S, sz["grid"], H, Dh, sz["F"]):
         with ctx.guard(op):
             out = fused()
             g = torch.randn_like(out)
