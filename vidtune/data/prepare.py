@@ -157,10 +157,15 @@ def latent_loss_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Te
     return torch.nn.functional.adaptive_avg_pool2d(mask[None], latent_hw)[0][None]
 
 
-def _encode_text(store, encoders, texts, keys, batch_size, damaged, negative=False) -> int:
+def _encode_text(store, encoders, texts, keys, batch_size, damaged, negative=False, share=None) -> int:
+    """Encode the texts whose cache entries are missing or damaged; under torchrun the ranks split them."""
     missing = [t for t in texts if not store.intact(TEXT, keys[t], damaged)]
-    for s in range(0, len(missing), batch_size):
-        chunk = missing[s:s + batch_size]
+    rank, world = (share.rank, share.world) if share is not None else (0, 1)
+    if share is not None:  # rank 0 decides (a faster rank's writes must not change another's list)
+        missing = share.broadcast_object(missing, "the text cache check")
+    mine = missing[rank::world]
+    for s in range(0, len(mine), batch_size):
+        chunk = mine[s:s + batch_size]
         for text, entry in zip(chunk, encoders.text_entries(chunk, negative=negative)):
             store.save(TEXT, keys[text], entry, {"caption": text})
     return len(missing)
@@ -182,6 +187,7 @@ def prepare_data(
     negative_texts: Sequence[str] = (),
     inputs=None,
     validation: tuple[DatasetConfig, int, int, int] | None = None,
+    share=None,
 ) -> PreparedData:
     """Find every sample, fill the caches, print the data summary; return the cache entries.
 
@@ -195,6 +201,10 @@ def prepare_data(
     (``vidtune.data.conditioning``) and buckets follow its pixel stride. ``validation`` = (image
     dataset, width, height, frames): the conditioning of its images for image-to-video validation
     (``PreparedData.validation``), their captions encoded with the others.
+
+    ``share`` (a ``vidtune.distributed.Parallel``, under torchrun): the ranks split the entries to
+    encode, rank 0's list of what is missing deciding for all; each entry is written (atomically)
+    by one rank, and every rank waits for all before it reads any.
 
     ``encoders`` defaults to ``Encoders(model, device, offload_during_startup)``; with
     ``release_encoders`` they are freed once the caches are full (the training loop needs no
@@ -225,6 +235,7 @@ def prepare_data(
     items = [i for ds in datasets for i in found[ds.id]]
     stats = Counter()
     failed: set[str] = set()  # latent keys that failed to decode, paths without their loss mask
+    rank, world = (share.rank, share.world) if share is not None else (0, 1)
 
     # Text first: cheap, and the empty caption (caption dropout) is always needed.
     val_items = discover_dataset(validation[0], fps, skips, index, side) if validation else []
@@ -233,8 +244,9 @@ def prepare_data(
     negatives = sorted(set(negative_texts))
     negative_keys = {t: settings_key(**text_settings(t, encoders, negative=True)) for t in negatives}
     damaged: list[tuple[Path, str]] = []  # entries that fail the cheap check: re-encoded
-    encoded = _encode_text(store, encoders, captions, text_keys, cache.text_batch_size, damaged)
-    encoded += _encode_text(store, encoders, negatives, negative_keys, cache.text_batch_size, damaged, negative=True)
+    encoded = _encode_text(store, encoders, captions, text_keys, cache.text_batch_size, damaged, share=share)
+    encoded += _encode_text(store, encoders, negatives, negative_keys, cache.text_batch_size, damaged, negative=True,
+                            share=share)
     stats["text reused"] = len(captions) + len(negatives) - encoded
     stats["text encoded"] = encoded
 
@@ -274,20 +286,28 @@ def prepare_data(
         if modes[item.dataset_id]:
             settings.update(condition_settings(modes[item.dataset_id], inputs, _image_fingerprint(encoders, inputs)))
         keyed.append((item, settings_key(**settings), digest))
-    index.save()
+    if rank == 0:
+        index.save()
     todo = [(i, k, d) for i, k, d in keyed if not store.intact(LATENTS, k, damaged)]
+    if share is not None:
+        keys = set(share.broadcast_object([k for _, k, _ in todo], "the latent cache check"))
+        todo = [e for e in keyed if e[1] in keys]
     if damaged:
         stats["damaged, re-encoded"] = len(damaged)
         log(f"cache: {len(damaged)} damaged entr{'y' if len(damaged) == 1 else 'ies'}, re-encoding: "
             + ", ".join(f"{p} ({why})" for p, why in damaged[:3]) + (", ..." if len(damaged) > 3 else ""))
     stats["latents reused"] = len(keyed) - len(todo)
+    share_of = len(todo)
+    todo = todo[rank::world]
+    lost: list[tuple[str, Path, str, str]] = []  # decode failures: (dataset, path, reason, key)
     groups = defaultdict(list)
     for entry in todo:
         groups[entry[0].bucket].append(entry)
     batches = [g[s:s + cache.vae_batch_size] for g in groups.values()
                for s in range(0, len(g), cache.vae_batch_size)]
     if batches:
-        log(f"Encoding {len(todo)} clip(s) with the VAE in {len(batches)} batch(es)...")
+        log(f"Encoding {share_of} clip(s) with the VAE in {len(batches)} batch(es)"
+            + (f" on this rank, {world} ranks sharing them..." if world > 1 else "..."))
 
     def decode(batch):
         out = []
@@ -307,8 +327,7 @@ def prepare_data(
             except DecoderUnavailable:
                 raise
             except Exception as exc:  # a file that probes fine but fails mid-decode is skipped
-                skips.add(item.dataset_id, item.path, f"decode failed: {_short(exc)}")
-                failed.add(key)
+                lost.append((item.dataset_id, item.path, f"decode failed: {_short(exc)}", key))
                 continue
             out.append((key, px, mask, modes[item.dataset_id]))
         return out
@@ -338,6 +357,12 @@ def prepare_data(
                     entry["loss_mask"] = latent_loss_mask(mask, lat.shape[-2:])
                 store.save(LATENTS, key, entry)
                 encoded += 1
+    if share is not None:  # every rank learns what the others encoded or lost, once all have written
+        done = share.gather_objects((encoded, lost), "the shared caching")
+        encoded, lost = sum(n for n, _ in done), [x for _, fails in done for x in fails]
+    for dataset_id, path, reason, key in lost:
+        skips.add(dataset_id, path, reason)
+        failed.add(key)
     stats["latents encoded"] = encoded
     val = _validation_conditions(val_items, validation, index, inputs, encoders, store, skips) if validation else []
     cond: dict[str, tuple] = {}
