@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import apply_lora, load_lora_into
+from .adapters import apply_lora, check_adapter, load_lora_into
 from .config import AdapterConfig, CompileConfig, Config, ConfigError, MemoryConfig, ModelConfig, TrainConfig
 from .memory.checkpointing import apply_activation_checkpointing
 from .memory.offload import GroupOffload, apply_group_offload
@@ -125,21 +125,21 @@ def apply_quantization(model: nn.Module, model_cfg: ModelConfig, device) -> int:
 
 
 def apply_adapter(model: nn.Module, adapter_cfg: AdapterConfig, *, dtype: torch.dtype = torch.float32,
-                  log=print) -> list[nn.Parameter]:
-    """Freeze the base and add the adapter (or train everything for ``type = "full"``); returns
-    the trained parameters. Adapter weights are cast to ``dtype`` (their optimizer states follow).
-    lora_A's init draws from torch's global RNG: seed it first."""
+                  family: str = "wan", log=print) -> list[nn.Parameter]:
+    """Freeze the base and add the LoRA or LoKr (or train everything for ``type = "full"``);
+    returns the trained parameters. Adapter weights are cast to ``dtype`` (their optimizer states
+    follow). The adapter init draws from torch's global RNG: seed it first."""
     if adapter_cfg.type == "full":
         model.requires_grad_(True)
         return list(model.parameters())
-    if adapter_cfg.type != "lora":
-        raise ConfigError(f"adapter.type = {adapter_cfg.type!r} is not trainable in this build; use \"lora\" "
-                          f"or \"full\"")
+    problems = check_adapter(adapter_cfg, family)
+    if problems:
+        raise ConfigError("; ".join(problems))
     params = apply_lora(model, adapter_cfg)
     for p in params:
         p.data = p.data.to(dtype)
     if adapter_cfg.init_from:
-        n = load_lora_into(model, adapter_cfg.init_from, log=log)
+        n = load_lora_into(model, adapter_cfg.init_from, log=log, family=family)
         log(f"adapter: started from {adapter_cfg.init_from} ({n} modules)")
     return params
 
@@ -247,7 +247,7 @@ def build_training_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, mem
         apply_quantization(model, model_cfg, device)
     if seed is not None:
         torch.manual_seed(seed)
-    params = apply_adapter(model, adapter_cfg, dtype=adapter_dtype, log=log)
+    params = apply_adapter(model, adapter_cfg, dtype=adapter_dtype, family=model_cfg.family, log=log)
     offload = None
     if init == "meta":
         skipped += ["offload"] if memory_cfg.offload.type != "none" else []

@@ -102,7 +102,7 @@ def test_validation_with_ema_both_plots_summary(run, tmp_path):
     # EMA: in the checkpoint, exported beside the live adapter, and not equal to the live weights.
     state = torch.load(checkpoint_dirs(out / "checkpoints")[-1] / "state.pt", weights_only=True)
     assert state["ema"]["optimization_step"] == 2
-    live, ema = (load_file(d / "pytorch_lora_weights.safetensors") for d in (out, out / "ema"))
+    live, ema = (load_file(d / "wan_lora.safetensors") for d in (out, out / "ema"))
     assert live.keys() == ema.keys() and any(not torch.equal(live[k], ema[k]) for k in live)
 
     assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "lr.png", "grad_norm.png", "memory.png"}

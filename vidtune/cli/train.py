@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..adapters.names import check_adapter
 from ..config import ConfigError, dump_config, load_config, render_config_docs, save_resolved_config
 
 
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 write=not args.print_config)
         else:
             cfg = load_config(args.config, args.overrides)
+        # Targets and export layouts against the model family: before any model, cache or plan.
+        problems = check_adapter(cfg.adapter, cfg.model.family)
+        if problems:
+            raise ConfigError(f"{args.config or '<defaults>'}: invalid config:\n  " + "\n  ".join(problems))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

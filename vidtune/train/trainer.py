@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import DIFFUSERS_FILE, WAN_FILE, export_lora
+from ..adapters.export import export_adapter_files
 from ..build import build_from_config
 from ..config import Config, ConfigError
 from ..data import CachedLoader, PreparedData
@@ -297,10 +297,10 @@ class Run:
 
     # -- the run's end: exports, plots, summary ---------------------------------------------------------
     def finish(self) -> list[Path]:
-        files = export_final(self.cfg, self.model, self.run_dir, self.step)
+        files = export_final(self.cfg, self.model, self.run_dir, self.step, self.log)
         if self.ema is not None:
             with self.ema.swapped_in():
-                files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step)
+                files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step, self.log)
         write_plots(self.run_dir)
         write_summary(self.run_dir, self.summary())
         losses = loss_values(self.run_dir)
@@ -311,21 +311,8 @@ class Run:
         return files
 
 
-def _trigger_words(cfg: Config) -> str:
-    return ", ".join(sorted({d.caption_prefix.strip() for d in cfg.datasets if d.caption_prefix.strip()}))
-
-
-def export_final(cfg: Config, model, run_dir: Path, step: int) -> list[Path]:
-    """The run's product: the LoRA file(s), or the full transformer in the diffusers layout."""
+def export_final(cfg: Config, model, run_dir: Path, step: int, log=print) -> list[Path]:
+    """The run's product: the adapter file(s), or the full transformer in the diffusers layout."""
     if cfg.adapter.type == "full":
         return [save_pretrained(model, run_dir / "transformer")]
-    meta = {"base_model": cfg.model.transformer_path or cfg.model.resolved_path(), "family": cfg.model.family,
-            "flavour": cfg.model.flavour, "trigger_word": _trigger_words(cfg), "steps": step}
-    fmt = cfg.adapter.export_format
-    dtype = DTYPES[cfg.model.dtype]  # the LoRA is saved in the dtype the model trained in
-    files = []
-    if fmt in ("diffusers", "both"):
-        files.append(export_lora(model, run_dir / DIFFUSERS_FILE, cfg.adapter, "diffusers", meta, dtype))
-    if fmt in ("wan", "both"):
-        files.append(export_lora(model, run_dir / WAN_FILE, cfg.adapter, "wan", meta, dtype))
-    return files
+    return export_adapter_files(cfg, model, run_dir, step, log)
