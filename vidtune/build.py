@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .adapters import apply_lora, check_adapter, load_lora_into
-from .config import AdapterConfig, CompileConfig, Config, ConfigError, MemoryConfig, ModelConfig, TrainConfig
+from .config import AdapterConfig, CompileConfig, Config, ConfigError, MemoryConfig, ModelConfig
 from .memory.checkpointing import apply_activation_checkpointing
 from .memory.offload import GroupOffload, apply_group_offload
 from .memory.quant import QuantConfig
@@ -223,10 +223,25 @@ def _compiled(fn, kw):
 # ---------------------------------------------------------------------------------------------
 # the whole path
 
-def adapter_dtype(train_cfg: TrainConfig) -> torch.dtype:
-    """Adapter weights (and so their optimizer states) in fp32; in bf16 for adamw_bf16, whose
-    Kahan summation keeps the bits a bf16 update would round away."""
-    return torch.bfloat16 if train_cfg.optimizer == "adamw_bf16" else torch.float32
+def adapter_dtype(cfg: Config) -> torch.dtype:
+    """The adapter weights' dtype (``adapter.dtype``). auto: bf16 on a bf16 model, so peft keeps no
+    fp32 copies of the bf16 activations it multiplies, and for adamw_bf16 (its Kahan summation is
+    for bf16 weights); fp32 otherwise. The optimizer keeps bf16 updates exact (``train.optim``)."""
+    if cfg.adapter.dtype != "auto":
+        return to_dtype(cfg.adapter.dtype)
+    bf16 = cfg.model.dtype == "bf16" or cfg.train.optimizer == "adamw_bf16"
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+# torch-optimi's optimizers: Kahan summation keeps the bits a bf16 weight update would round away.
+KAHAN_OPTIMIZERS = ("adamw_bf16", "lion")
+
+
+def adapter_master_weights(cfg: Config) -> bool:
+    """Whether the optimizer steps fp32 master copies of the adapter: bf16 adapter weights with an
+    optimizer that has no Kahan summation (torch AdamW, bitsandbytes' 8-bit ones)."""
+    return (cfg.adapter.type != "full" and adapter_dtype(cfg) != torch.float32
+            and cfg.train.optimizer not in KAHAN_OPTIMIZERS)
 
 
 def build_training_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, memory_cfg: MemoryConfig,
@@ -263,4 +278,4 @@ def build_from_config(cfg: Config, device, **kw) -> TrainingModel:
     """:func:`build_training_model` with the sections of one run config, seeded like the trainer.
     Everything that builds "the model this config trains" calls this."""
     return build_training_model(cfg.model, cfg.adapter, cfg.memory, cfg.compile, device,
-                                adapter_dtype=adapter_dtype(cfg.train), seed=cfg.train.seed, **kw)
+                                adapter_dtype=adapter_dtype(cfg), seed=cfg.train.seed, **kw)

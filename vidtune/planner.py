@@ -24,7 +24,9 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from vidtune.build import adapter_dtype, architecture
+import torch
+
+from vidtune.build import KAHAN_OPTIMIZERS, adapter_dtype, adapter_master_weights, architecture
 from vidtune.config import Config, ConfigError, override
 from vidtune.measure import devices as D
 from vidtune.measure import probes as P
@@ -234,11 +236,20 @@ def offload_loads(num_groups: int, depth: int, *, backward: bool = True) -> list
     return loads
 
 
-_STATE_BYTES = {  # optimizer state bytes per trainable parameter, by the parameter's element size
-    "adamw": lambda e: 2 * e, "adamw_bf16": lambda e: 3 * 2, "lion": lambda e: e,
+_STATE_BYTES = {  # optimizer state bytes per trained parameter, by the element size it steps in
+    "adamw": lambda e: 2 * e, "adamw_bf16": lambda e: 2 * e, "lion": lambda e: e,
     "adamw_8bit": lambda e: 2 * 1 + 2 * 4 / 256, "paged_adamw_8bit": lambda e: 2 * 1 + 2 * 4 / 256,
     "lion_8bit": lambda e: 1 + 4 / 256, "paged_lion_8bit": lambda e: 1 + 4 / 256,
 }
+
+
+def _state_bytes(optimizer: str, elsize: int, masters: bool) -> float:
+    """Per trained parameter: the optimizer's states, plus an fp32 master copy (whose dtype the
+    states then take) or optimi's Kahan compensation buffer for bf16 weights."""
+    if masters:
+        return 4 + _STATE_BYTES[optimizer](4)
+    kahan = elsize < 4 and optimizer in KAHAN_OPTIMIZERS
+    return _STATE_BYTES[optimizer](elsize) + (elsize if kahan else 0)
 _OPT_FLOPS = {"adamw": 12, "adamw_bf16": 14, "lion": 7}  # elementwise FLOPs per parameter per step
 
 
@@ -257,7 +268,7 @@ def _classes(cfg: Config, nblocks: int):
 def _probe_kwargs(cfg: Config, arch, shape: Shape, batch: int):
     mp = cfg.train.mixed_precision
     return dict(latent=shape.latent, batch=batch, autocast=None if mp == "no" else _dtype(mp),
-                adapter_dtype=adapter_dtype(cfg.train),
+                adapter_dtype=adapter_dtype(cfg),
                 chunk=cfg.memory.chunked_ff.chunk_size if cfg.memory.chunked_ff.enabled else None)
 
 
@@ -351,7 +362,7 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
     tokens = shape.tokens(arch.patch_size)
     cfg = config
     notes = []
-    model = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg.train))
+    model = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg))
     resident, groups, trainable, biggest = _weights(model, cfg)
     full = cfg.adapter.type == "full"
     int8 = cfg.model.base_precision == "int8" and not full
@@ -360,7 +371,9 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
         resident += sum(groups)  # on a CPU the "host" copies live in the same RAM
         notes.append("on the CPU, offloaded groups stay in the same RAM: offload cannot lower its peak")
     train_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    state = int(sum(p.numel() * _STATE_BYTES[cfg.train.optimizer](p.element_size()) for p in trainable))
+    masters = adapter_master_weights(cfg)
+    kahan = cfg.train.optimizer in KAHAN_OPTIMIZERS and any(p.element_size() < 4 for p in trainable)
+    state = int(sum(p.numel() * _state_bytes(cfg.train.optimizer, p.element_size(), masters) for p in trainable))
     ema = train_bytes if cfg.ema.enabled else 0
     dequant = biggest if int8 else 0  # torchao int8 weight-only dequantises one weight per matmul
     b = cfg.train.batch_size
@@ -368,12 +381,14 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
     inputs = b * (2 * arch.in_channels * f * h * w + P.TEXT_LEN * arch.text_dim) * _dtype(cfg.model.dtype).itemsize
 
     sim = simulate_step(cfg, arch, shape)
-    grads = train_bytes  # grads in the parameters' dtype
+    # grads in the parameters' dtype; with master copies, fp32 copies of them too while stepping
+    grads = train_bytes + (4 * sum(p.numel() for p in trainable) if masters else 0)
     if cfg.train.optimizer in ("adamw", "adamw_bf16"):
         # Measured: a first torch AdamW step on fake parameters (state creation + temporaries);
         # torch defaults to foreach on accelerators and a per-parameter loop on CPU.
-        opt_peak = P.optimizer_peak([(tuple(p.shape), p.dtype) for p in trainable], dev.name != "cpu")
-        opt_transient = max(0, opt_peak - 2 * train_bytes)
+        stepped = [(tuple(p.shape), torch.float32 if masters else p.dtype) for p in trainable]
+        opt_peak = P.optimizer_peak(stepped, dev.name != "cpu")
+        opt_transient = max(0, opt_peak - 2 * sum(math.prod(s) * dt.itemsize for s, dt in stepped))
     else:
         opt_transient = 0  # 8-bit / Lion: state counted above, temporaries are per-parameter
     static = resident + slots + train_bytes + state + ema + inputs
@@ -388,7 +403,8 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
              f"{sum(groups) / GiB:.1f} GiB of blocks in host RAM" if groups else ""),
         Item(f"adapter weights ({cfg.adapter.type})" if not full else "adapter weights (none: full)",
              0 if full else train_bytes),
-        Item(f"optimizer state ({cfg.train.optimizer})", state),
+        Item(f"optimizer state ({cfg.train.optimizer})", state,
+             "with fp32 master copies" if masters else "with Kahan buffers" if kahan else ""),
         Item("EMA", ema, "" if cfg.ema.enabled else "off"),
         Item("inputs (latents, target, text embeddings)", inputs),
         Item("activations + gradients, fwd/bwd peak", sim["peak"],

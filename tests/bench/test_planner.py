@@ -1,6 +1,7 @@
 """The planner's predicted training-step peak against the counters' measured peak of a real CPU
 step (weights, optimizer state and inputs included), and its full-size verdicts."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,13 @@ def test_full_size_14b_on_4090_does_not_fit_in_bf16_and_names_fixes(capsys, tmp_
     assert rc in (0, 1)
     if rc == 1:
         assert "options that make it fit" in out
+
+
+def test_14b_example_fits_24gb_at_480p_81_frames_without_tread():
+    # bf16 adapter weights (adapter.dtype) are what make the int8 + offload recipe fit (planner).
+    from vidtune.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "wan21_14b_lora_rtx4090.toml")
+    p = plan(cfg, "rtx4090", search=False)
+    assert str(p.shape) == "832x480x81" and p.tokens == 32760 and not cfg.tread.routes
+    assert p.fits and p.phase("training step").peak < p.device.usable_bytes

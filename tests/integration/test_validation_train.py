@@ -133,10 +133,13 @@ CASES = [
     ("adamw_8bit", "linear", ["train.max_grad_norm=0"]),
     ("paged_adamw_8bit", "cosine", ['ema.device="cpu"']),
     ("paged_lion_8bit", "constant", []),
+    # bf16 adapter weights stepped through fp32 master copies (saved in the optimizer state)
+    ("adamw", "cosine", ['adapter.dtype="bf16"']),
 ]
 
 
-@pytest.mark.parametrize("optimizer, schedule, extra", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("optimizer, schedule, extra", CASES,
+                         ids=[c[0] + ("-bf16-adapter" if 'adapter.dtype="bf16"' in c[2] else "") for c in CASES])
 def test_optimizers_and_schedules_resume_bitwise(run, optimizer, schedule, extra):
     if "8bit" in optimizer:
         pytest.importorskip("bitsandbytes")
@@ -151,8 +154,11 @@ def test_optimizers_and_schedules_resume_bitwise(run, optimizer, schedule, extra
     ref_rows = read_losses(out)
     ref_weights = load_file(ckpts[-1] / "weights.safetensors")
     ref_ema = torch.load(ckpts[-1] / "state.pt", weights_only=True)["ema"]["shadow_params"]
-    if optimizer == "adamw_bf16":
+    if optimizer == "adamw_bf16" or 'adapter.dtype="bf16"' in extra:
         assert {v.dtype for v in ref_weights.values()} == {torch.bfloat16}
+    if 'adapter.dtype="bf16"' in extra:
+        masters = torch.load(ckpts[-1] / "state.pt", weights_only=True)["optimizer"]["masters"]
+        assert {m.dtype for m in masters} == {torch.float32} and len(masters) == len(ref_weights)
     lrs = [r["lr"] for r in ref_rows]
     assert lrs[0] == 0.0 and lrs[1] == 1e-2  # one warmup step
     if schedule != "constant":

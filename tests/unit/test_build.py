@@ -58,14 +58,14 @@ def test_trainer_and_planner_meta_builds_agree_at_full_depth(example):
     cfg = load_config(example)
     arch = architecture(cfg.model)
     trained = build_from_config(cfg, "cpu", init="meta")
-    planned = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg.train))
+    planned = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg))
     assert len(trained.model.blocks) == arch.num_layers
     assert signature(trained.model) == signature(planned)
     assert all(p.device.type == "meta" for p in trained.model.parameters())
     assert trained.skipped == (["quantize"] if cfg.model.base_precision == "int8" else []) + (
         ["offload"] if cfg.memory.offload.type != "none" else [])
     # The probe's two blocks are the trainer's model cut to two blocks.
-    probe = P.build_meta_model(cfg.model, cfg.adapter, arch, num_layers=2, adapter_dtype=adapter_dtype(cfg.train))
+    probe = P.build_meta_model(cfg.model, cfg.adapter, arch, num_layers=2, adapter_dtype=adapter_dtype(cfg))
     cut = build_from_config(cfg, "cpu", init="meta", num_layers=2)
     assert signature(probe) == signature(cut.model)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.export import export_adapter_files
-from ..build import build_from_config
+from ..build import adapter_master_weights, build_from_config
 from ..config import Config, ConfigError
 from ..data import CachedLoader, PreparedData
 from ..models import save_pretrained
@@ -131,7 +131,8 @@ class Run:
             log(f"train.optimizer = \"adamw_bf16\" with model.dtype = {cfg.model.dtype!r}: weights stay "
                 f"{cfg.model.dtype}, so Kahan summation is off (it applies to bf16 weights)")
 
-        self.optimizer = build_optimizer(self.trainable.values(), t, self.device, log)
+        self.optimizer = build_optimizer(self.trainable.values(), t, self.device, log,
+                                         master_weights=adapter_master_weights(cfg))
         self.scheduler = build_scheduler(self.optimizer, t)
         self.ema = Ema(self.trainable.values(), cfg.ema) if cfg.ema.enabled else None
         self.validator = None
