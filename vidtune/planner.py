@@ -148,7 +148,9 @@ class Plan:
                f"  training sample {self.shape} -> latents {'x'.join(map(str, self.shape.latent))} -> "
                f"{self.tokens:,} tokens, batch {self.config.train.batch_size}",
                f"  device memory {gib(dev.memory_bytes).strip()}, usable {gib(dev.usable_bytes).strip()} "
-               f"(runtime reserve {gib(dev.reserve_bytes).strip()}, 5% allocator headroom)", ""]
+               f"(runtime reserve {gib(dev.reserve_bytes).strip()}, 5% allocator headroom)",
+               "  columns: what holds device memory in that phase | its bytes at the phase's peak | where the "
+               "number comes from or what it leaves out", ""]
         for ph in self.phases:
             verdict = "fits" if ph.fits else "DOES NOT FIT"
             out.append(f"[{ph.name}] peak {gib(ph.peak).strip()} — {verdict}" + (f"  ({ph.note})" if ph.note else ""))
@@ -157,8 +159,10 @@ class Plan:
             out.append("")
         c = self.counters
         out.append(f"per step: forward {c['fwd_flops'] / 1e12:.1f} TFLOP, backward {c['bwd_flops'] / 1e12:.1f} TFLOP, "
-                   f"optimizer {c['opt_flops'] / 1e9:.2f} GFLOP (analytic); materialised "
-                   f"{c['materialized_bytes'] / GiB:.1f} GiB; offload moves {c['offload_bytes'] / GiB:.2f} GiB")
+                   f"optimizer {c['opt_flops'] / 1e9:.2f} GFLOP (analytic); offload moves "
+                   f"{c['offload_bytes'] / GiB:.2f} GiB host -> device")
+        out.append(f"  materialised {c['materialized_bytes'] / GiB:.1f} GiB: every tensor the step allocates, summed "
+                   f"(memory traffic that fused kernels cut, not memory held at once)")
         for n in self.notes:
             out.append(f"note: {n}")
         out.append("")
@@ -541,12 +545,18 @@ def device_budget(device) -> D.Device:
     return dataclasses.replace(known, name="local", label=props.name, memory_bytes=props.total_memory)
 
 
-def check_plan(cfg: Config, gpu: str | None = None, *, search: bool = True) -> tuple[bool, str]:
+def check_plan(cfg: Config, gpu: str | None = None, *, search: bool = True,
+               memory: int | None = None) -> tuple[bool, str]:
     """The planner's verdict for a run: (fits, report). ``gpu`` names a device class; default:
-    the training device. ``search`` adds the option combinations that would fit."""
+    the training device, or with ``memory`` (bytes) a GPU of that size. ``search`` adds the
+    option combinations that would fit."""
     if gpu:
-        p = plan(cfg, gpu, search=search)
-    else:
+        dev = D.device(gpu)
+    elif memory is None:
         dev = device_budget(resolve_device(cfg.train.device))
-        p = plan(cfg, dev.name, device=dev, search=search)
+    else:
+        dev = None
+    if memory is not None:
+        dev = D.with_memory(memory, dev)
+    p = plan(cfg, dev.name, device=dev, search=search)
     return p.fits, p.report()

@@ -90,14 +90,15 @@ def test_validation_with_ema_both_plots_summary(run, tmp_path):
                   "ema.enabled=true", 'ema.validation="both"', 'ema.device="cpu"',
                   "train.max_train_steps=2", "logging.report_to=tensorboard", extra=TREAD)
     assert rc == 0
-    names = {f"{n}{s}.{e}" for n in ("prompt0", "dog_b") for s in ("", "_ema") for e in ("mp4", "png")}
-    for step in ("step_000000", "step_000002"):  # the baseline and step N
+    names = {f"{n}{s}.{e}" for n in ("a_red_cat", "dog_b") for s in ("", "_ema") for e in ("mp4", "png")}
+    for step in ("step_000000", "step_000002"):  # the baseline and step N; a sheet comparing all four
         assert {p.name for p in (out / "validation" / step).iterdir()} == names
+        assert (out / "validation" / f"{step}.png").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ev = EventAccumulator(str(out / "logs"), size_guidance={"images": 0}).Reload()
-    assert {"validation/prompt0", "validation/dog_b_ema"} <= set(ev.Tags()["images"])
-    assert [e.step for e in ev.Images("validation/prompt0")] == [0, 2]
+    assert {"validation/a_red_cat", "validation/dog_b_ema"} <= set(ev.Tags()["images"])
+    assert [e.step for e in ev.Images("validation/a_red_cat")] == [0, 2]
 
     # EMA: in the checkpoint, exported beside the live adapter, and not equal to the live weights.
     state = torch.load(checkpoint_dirs(out / "checkpoints")[-1] / "state.pt", weights_only=True)
@@ -119,7 +120,7 @@ def test_validation_ignores_tread_routes(run):
     rc1, a = run(*common, out="tread", extra=TREAD)
     rc2, b = run(*common, out="plain")
     assert rc1 == rc2 == 0
-    png = "validation/step_000000/prompt0.png"
+    png = "validation/step_000000/a_red_cat.png"
     assert (a / png).read_bytes() == (b / png).read_bytes()
 
 
@@ -220,6 +221,8 @@ def test_from_simpletuner_trains(tmp_path, tiny_wan_dir, data_dir, cache_dir, ca
     # The guide's settings arrive: Lion, EMA (ema_only, interval 2), value clipping.
     resolved = (out / "config.resolved.toml").read_text()
     assert 'grad_clip_method = "value"' in resolved and 'validation = "ema_only"' in resolved
-    assert {p.name for p in (out / "validation" / "step_000002").iterdir()} == {"prompt0_ema.mp4", "prompt0_ema.png"}
+    # the guide's Chinese prompt names its files by its words (under 48 characters)
+    slug = "两只拟人化的猫咪身穿舒适的拳击装备_戴着鲜艳的手套_在聚光灯照射的舞台上激烈对战"
+    assert {p.name for p in (out / "validation" / "step_000002").iterdir()} == {f"{slug}_ema.{e}" for e in ("mp4", "png")}
     state = torch.load(checkpoint_dirs(out / "checkpoints")[-1] / "state.pt", weights_only=True)
     assert state["ema"]["optimization_step"] == 1  # ema_update_interval 2 over 2 steps

@@ -2,7 +2,7 @@
 
     vidtune-train config.toml [--set section.key=value ...] [--print-config] [--prepare-only]
     vidtune-train --from-simpletuner config.json [--backend multidatabackend.json] [--set ...]
-    vidtune-train --plan config.toml [--gpu rtx4090|a6000|mi300x|h100|cpu]
+    vidtune-train --plan config.toml [--gpu CLASS] [--gpu-memory 24GiB]
     vidtune-train --help-config
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ..adapters.names import check_adapter
 from ..config import ConfigError, dump_config, load_config, render_config_docs, save_resolved_config
+from ..measure.devices import names as device_names
+from ..measure.devices import parse_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true",
                    help="print the predicted peak memory per phase and the fit verdict, then exit (1 if it does not fit)")
     p.add_argument("--gpu", metavar="CLASS",
-                   help="with --plan: rtx4090, a6000, mi300x, h100 or cpu (default: the training device)")
+                   help="with --plan: a GPU class (" + ", ".join(device_names()) + "; default: the training device)")
+    p.add_argument("--gpu-memory", metavar="SIZE",
+                   help="with --plan: the memory of a GPU no class lists (e.g. 24GiB, 48GB), or another size for --gpu")
     p.add_argument("--prepare-only", action="store_true",
                    help="discover the data and fill the latent/text caches, then exit")
     return p
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.plan:
         try:
-            fits, report = check_plan(cfg, args.gpu)
+            memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+            fits, report = check_plan(cfg, args.gpu, memory=memory)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

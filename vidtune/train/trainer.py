@@ -224,7 +224,7 @@ class Run:
     def loop(self) -> int:
         """Steps until ``max_train_steps``; returns 0, or 128 + signal number when stopped by one."""
         t = self.cfg.train
-        self.logger = StepLog(self.cfg.logging, self.run_dir, self.step, t.max_train_steps)
+        self.logger = StepLog(self.cfg.logging, self.run_dir, self.step, t.max_train_steps, self.device)
         saved_at = self.step
         try:
             with _StopFlag() as stop:

@@ -5,7 +5,9 @@ Prompt embeddings go through the same text cache as the captions: the data prepa
 never holds a text encoder. The VAE is loaded once and waits on the CPU between validations.
 Sampling is ``vidtune.sample.sample`` (WanPipeline's loop): the model in eval mode, so no
 TREAD routing and no dropout. Outputs per prompt: ``<run>/validation/step_XXXXXX/<name>.mp4``
-and ``<name>.png`` (contact sheet); with EMA, the EMA weights' are ``<name>_ema.*``.
+and ``<name>.png`` (contact sheet titled with the prompt and step, frames numbered), ``<name>`` the
+prompt's library nickname or a slug of its text; with EMA, the EMA weights' are ``<name>_ema.*``.
+Per step, ``<run>/validation/step_XXXXXX.png`` puts every prompt (and variant) side by side.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from ..config import Config, ConfigError, ValidationConfig
 from ..data.cache import pad_prompt_embeds
 from ..data.prepare import TEXT
 from ..runtime import DTYPES
-from ..sample import load_prompts, load_scheduler_config, sample, save_outputs
+from ..sample import load_prompts, load_scheduler_config, sample, save_comparison_sheet, save_outputs
 from ..sample.sampler import safe_name
+from ..sample.sheets import frame_indices
 
 
 def validation_prompts(v: ValidationConfig) -> list[tuple[str, str]]:
@@ -56,7 +59,7 @@ class Validator:
                               f"{missing[0]!r}; prepare the data with this config's validation section")
         embed = {t: pad_prompt_embeds([store.load(TEXT, keys[t])["prompt_embeds"]])
                  for t in validation_texts(self.v)}
-        self.prompts = [(name, embed[text]) for name, text in validation_prompts(self.v)]
+        self.prompts = [(name, text, embed[text]) for name, text in validation_prompts(self.v)]
         self.negative = embed[self.v.negative_prompt]
         m = cfg.model
         self.vae = AutoencoderKLWan.from_pretrained(m.vae_path or m.resolved_path(), subfolder="vae",
@@ -78,12 +81,14 @@ class Validator:
     def run(self, model, step: int, ema=None) -> dict[str, tuple[Path, Path]]:
         """Sample every prompt (per variant); returns tag -> (mp4, png)."""
         out_dir = self.root / f"step_{step:06d}"
-        v, outputs = self.v, {}
+        v, outputs, shown = self.v, {}, []
+        numbers = frame_indices(v.num_frames)
         self.vae.to(self.device)
         try:
             for suffix, e in self.variants(ema):
+                weights = " (EMA weights)" if suffix else ""
                 with e.swapped_in() if e is not None else contextlib.nullcontext():
-                    for name, pe in self.prompts:
+                    for name, text, pe in self.prompts:
                         frames = sample(model, prompt_embeds=pe, negative_prompt_embeds=self.negative,
                                         num_frames=v.num_frames, height=self.height, width=self.width,
                                         steps=v.steps, guidance=v.guidance, seed=v.seed, scheduler=v.scheduler,
@@ -92,8 +97,14 @@ class Validator:
                                         skip_layers_scale=v.skip_layers_scale, device=self.device, vae=self.vae,
                                         output_type="video")
                         tag = safe_name(name) + suffix
-                        outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps)
+                        title = [f"{name}: {text}", f"step {step}{weights}, seed {v.seed}, {v.steps} sampling steps"]
+                        outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps, title)
+                        # the sheet's frames only, not the whole video, until the step's comparison
+                        shown.append((f"{name}{weights}", frames[0][numbers]))
         finally:
             self.vae.to("cpu")
-        self.log(f"validation: step {step}: {len(outputs)} video(s) in {out_dir}")
+        save_comparison_sheet(shown, numbers, self.root / f"{out_dir.name}.png",
+                              [f"validation at step {step}: {len(shown)} video(s), seed {v.seed}"])
+        self.log(f"validation: step {step}: {len(outputs)} video(s) in {out_dir}, side by side in "
+                 f"{out_dir.name}.png")
         return outputs
