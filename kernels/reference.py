@@ -64,3 +64,69 @@ def tread_scatter_ref(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) ->
     out = base.clone()
     out[torch.arange(base.shape[0], device=base.device)[:, None], idx] = y
     return out
+
+
+# --- kernel vs reference: the rule the tests and the GPU check judge every op by ----------------
+
+FP32_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _leaves(args, upcast):
+    out = []
+    for a in args:
+        if torch.is_tensor(a):
+            requires_grad, a = a.requires_grad, a.detach()
+            # the kernel run keeps the input's layout: non-contiguous views stay non-contiguous
+            t = a.float().clone() if upcast else torch.empty_strided(
+                a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a)
+            out.append(t.requires_grad_(requires_grad))
+        else:
+            out.append(a)
+    return out
+
+
+def _run(fn, args, upcast, grad_out=None):
+    leaves = _leaves(args, upcast)
+    out = fn(*leaves)
+    if grad_out is None:
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        grad_out = g.to(out.device, out.dtype)
+    out.backward(grad_out.float() if upcast else grad_out.to(out.dtype))
+    return [out] + [t.grad for t in leaves if torch.is_tensor(t) and t.requires_grad], grad_out
+
+
+def compare(fn, ref, args) -> list[dict]:
+    """fn vs ref on ``args`` (low-precision or fp32 tensors), forward and every input grad.
+
+    Low-precision results: the flash-attention rule, max|fn - ref_fp32| <= 2 * max|ref_lowp -
+    ref_fp32| + 1e-6, where ref_lowp is the reference on the same low-precision inputs and ref_fp32
+    on those inputs upcast. fp32 results: allclose (``FP32_TOL``, its atol times
+    max(1, max|ref_fp32|)) to ref_fp32, or, when they come from low-precision inputs (a bf16
+    block's fp32 grads), the same rule. One dict per result:
+    name, err (max abs error), bound (None when allclose decided), ok, and a problem string when
+    the result is missing or has the wrong shape or dtype."""
+    got, grad_out = _run(fn, args, upcast=False)
+    lowp, _ = _run(ref, args, upcast=False, grad_out=grad_out)
+    fp32, _ = _run(ref, args, upcast=True, grad_out=grad_out)
+    rows = []
+    for i, (k, r, r32) in enumerate(zip(got, lowp, fp32)):
+        row = dict(name="output" if i == 0 else f"grad {i - 1}", err=None, bound=None, ok=False, problem="")
+        rows.append(row)
+        if k is None:
+            row["problem"] = "missing"
+        elif k.shape != r.shape or k.dtype != r.dtype:
+            row["problem"] = f"{tuple(k.shape)}/{k.dtype} vs {tuple(r.shape)}/{r.dtype}"
+        elif not k.numel():
+            row.update(err=0.0, ok=True)
+        else:
+            row["err"] = (k.float() - r32).abs().max().item()
+            # atol scales with the result's size: a weight grad sums thousands of tokens, and a
+            # different fp32 summation order moves it by ~1e-5 of its magnitude, not of 1.
+            tol = dict(FP32_TOL, atol=FP32_TOL["atol"] * max(1.0, r32.abs().max().item()))
+            if k.dtype == torch.float32 and torch.allclose(k, r32, **tol):
+                row["ok"] = True
+            else:
+                row["bound"] = 2 * (r.float() - r32).abs().max().item() + 1e-6
+                row["ok"] = row["err"] <= row["bound"]
+    return rows
+

@@ -144,9 +144,12 @@ class TrainConfig:
     flow_shift: float = opt(3.0, "Flow-matching shift for timestep_sampling = \"shift\".")
     checkpoint_every: int = opt(500, "Save a checkpoint every N optimizer steps (0: only at the end).")
     keep_checkpoints: int = opt(5, "Checkpoints kept on disk (oldest removed first; 0 keeps all).")
-    resume: Optional[str] = opt(None, "\"latest\" or a checkpoint dir to resume from exactly.")
+    resume: Optional[str] = opt(
+        None, "\"latest\" (the newest intact checkpoint) or a checkpoint dir: weights, optimizer, RNGs and data "
+        "position from it; learning rate, schedule, warmup, clipping and steps from this config.")
     max_consecutive_nonfinite: int = opt(
-        3, "Non-finite steps in a row that stop the run (each such step is skipped; 0: never stop).")
+        3, "Non-finite steps in a row that stop the run (each such step is skipped; 0: never stop, but "
+        "diverged weights are still never checkpointed or exported).")
 
 
 @dataclass

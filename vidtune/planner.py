@@ -541,7 +541,7 @@ def device_budget(device) -> D.Device:
     if device.type != "cuda":
         return D.device("cpu")
     props = torch.cuda.get_device_properties(device)
-    known = next((d for d in D.DEVICES.values() if any(m in props.name for m in d.match)), D.DEVICES["rtx4090"])
+    known = D.gpu_class(props.name) or D.DEVICES["rtx4090"]
     return dataclasses.replace(known, name="local", label=props.name, memory_bytes=props.total_memory)
 
 

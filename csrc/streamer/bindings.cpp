@@ -44,6 +44,8 @@ std::shared_ptr<Streamer> make(const std::string& backend, int num_slots, size_t
 }
 }  // namespace
 
+// Types are module-local: the CPU core and the CUDA module are built from this file and load
+// side by side; global pybind11 types would collide ("GroupState is already registered").
 PYBIND11_MODULE(VIDTUNE_MODULE_NAME, m) {
   m.doc() = "vidtune group-offload streamer (C++ core)";
 #ifdef VIDTUNE_WITH_CUDA
@@ -54,12 +56,12 @@ PYBIND11_MODULE(VIDTUNE_MODULE_NAME, m) {
 #endif
   m.attr("ALIGN") = vidtune::kAlign;
 
-  py::enum_<vidtune::GroupState>(m, "GroupState")
+  py::enum_<vidtune::GroupState>(m, "GroupState", py::module_local())
       .value("EVICTED", vidtune::GroupState::Evicted)
       .value("IN_FLIGHT", vidtune::GroupState::InFlight)
       .value("RESIDENT", vidtune::GroupState::Resident);
 
-  py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol())
+  py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol(), py::module_local())
       .def_buffer([](HostBuffer& b) {
         return py::buffer_info(b.ptr, 1, py::format_descriptor<uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(b.nbytes)}, {1});
@@ -67,7 +69,7 @@ PYBIND11_MODULE(VIDTUNE_MODULE_NAME, m) {
       .def_property_readonly("ptr", [](const HostBuffer& b) { return reinterpret_cast<uintptr_t>(b.ptr); })
       .def("__len__", [](const HostBuffer& b) { return b.nbytes; });
 
-  py::class_<Streamer, std::shared_ptr<Streamer>>(m, "Streamer")
+  py::class_<Streamer, std::shared_ptr<Streamer>>(m, "Streamer", py::module_local())
       .def(py::init(&make), py::arg("backend"), py::arg("num_slots"), py::arg("slot_bytes"),
            py::arg("num_workers") = 1, py::arg("device") = 0)
       .def_property_readonly("backend", [](Streamer& s) { return s.backend().name(); })

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from vidtune.adapters import DIFFUSERS_FILE, WAN_FILE, WAN_LOKR_FILE, apply_lora, load_lora_into
 from vidtune.cli.train import main as cli_main
 from vidtune.config import AdapterConfig, load_config
+from vidtune.integrity import dumps_verified
 from vidtune.models import from_pretrained
 from vidtune.testing import check_loaders, write_captioned_clips
 from vidtune.train.checkpoint import checkpoint_dirs
@@ -259,7 +260,8 @@ def test_corrupt_cache_entry_is_skipped(run, tmp_path, cache_dir, capsys):
     latents = sorted((cache / "latents").rglob("*.safetensors"))
     assert len(latents) == 2
     t = load_file(latents[0])
-    save_file({k: torch.full_like(v, float("nan")) for k, v in t.items()}, latents[0])
+    # Intact on disk (its digest matches), NaN inside: what a bad encode would have stored.
+    latents[0].write_bytes(dumps_verified({k: torch.full_like(v, float("nan")) for k, v in t.items()}))
     rc, out = run(f'cache.dir="{cache}"', "train.max_train_steps=8", "train.max_consecutive_nonfinite=0")
     assert rc == 0
     skipped = [r["skipped"] for r in read_losses(out)]
@@ -277,7 +279,7 @@ def test_bad_configs_fail_clearly(run, capsys, overrides, needle):
     rc, out = run(*overrides)
     assert rc == 2
     assert needle in capsys.readouterr().err
-    assert not (out / DIFFUSERS_FILE).exists() and not (out / "checkpoints").exists()
+    assert not (out / WAN_FILE).exists() and not (out / "checkpoints").exists()
 
 
 def test_bad_adapter_files_fail_clearly(run, tmp_path, capsys):

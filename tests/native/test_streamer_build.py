@@ -97,3 +97,16 @@ def test_streamer_state_machine_and_disk_tier(backend, tmp_path):
     stats = s.stats()
     assert stats["bytes_copied"] == 18_000 and stats["bytes_read_disk"] == 5_000 and stats["loads"] == 3
     assert stats["peak_resident_bytes"] == 2 * s.slot_bytes
+
+
+def test_cpu_and_cuda_modules_load_in_one_process():
+    """Both modules are built from bindings.cpp; with global pybind11 types the second import
+    failed ("GroupState is already registered"), as the first H200 run of the GPU check showed."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("vidtune._native_cuda") is None:
+        pytest.skip("vidtune._native_cuda was not built (no nvcc at install)")
+    cpu, cuda = importlib.import_module("vidtune._native"), importlib.import_module("vidtune._native_cuda")
+    assert cpu.BACKENDS == ("cpu",) and "cuda" in cuda.BACKENDS
+    assert cpu.GroupState is not cuda.GroupState  # each module owns its types

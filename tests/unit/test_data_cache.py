@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from vidtune.data.cache import CacheStore, file_digest, model_fingerprint, pad_prompt_embeds, settings_key
+from vidtune.data.cache import CacheEntryError, CacheStore, file_digest, model_fingerprint, pad_prompt_embeds, settings_key
 from vidtune.fsutil import atomic_write, atomic_write_bytes
 
 
@@ -37,8 +37,54 @@ def test_unreadable_entry_names_file_and_fix(tmp_path):
     key = settings_key(b=2)
     path = store.save("text", key, {"prompt_embeds": torch.zeros(2, 4)})
     path.write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="delete it and run again"):
+    with pytest.raises(CacheEntryError, match="is damaged .*the next run re-encodes it"):
         store.load("text", key)
+    assert not path.exists()  # deleted: the next setup sees it missing and encodes it again
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_damage_is_caught_cheaply_at_setup_or_by_the_digest_at_read(tmp_path, compress):
+    store = CacheStore(tmp_path, compress)
+    t = {"latents": torch.randn(16, 3, 4, 4), "cond": torch.randn(3, 8).to(torch.bfloat16)}
+    keys = [settings_key(i=i) for i in range(3)]
+    paths = [store.save("latents", k, t) for k in keys]
+    assert all(store.intact("latents", k) for k in keys)
+    # Truncated: the cheap check (header + size, or the zlib stream) finds it.
+    paths[0].write_bytes(paths[0].read_bytes()[:-7])
+    damaged = []
+    assert not store.intact("latents", keys[0], damaged)
+    assert damaged[0][0] == paths[0] and ("truncated" in damaged[0][1] or "Error" in damaged[0][1])
+    assert not store.intact("latents", settings_key(i="absent"), damaged) and len(damaged) == 1
+    # One flipped bit among the tensor bytes: the header is fine, the digest is not.
+    if not compress:
+        data = bytearray(paths[1].read_bytes())
+        data[-5] ^= 0x10
+        paths[1].write_bytes(bytes(data))
+        assert store.intact("latents", keys[1])
+        with pytest.raises(CacheEntryError, match="do not match their digest"):
+            store.load("latents", keys[1])
+        assert not paths[1].exists()
+    # An entry without a digest (an older vidtune, or written by hand) is re-encoded too.
+    from safetensors.torch import save_file
+
+    if not compress:
+        save_file(t, paths[2])
+        assert not store.intact("latents", keys[2], damaged) and "no vidtune.digest" in damaged[-1][1]
+    got = store.load("latents", keys[2]) if compress else None
+    assert got is None or all(torch.equal(got[k], v) for k, v in t.items())
+
+
+def test_tensors_digest_sees_every_bit_name_dtype_and_shape():
+    from vidtune.integrity import tensors_digest
+
+    t = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(2, dtype=torch.bfloat16)}
+    d = tensors_digest(t)
+    assert d == tensors_digest(dict(reversed(t.items())))
+    flipped = t["a"].clone()
+    flipped.view(torch.int32)[1, 2] ^= 1
+    for other in ({**t, "a": flipped}, {**t, "a": t["a"].reshape(4, 3)}, {**t, "b": t["b"].float()},
+                  {"a": t["a"], "c": t["b"]}):
+        assert tensors_digest(other) != d
 
 
 def test_keys_change_with_every_setting(tmp_path):

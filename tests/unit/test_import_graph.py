@@ -15,7 +15,7 @@ ROOT = Path(vidtune.__file__).parent
 
 # Bottom to top (docs/architecture.md). A node may import nodes of its own layer or below.
 LAYERS = [
-    {"runtime", "fsutil", "native", "quiet"},
+    {"runtime", "fsutil", "integrity", "native", "quiet"},
     {"config"},
     {"models"},
     {"memory", "data", "adapters", "sample"},

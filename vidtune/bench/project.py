@@ -9,6 +9,8 @@ series when it is off. Every number from here is a projection, never a measureme
 """
 from __future__ import annotations
 
+from vidtune.measure.mfu import mfu, model_flops, recompute_flops
+
 
 def roofline_s(calls, dev) -> float:
     return sum(max(f / dev.peak_flops(es), b / dev.mem_bw) for _, f, b, es in calls)
@@ -42,8 +44,7 @@ def project_step(plan, dev) -> dict:
     trainable = sum(p for p in [c["trainable_params"]])
     opt_s = trainable * 4 * 7 / dev.mem_bw  # AdamW reads p, g, m, v and writes p, m, v (fp32 bound)
     step = head + blocks_s + tail + opt_s
-    recompute = sum(fl for (ratio, ckpt), _, _, fl in sim["block_calls"] if ckpt)
-    model_flops = c["fwd_flops"] + c["bwd_flops"] - recompute
+    flops = model_flops(c["fwd_flops"], c["bwd_flops"], recompute_flops(sim))
     return dict(step_time_s=step, tokens_per_s=c["tokens"] * cfg.train.batch_size / step,
-                mfu=model_flops / step / dev.bf16_flops, compute_s=head + sum(fwd) + sum(bwd) + tail,
+                mfu=mfu(flops, step, dev.bf16_flops), compute_s=head + sum(fwd) + sum(bwd) + tail,
                 offload_transfer_s=transfer, offload_exposed_s=exposed, optimizer_s=opt_s)

@@ -15,6 +15,7 @@ import torch
 
 from vidtune.measure import probes as P
 from vidtune.measure.counters import count
+from vidtune.measure.mfu import mfu, model_flops, recompute_flops
 from vidtune.runtime import DTYPES
 
 
@@ -61,7 +62,7 @@ def cpu_vs_diffusers(spec: dict, repeats: int | None = None) -> dict:
     for r in res.values():
         r["p20"], r["p50"], r["p80"] = _quantiles(r["times"])
         r["ratio"] = r["p50"] / base
-        r["mfu"] = r["flops"] / r["p50"] / peak
+        r["mfu"] = mfu(r["flops"], r["p50"], peak)
         r["tokens_per_s"] = tokens / r["p50"]
     return {"providers": res, "cpu_fp32_peak_flops": peak, "tokens": tokens, "threads": torch.get_num_threads(),
             "repeats": repeats}
@@ -118,6 +119,6 @@ def gpu_window(cfg, arch, shape, dev, plan, *, warmup: int = 3, steps: int = 10)
         times.append(time.perf_counter() - t0)
     p20, p50, p80 = _quantiles(times)
     c = plan.counters
-    flops = c["fwd_flops"] + c["bwd_flops"]
+    flops = model_flops(c["fwd_flops"], c["bwd_flops"], recompute_flops(plan.sim))
     return {"step_time_s": (p20, p50, p80), "tokens_per_s": c["tokens"] * b / p50,
-            "mfu": flops / p50 / dev.bf16_flops, "peak_memory_bytes": torch.cuda.max_memory_allocated()}
+            "mfu": mfu(flops, p50, dev.bf16_flops), "peak_memory_bytes": torch.cuda.max_memory_allocated()}

@@ -4,11 +4,18 @@
     vidtune-train --from-simpletuner config.json [--backend multidatabackend.json] [--set ...]
     vidtune-train --plan config.toml [--gpu CLASS] [--gpu-memory 24GiB]
     vidtune-train --help-config
+
+Every fault ends in one line on stderr naming the path or key and the fix (``--debug`` shows the
+traceback instead): exit 2 for what the user must change before starting (config, data, model
+sources), 1 for what stopped a run (diverged, disk full, another run holds the directory).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import sys
+import types
 from pathlib import Path
 
 from ..adapters.names import check_adapter
@@ -36,7 +43,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --plan: the memory of a GPU no class lists (e.g. 24GiB, 48GB), or another size for --gpu")
     p.add_argument("--prepare-only", action="store_true",
                    help="discover the data and fill the latent/text caches, then exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return p
+
+
+def _setting_for(path, cfg) -> str:
+    """The config key whose directory holds ``path`` (for errors about files we write)."""
+    if cfg is not None and path:
+        p = Path(path).resolve()
+        for key, where in (("train.output_dir", cfg.train.output_dir), ("cache.dir", cfg.cache.dir),
+                           ("logging.log_dir", cfg.logging.log_dir),
+                           ("memory.offload.to_disk_path", cfg.memory.offload.to_disk_path)):
+            if where and p.is_relative_to(Path(where).resolve()):
+                return key
+    return "the setting that names it"
+
+
+def one_line(exc: BaseException, cfg=None) -> str:
+    """An error as one line: what the message says (ours name the path and the fix), else the
+    exception type and its text, with the way to the traceback."""
+    from ..fsutil import DiskFullError, is_disk_full
+
+    if isinstance(exc, DiskFullError):
+        text = f"{exc} (set by {_setting_for(exc.directory, cfg)})"
+    elif is_disk_full(exc):
+        text = f"disk full: {exc}; free space, or move {_setting_for(getattr(exc, 'filename', None), cfg)} elsewhere"
+    elif isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.EROFS):
+        what = "permission denied" if isinstance(exc, PermissionError) else "read-only file system"
+        text = (f"{what}: {exc.filename or exc}: make it writable by this user, or point "
+                f"{_setting_for(exc.filename, cfg)} at a directory that is")
+    elif isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    elif isinstance(exc, (ValueError, RuntimeError)) and type(exc).__module__.startswith("vidtune"):
+        text = str(exc)  # our own errors say what to do
+    else:
+        text = f"{type(exc).__name__}: {exc} (vidtune-train --debug shows the traceback)"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,14 +86,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         sys.stdout.write(render_config_docs())
         return 0
+    run = types.SimpleNamespace(cfg=None)  # the config, once loaded: errors name the setting behind a path
+    with contextlib.ExitStack() as held:  # the run directory's lock, released on the way out
+        try:
+            return _main(args, held, run)
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            if args.debug:
+                raise
+            print(f"error: {one_line(exc, run.cfg)}", file=sys.stderr)
+            return 2 if isinstance(exc, ConfigError) else 1
+
+
+def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
     try:
         if args.from_simpletuner:
             from ..convert import from_simpletuner
 
             if args.config:
                 raise ConfigError(f"give a config file ({args.config}) or --from-simpletuner, not both")
-            cfg, args.config = from_simpletuner(args.from_simpletuner, args.backend, args.overrides,
-                                                write=not args.print_config)
+            # Converted again, written and reported once the run directory is ours (below).
+            later = not (args.print_config or args.plan)
+            cfg, _ = from_simpletuner(args.from_simpletuner, args.backend, args.overrides, write=False,
+                                      log=(lambda m: None) if later else None)
         else:
             cfg = load_config(args.config, args.overrides)
         # Targets and export layouts against the model family: before any model, cache or plan.
@@ -64,11 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return 0
-    if args.config is None:
+    run.cfg = cfg
+    if args.config is None and not args.from_simpletuner:
         print("error: a config file is required (vidtune-train config.toml)", file=sys.stderr)
         return 2
+    from ..fsutil import remove_debris, run_dir_lock
     from ..planner import check_plan
     from ..runtime import resolve_device
+    from ..train.preflight import check_model_sources
+
+    check_model_sources(cfg.model)
 
     if args.plan:
         try:
@@ -90,14 +156,23 @@ def main(argv: list[str] | None = None) -> int:
         if not fits:
             print(report, file=sys.stderr)
             print(f"error: this run does not fit the device's memory (plan above). `vidtune-train --plan "
-                  f"{args.config}` lists the option combinations that fit; memory.plan_check = \"off\" "
-                  f"starts it anyway", file=sys.stderr)
+                  f"{args.config or '--from-simpletuner ' + args.from_simpletuner}` lists the option combinations "
+                  f"that fit; memory.plan_check = \"off\" starts it anyway", file=sys.stderr)
             return 2
     from ..adapters import AdapterError
     from ..data import DataError
     from ..train.trainer import TrainingStopped, prepare, train
 
-    save_resolved_config(cfg, Path(cfg.train.output_dir))
+    # One owner per run directory, before anything is written to it; only then is what a killed
+    # run left half-written safe to delete.
+    run_dir = Path(cfg.train.output_dir)
+    held.enter_context(run_dir_lock(run_dir))
+    debris = remove_debris(run_dir)
+    if debris:
+        print(f"removed {len(debris)} partial file(s) a killed run left in {run_dir}")
+    if args.from_simpletuner:
+        _, args.config = from_simpletuner(args.from_simpletuner, args.backend, args.overrides)
+    save_resolved_config(cfg, run_dir)
     try:
         prepared = prepare(cfg)
     except DataError as exc:

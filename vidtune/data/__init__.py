@@ -8,12 +8,12 @@ from .cache import CacheStore, file_digest, model_fingerprint, pad_prompt_embeds
 from .discover import DataError, MediaItem, SkipLog, discover_dataset
 from .encode import Encoders
 from .loader import Batch, CachedLoader
-from .prepare import CacheEntry, PreparedData, check_dataset_size, prepare_data
+from .prepare import CacheEntry, PreparedData, check_dataset_sizes, prepare_data
 
 __all__ = [
     "Bucket", "bucket_for", "clip_frames", "target_size",
     "CacheStore", "file_digest", "model_fingerprint", "pad_prompt_embeds", "settings_key",
     "DataError", "MediaItem", "SkipLog", "discover_dataset",
     "Encoders", "Batch", "CachedLoader",
-    "CacheEntry", "PreparedData", "check_dataset_size", "prepare_data",
+    "CacheEntry", "PreparedData", "check_dataset_sizes", "prepare_data",
 ]

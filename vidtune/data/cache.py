@@ -5,6 +5,11 @@ setting that changes the tensor (target size, frames, fps, crop, encoder fingerp
 ``CACHE_VERSION``. A changed setting therefore lands on a different key and can never read a
 stale entry; an unchanged one is found again by the next run. Writes are atomic.
 
+Every entry carries the digest of its tensors in its metadata (``vidtune.integrity``). Setup
+checks each entry it reuses cheaply (``CacheStore.intact``: header and size; a compressed entry
+is decompressed) and re-encodes a damaged one; every read checks the digest, and an entry that
+fails it is deleted (so the next setup re-encodes it) and reported as ``CacheEntryError``.
+
 Layout: ``<dir>/<kind>/<key[:2]>/<key>.safetensors`` (``.safetensors.zlib`` when compressed;
 either form is read back, whatever ``compress`` says now).
 """
@@ -17,10 +22,9 @@ import zlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ..fsutil import atomic_write_bytes
+from ..integrity import IntegrityError, dumps_verified, loads_verified, parse_header, stream_digest
 
 # Bump when the preprocessing or the stored layout changes; old entries are then never read.
 CACHE_VERSION = 1
@@ -28,12 +32,8 @@ TEXT_MAX_LENGTH = 512  # UMT5 sequence length the Wan pipeline pads prompts to
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file's bytes (content keys stay cryptographic: they name what was encoded)."""
+    return stream_digest(path, hashlib.sha256(), chunk)
 
 
 def settings_key(**settings) -> str:
@@ -115,8 +115,13 @@ class SourceIndex:
             self._dirty = False
 
 
+class CacheEntryError(RuntimeError):
+    """A cache entry is missing or damaged (the message names it and what happens next)."""
+
+
 class CacheStore:
-    """safetensors entries under ``root/<kind>/``, written atomically, optionally zlib-compressed."""
+    """safetensors entries under ``root/<kind>/``, written atomically with their digest,
+    optionally zlib-compressed."""
 
     def __init__(self, root: str | Path, compress: bool = False):
         self.root = Path(root)
@@ -136,9 +141,28 @@ class CacheStore:
     def has(self, kind: str, key: str) -> bool:
         return self.path(kind, key) is not None
 
+    def intact(self, kind: str, key: str, damaged: list[tuple[Path, str]] | None = None) -> bool:
+        """Whether the entry exists and passes the cheap check (header, digest present, exact
+        size); a damaged one is appended to ``damaged`` as (path, reason)."""
+        path = self.path(kind, key)
+        if path is None:
+            return False
+        try:
+            if path.suffix == ".zlib":
+                data = zlib.decompress(path.read_bytes())
+                parse_header(data[:8], lambda n: data[8:8 + n], len(data), path)
+            else:
+                with open(path, "rb") as f:
+                    parse_header(f.read(8), f.read, path.stat().st_size, path)
+        except (IntegrityError, zlib.error, OSError) as exc:
+            if damaged is not None:
+                damaged.append((path, str(exc).removeprefix(f"{path}: ")))
+            return False
+        return True
+
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor],
              metadata: dict[str, str] | None = None) -> Path:
-        data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+        data = dumps_verified(tensors, metadata)
         plain, packed = self._paths(kind, key)
         if self.compress:
             return atomic_write_bytes(packed, zlib.compress(data, 1))
@@ -146,20 +170,29 @@ class CacheStore:
 
     @staticmethod
     def read(path: str | Path) -> dict[str, torch.Tensor]:
+        """The entry's tensors, checked against their digest. A damaged entry is deleted (the next
+        setup re-encodes it) and raises ``CacheEntryError``."""
         path = Path(path)
-        data = path.read_bytes()
-        if path.suffix == ".zlib":
-            data = zlib.decompress(data)
         try:
-            return st_load(data)
-        except Exception as exc:
-            raise RuntimeError(f"cache entry {path} is unreadable ({exc}); delete it and run again "
-                               f"to re-encode") from exc
+            data = path.read_bytes()
+            if path.suffix == ".zlib":
+                data = zlib.decompress(data)
+            return loads_verified(data, path)
+        except FileNotFoundError:
+            raise CacheEntryError(f"cache entry {path} is gone (deleted during the run?); the next run "
+                                  f"re-encodes it") from None
+        except OSError:  # permissions, I/O errors: not the entry's content
+            raise
+        except Exception as exc:  # zlib, IntegrityError, safetensors: the bytes are bad, whatever the layer
+            path.unlink(missing_ok=True)
+            reason = str(exc).removeprefix(f"{path}: ")
+            raise CacheEntryError(f"cache entry {path} is damaged ({reason}); deleted it, the next run "
+                                  f"re-encodes it") from exc
 
     def load(self, kind: str, key: str) -> dict[str, torch.Tensor]:
         path = self.path(kind, key)
         if path is None:
-            raise KeyError(f"no {kind} cache entry {key} under {self.root}")
+            raise CacheEntryError(f"no {kind} cache entry {key} under {self.root}; the next run encodes it")
         return self.read(path)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import DatasetConfig
 from .buckets import Bucket, bucket_for
 from .cache import SourceIndex
-from .video import MediaInfo, probe_image, probe_video
+from .video import DecoderUnavailable, MediaInfo, probe_image, probe_video
 
 VIDEO_EXTS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi"})
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp"})
@@ -122,6 +122,8 @@ def discover_dataset(ds: DatasetConfig, fps: int, skips: SkipLog,
             continue
         try:
             info = probe(path, ds.type, index)
+        except DecoderUnavailable:  # no file can be read: the install is at fault, not this file
+            raise
         except Exception as exc:  # any decoder failure means this file is unusable, not the run
             skips.add(ds.id, path, f"unreadable: {_short(exc)}")
             continue

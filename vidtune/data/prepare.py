@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from ..config import CacheConfig, DatasetConfig, ModelConfig
 from .buckets import Bucket
 from .cache import CacheStore, SourceIndex, settings_key
-from .discover import DataError, MediaItem, SkipLog, _short, discover_dataset
+from .discover import IMAGE_EXTS, VIDEO_EXTS, DataError, MediaItem, SkipLog, _short, discover_dataset
 from .encode import Encoders
-from .video import load_image, load_video_clip
+from .video import DecoderUnavailable, load_image, load_video_clip
 
 LATENTS, TEXT = "latents", "text"
 
@@ -69,17 +69,36 @@ def usable_samples(buckets: list[Bucket], repeats: int, batch_size: int) -> int:
     return sum((n * (1 + repeats)) // batch_size * batch_size for n in per_bucket.values())
 
 
-def check_dataset_size(ds_id: str, buckets: list[Bucket], repeats: int, batch_size: int,
-                       grad_accum: int) -> None:
+def dataset_size_problem(ds: DatasetConfig, buckets: list[Bucket], found: int, batch_size: int,
+                         grad_accum: int) -> str | None:
+    """Why ``ds`` cannot fill one optimizer step, or None: no media files, no usable file among
+    them, or too few samples for the batch."""
     need = batch_size * grad_accum
-    have = usable_samples(buckets, repeats, batch_size)
-    if have < need:
-        n = len(buckets)
-        raise DataError(
-            f"no samples detected in dataset {ds_id!r}: {n} usable file(s) x (1 + repeats={repeats}) fill "
+    have = usable_samples(buckets, ds.repeats, batch_size)
+    if have >= need:
+        return None
+    head = f"no samples detected in dataset {ds.id!r}"
+    if not found:
+        exts = ", ".join(sorted(VIDEO_EXTS if ds.type == "video" else IMAGE_EXTS))
+        return f"{head}: no {ds.type} files ({exts}) under {ds.path}; fix [[dataset]] path or type"
+    if not buckets:
+        return (f"{head}: no usable files: all {found} file(s) under {ds.path} were skipped (reasons in the "
+                f"data summary above); fix or replace them")
+    return (f"{head}: too few for the batch: {len(buckets)} usable file(s) x (1 + repeats={ds.repeats}) fill "
             f"{have} sample(s) of whole batches, fewer than batch_size x gradient_accumulation_steps = {need}. "
             f"Raise repeats for this dataset (e.g. repeats = {_repeats_needed(buckets, batch_size, need)}), "
             f"add files, or lower the batch size.")
+
+
+def check_dataset_sizes(datasets: list[DatasetConfig], buckets: dict[str, list[Bucket]], skips: SkipLog,
+                        batch_size: int, grad_accum: int, log: Callable[[str], None]) -> None:
+    """Raise ``DataError`` if a dataset cannot fill one optimizer step, after printing the data
+    summary (why files were skipped) that explains it."""
+    problems = [p for ds in datasets if (p := dataset_size_problem(
+        ds, buckets[ds.id], skips.found[ds.id], batch_size, grad_accum))]
+    if problems:
+        log(skips.summary({d: len(b) for d, b in buckets.items()}))
+        raise DataError("; ".join(problems))
 
 
 def _repeats_needed(buckets: list[Bucket], batch_size: int, need: int) -> int:
@@ -138,8 +157,8 @@ def prepare_data(
     found: dict[str, list[MediaItem]] = {}
     for ds in datasets:
         found[ds.id] = discover_dataset(ds, fps, skips, index)
-        check_dataset_size(ds.id, [i.bucket for i in found[ds.id]], ds.repeats, batch_size,
-                           gradient_accumulation_steps)
+    check_dataset_sizes(datasets, {d: [i.bucket for i in items] for d, items in found.items()}, skips,
+                        batch_size, gradient_accumulation_steps, log)
 
     by_id = {d.id: d for d in datasets}
     items = [i for ds in datasets for i in found[ds.id]]
@@ -148,7 +167,8 @@ def prepare_data(
     # Text first: cheap, and the empty caption (caption dropout) is always needed.
     captions = sorted({i.caption for i in items} | {""} | set(extra_texts))
     text_keys = {c: settings_key(**text_settings(c, encoders)) for c in captions}
-    missing = [c for c in captions if not store.has(TEXT, text_keys[c])]
+    damaged: list[tuple[Path, str]] = []  # entries that fail the cheap check: re-encoded
+    missing = [c for c in captions if not store.intact(TEXT, text_keys[c], damaged)]
     stats["text reused"] = len(captions) - len(missing)
     for s in range(0, len(missing), cache.text_batch_size):
         chunk = missing[s:s + cache.text_batch_size]
@@ -174,7 +194,11 @@ def prepare_data(
         keyed.append((item, settings_key(**latent_settings(item, by_id[item.dataset_id], digest, fps, encoders)),
                       digest))
     index.save()
-    todo = [(i, k, d) for i, k, d in keyed if not store.has(LATENTS, k)]
+    todo = [(i, k, d) for i, k, d in keyed if not store.intact(LATENTS, k, damaged)]
+    if damaged:
+        stats["damaged, re-encoded"] = len(damaged)
+        log(f"cache: {len(damaged)} damaged entr{'y' if len(damaged) == 1 else 'ies'}, re-encoding: "
+            + ", ".join(f"{p} ({why})" for p, why in damaged[:3]) + (", ..." if len(damaged) > 3 else ""))
     stats["latents reused"] = len(keyed) - len(todo)
     failed: set[str] = set()
     groups = defaultdict(list)
@@ -195,6 +219,8 @@ def prepare_data(
                     px = load_video_clip(item.path, b.frames, fps, b.width, b.height, ds.crop, ds.crop_style, digest)
                 else:
                     px = load_image(item.path, b.width, b.height, ds.crop, ds.crop_style, digest)
+            except DecoderUnavailable:
+                raise
             except Exception as exc:  # a file that probes fine but fails mid-decode is skipped
                 skips.add(item.dataset_id, item.path, f"decode failed: {_short(exc)}")
                 failed.add(key)
@@ -225,7 +251,6 @@ def prepare_data(
                             {t: text_keys[t] for t in extra_texts})
     log(prepared.summary())
     if failed:  # decode failures may have shrunk a dataset below one optimizer step
-        for ds in datasets:
-            check_dataset_size(ds.id, [e.bucket for e in entries if e.dataset_id == ds.id], ds.repeats,
-                               batch_size, gradient_accumulation_steps)
+        check_dataset_sizes(datasets, {d.id: [e.bucket for e in entries if e.dataset_id == d.id] for d in datasets},
+                            skips, batch_size, gradient_accumulation_steps, lambda _: None)
     return prepared

@@ -7,6 +7,7 @@ clip never sits in memory as float.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -31,10 +32,70 @@ class MediaInfo:
         return 1 if self.is_image else int(math.floor(self.duration * fps + 1e-6))
 
 
-def _decoder(path: Path, seek_mode: str = "exact"):
-    from torchcodec.decoders import VideoDecoder
+class DecoderUnavailable(RuntimeError):
+    """torchcodec cannot load at all: a fault of the install, not of any video (never skipped)."""
 
-    return VideoDecoder(str(path), dimension_order="NCHW", seek_mode=seek_mode)
+
+# torchcodec release -> the torch it is built against; from 0.10 on, 0.N pairs with 2.N.
+_TORCHCODEC_TORCH = {"0.9": "2.9", "0.8": "2.9", "0.7": "2.8", "0.6": "2.8", "0.5": "2.7", "0.4": "2.7",
+                     "0.3": "2.7", "0.2": "2.6", "0.1": "2.5"}
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def torchcodec_pair(torchcodec_version: str) -> str | None:
+    """The torch minor a torchcodec release is built for (None: unknown)."""
+    tc = _minor(torchcodec_version)
+    if tc in _TORCHCODEC_TORCH:
+        return _TORCHCODEC_TORCH[tc]
+    major, _, n = tc.partition(".")
+    return f"2.{n}" if major == "0" and n.isdigit() and int(n) >= 10 else None
+
+
+def torchcodec_for_torch(torch_version: str) -> str | None:
+    """The torchcodec minor built for a torch release (the newest one when several are)."""
+    want = _minor(torch_version)
+    major, _, n = want.partition(".")
+    if major == "2" and n.isdigit() and int(n) >= 10:
+        return f"0.{n}"
+    return max((tc for tc, t in _TORCHCODEC_TORCH.items() if t == want), key=lambda v: int(v[2:]), default=None)
+
+
+def decoder_mismatch_message(torch_version: str, torchcodec_version: str | None, error: str) -> str:
+    """Why torchcodec does not load, naming both versions and the pip command that fixes it."""
+    want = torchcodec_for_torch(torch_version)
+    fix = (f'pip install "torchcodec=={want}.*" (the release built for torch {_minor(torch_version)})' if want
+           else "install the torchcodec release built for it (see torchcodec's compatibility table)")
+    if torchcodec_version is None:
+        return f"video decoding needs torchcodec, which is not installed beside torch {torch_version}: {fix}"
+    built = torchcodec_pair(torchcodec_version)
+    return (f"torchcodec {torchcodec_version} cannot load beside torch {torch_version} ({error})"
+            + (f"; it is built for torch {built}" if built else "")
+            + f". No video can be decoded until it matches: {fix}")
+
+
+@functools.cache
+def _video_decoder_class():
+    """torchcodec's VideoDecoder, imported at the first decode; a torchcodec that cannot load
+    beside this torch raises ``DecoderUnavailable`` instead of making every clip unreadable."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except Exception as exc:  # ImportError, or OSError/RuntimeError from loading its libraries
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            tc = version("torchcodec")
+        except PackageNotFoundError:
+            tc = None
+        raise DecoderUnavailable(decoder_mismatch_message(torch.__version__, tc, str(exc).strip().splitlines()[-1]
+                                                          if str(exc).strip() else type(exc).__name__)) from exc
+    return VideoDecoder
+
+
+def _decoder(path: Path, seek_mode: str = "exact"):
+    return _video_decoder_class()(str(path), dimension_order="NCHW", seek_mode=seek_mode)
 
 
 def probe_video(path: str | Path) -> MediaInfo:

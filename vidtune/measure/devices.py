@@ -77,10 +77,9 @@ DEVICES: dict[str, Device] = {
         ("H100",), "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 1979 TFLOPS BF16 with sparsity "
         "(989.4 dense), 66.9 TFLOPS FP32, 80 GB HBM3 at 3.35 TB/s; PCIe Gen5 x16 (64 GB/s per direction)"),
     "h200": Device(
-        "h200", "NVIDIA H200 SXM 141GB", 139 * GiB, 989.4 * T, 66.9 * T, 4800 * GB, 64 * GB, 1 * GiB,
-        ("H200",), "NVIDIA H200 Tensor Core GPU datasheet (SXM): 1979 TFLOPS BF16 with sparsity (989.4 dense), "
-        "67 TFLOPS FP32, 141 GB HBM3e at 4.8 TB/s; PCIe Gen5 x16 (64 GB/s per direction). Budgeted as 139 GiB, "
-        "the size this project's H200 machine is described with (not measured here)"),
+        "h200", "NVIDIA H200 SXM 141GB", 141 * GiB, 989.4 * T, 67 * T, 4800 * GB, 64 * GB, 1 * GiB,
+        ("H200",), "NVIDIA H200 Tensor Core GPU datasheet (SXM): 1979 TFLOPS BF16 with sparsity "
+        "(989.4 dense), 67 TFLOPS FP32, 141 GB HBM3e at 4.8 TB/s; PCIe Gen5 x16 (64 GB/s per direction)"),
 }
 
 
@@ -152,6 +151,11 @@ def with_memory(memory_bytes: int, base: Device | None = None) -> Device:
         return replace(base, memory_bytes=memory_bytes)
     return replace(DEVICES["rtx4090"], name="custom", label=f"a GPU with {memory_bytes / GiB:.1f} GiB",
                    memory_bytes=memory_bytes, match=())
+
+
+def gpu_class(gpu_name: str) -> Device | None:
+    """The class whose ``match`` names this GPU (``torch.cuda.get_device_name()``), or None."""
+    return next((d for d in DEVICES.values() if any(m.lower() in gpu_name.lower() for m in d.match)), None)
 
 
 def names() -> list[str]:

@@ -24,6 +24,10 @@ from . import family as family_package
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 
+class ModelLoadError(ValueError):
+    """A checkpoint file that cannot be read (the message names it and the fix)."""
+
+
 # Keys diffusers itself ignores when present in a checkpoint.
 IGNORED_KEYS = ("norm_added_q",)
 
@@ -77,7 +81,12 @@ def load_weights(model: torch.nn.Module, files: list[Path], torch_dtype, keep_fp
     seen, unknown = set(), []
     for f in files:
         shard = {}
-        with safe_open(str(f), framework="pt", device=str(device)) as fh:
+        try:
+            fh = safe_open(str(f), framework="pt", device=str(device))
+        except Exception as exc:  # safetensors' own error type: a truncated or damaged file
+            raise ModelLoadError(f"{f}: cannot read these weights ({exc}); the file is damaged or incomplete: "
+                                 f"copy or download it again") from exc
+        with fh:
             for key in fh.keys():
                 if key not in expected:
                     if not any(part in IGNORED_KEYS for part in key.split(".")):

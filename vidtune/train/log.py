@@ -1,20 +1,23 @@
 """Per-step records: the progress bar, TensorBoard/wandb scalars and ``losses.jsonl``; the run
 directory's plots (``plots/*.png``) and ``summary.json``.
 
-``losses.jsonl`` holds one line per optimizer step with the loss as ``float.hex`` (exact), so two
-runs can be compared bit for bit, plus lr, grad norm and memory; on resume it is cut back to the
-checkpoint's step. Plots are drawn from it (matplotlib, Agg) at every checkpoint and at the end.
+``losses.jsonl`` holds one line per optimizer step: loss, lr, grad norm and memory as plain JSON
+numbers (Python writes the shortest repr that reads back to the same float, so two runs still
+compare bit for bit; a non-finite value is ``null``, as JSON has no NaN), and ``skipped``. On
+resume it is cut back to the checkpoint's step. Plots are drawn from it (matplotlib, Agg) at every
+checkpoint and at the end.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 
 from ..config import ConfigError, LoggingConfig
-from ..fsutil import atomic_write_bytes
+from ..fsutil import DiskFullError, atomic_write_bytes, is_disk_full
 
 LOSSES = "losses.jsonl"
 
@@ -46,8 +49,19 @@ def read_losses(run_dir: str | Path) -> list[dict]:
     return rows
 
 
+def _number(value) -> float:
+    """A logged value: a JSON number, null (non-finite), or the hex string older runs wrote."""
+    if value is None:
+        return math.nan
+    return float.fromhex(value) if isinstance(value, str) else float(value)
+
+
+def _json_number(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def loss_values(run_dir: str | Path) -> list[float]:
-    return [float.fromhex(r["loss"]) for r in read_losses(run_dir)]
+    return [_number(r["loss"]) for r in read_losses(run_dir)]
 
 
 class StepLog:
@@ -86,12 +100,17 @@ class StepLog:
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, step_time: float, tokens: int,
              mem: int, skipped: bool) -> None:
-        row = {"step": step, "loss": float.hex(loss), "lr": lr, "grad_norm": grad_norm, "mem": mem,
-               "skipped": skipped}
+        row = {"step": step, "loss": _json_number(loss), "lr": lr, "grad_norm": _json_number(grad_norm),
+               "mem": mem, "skipped": skipped}
         if self.mem_of:
             row["mem_of"] = self.mem_of
-        self._losses.write(json.dumps(row) + "\n")
-        self._losses.flush()
+        try:
+            self._losses.write(json.dumps(row) + "\n")
+            self._losses.flush()
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(self.run_dir) from exc
+            raise
         tok_s = tokens / step_time if step_time > 0 else 0.0
         text = (f"loss {loss:.4f}{' (skipped)' if skipped else ''} lr {lr:.2e} {step_time:.2f}s/step "
                 f"{tok_s:,.0f} tok/s mem {mem / 2**30:.2f} GiB")
@@ -160,7 +179,7 @@ def plot_figures(rows: list[dict], run_name: str) -> dict:
 
     figs = {}
     for name, (key, title, label) in PLOTS.items():
-        pts = [(r["step"], float.fromhex(r[key]) if key == "loss" else r[key]) for r in rows if key in r]
+        pts = [(r["step"], _number(r[key])) for r in rows if key in r]
         if key == "mem":
             pts = [(s, v / 2**30) for s, v in pts]
         fig = Figure(figsize=(6, 3.5), dpi=100)

@@ -116,13 +116,34 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device | None = None
     raise ConfigError(f"train.optimizer = {cfg.optimizer!r} is not available; use one of {list(OPTIMIZERS)}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
-    """Warmup then constant / cosine / linear / polynomial (to 1e-7, power ``lr_power``) decay."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int = 0):
+    """Warmup then constant / cosine / linear / polynomial (to 1e-7, power ``lr_power``) decay,
+    positioned after ``step`` optimizer steps. A resumed run builds it anew from its config (peak,
+    schedule, warmup, length): the checkpoint's scheduler never overrides what the user set."""
     from diffusers.optimization import get_scheduler
 
+    if step:
+        for group in optimizer.param_groups:  # what LambdaLR scales when it starts past step 0
+            group["initial_lr"] = cfg.learning_rate
     name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    # last_epoch = step - 1: construction steps once, to last_epoch = step, the lr of step + 1.
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                         num_training_steps=cfg.max_train_steps, power=cfg.lr_power)
+                         num_training_steps=cfg.max_train_steps, power=cfg.lr_power, last_epoch=step - 1)
+
+
+# Train settings a resume takes from the config; each one that differs from the checkpoint's is logged.
+RESUMED_FROM_CONFIG = ("learning_rate", "lr_scheduler", "lr_power", "lr_warmup_steps", "max_train_steps",
+                       "max_grad_norm", "grad_clip_method", "weight_decay", "betas", "eps",
+                       "max_consecutive_nonfinite")
+
+
+def optimizer_hparams(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Set the config's weight decay, betas and eps on every param group (after loading a
+    checkpoint's optimizer state, which carries the old ones)."""
+    for group in optimizer.param_groups:
+        for key, value in (("weight_decay", cfg.weight_decay), ("betas", tuple(cfg.betas)), ("eps", cfg.eps)):
+            if key in group:
+                group[key] = value
 
 
 def clip_gradients(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.Tensor:

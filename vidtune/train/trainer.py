@@ -9,6 +9,13 @@ generators, all saved in checkpoints so a resumed run continues bit for bit: ``f
 timesteps, CPU), ``tread`` (token routing, on the device), the loader's (data order and caption
 dropout) and torch's global RNG (LoRA init and dropout). Validation samples from its own seeded
 generator, so it never shifts any of them.
+
+A resume takes the state from the checkpoint (weights, optimizer moments, RNGs, data position) and
+the hyperparameters from the config (``optim.RESUMED_FROM_CONFIG``), logging each that changed.
+A broken state is never saved: a step with a non-finite loss or gradient (or a damaged cache
+entry) never reaches the weights, a checkpoint falls due only after a good step, and weights
+that are non-finite or whose largest |w| grew past ``DIVERGED_GROWTH`` x since the start are
+neither checkpointed nor exported.
 """
 from __future__ import annotations
 
@@ -25,14 +32,19 @@ from ..adapters.export import export_adapter_files
 from ..build import adapter_master_weights, build_from_config
 from ..config import Config, ConfigError
 from ..data import CachedLoader, PreparedData
+from ..data.cache import CacheEntryError
 from ..models import save_pretrained
 from ..runtime import DTYPES, resolve_device, seed_for
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import resume_checkpoint, save_checkpoint
 from .ema import Ema
 from .flow import flow_loss, sample_sigmas
 from .forward import training_forward
 from .log import StepLog, loss_values, memory_bytes, write_plots, write_summary
-from .optim import build_optimizer, build_scheduler, clip_gradients, trains_in_bf16
+from .optim import (RESUMED_FROM_CONFIG, build_optimizer, build_scheduler, clip_gradients, optimizer_hparams,
+                    trains_in_bf16)
+
+# Largest |w| of the trained weights past this multiple of its value at the start: diverged.
+DIVERGED_GROWTH = 1e4
 
 
 class TrainingStopped(RuntimeError):
@@ -101,6 +113,7 @@ class StepResult:
     tokens: int
     seconds: float
     skipped: bool
+    reason: str = ""  # why a skipped step was skipped
 
 
 class Run:
@@ -145,27 +158,32 @@ class Run:
         self.flow_gen = torch.Generator("cpu").manual_seed(seed_for(t.seed, "flow"))
         self.tread_gen = torch.Generator(self.device).manual_seed(seed_for(t.seed, "tread"))
         self.step = self.skipped = self.consecutive = 0
+        self.start_max_abs = self.max_abs()  # for the divergence check; a resume restores the first run's
         self.seconds = {"caching": prepared.seconds, "training": 0.0, "validation": 0.0, "checkpointing": 0.0}
         self.logger: StepLog | None = None
+        self.last_checkpoint: Path | None = None
 
-    # -- resume: weights, optimizer, scheduler, every RNG and the data position ------------------
+    # -- resume: weights, optimizer moments, every RNG and the data position; settings from the config
     def resume(self) -> None:
         t = self.cfg.train
-        ckpt = find_checkpoint(self.ckpt_root, t.resume) if t.resume else None
-        if ckpt is None:
+        found = resume_checkpoint(self.ckpt_root, t.resume, self.log) if t.resume else None
+        if found is None:
             if t.resume and t.resume != "latest":
                 raise ConfigError(f"train.resume = {t.resume!r}: nothing to resume")
             return
-        weights, state, meta = load_checkpoint(ckpt)
+        ckpt, weights, state, meta = found
         if meta.get("adapter") != self.cfg.adapter.type or set(weights) != set(self.trainable):
             raise ConfigError(f"train.resume: {ckpt} holds a {meta.get('adapter')} run with "
                               f"{len(weights)} tensors; this config trains {self.cfg.adapter.type} with "
                               f"{len(self.trainable)}: resume with the config it was saved with")
+        saved = meta.get("hparams", {})
+        if saved.get("optimizer", t.optimizer) != t.optimizer:
+            raise ConfigError(f"train.optimizer = {t.optimizer!r}: {ckpt} holds the state of {saved['optimizer']!r}; "
+                              f"resume with train.optimizer = {saved['optimizer']!r}")
         with torch.no_grad():
             for n, p in self.trainable.items():
                 p.copy_(weights[n])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         if self.ema is not None:
             if "ema" not in state:
@@ -179,6 +197,15 @@ class Run:
         if self.device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step, self.skipped, self.consecutive = meta["step"], state["skipped"], state["consecutive"]
+        self.start_max_abs = state.get("start_max_abs", self.start_max_abs)
+        self.last_checkpoint = ckpt
+        # The config's hyperparameters, not the checkpoint's: optimizer settings, then the schedule
+        # rebuilt at this step (peak, warmup, shape and length as configured now).
+        for key, value in hparams(t).items():
+            if key in saved and saved[key] != value:
+                self.log(f"resume: train.{key} {_show(value)} (checkpoint had {_show(saved[key])})")
+        optimizer_hparams(self.optimizer, t)
+        self.scheduler = build_scheduler(self.optimizer, t, step=self.step)
         self.log(f"resumed from {ckpt} at step {self.step}")
 
     # -- one optimizer step -------------------------------------------------------------------------
@@ -188,8 +215,13 @@ class Run:
         patch = self.model.config.patch_size
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
+        reason = ""
         for _ in range(t.gradient_accumulation_steps):
-            batch = next(self.loader).to(self.device, self.dtype)
+            try:
+                batch = next(self.loader).to(self.device, self.dtype)
+            except CacheEntryError as exc:  # damaged on disk since setup: this step is skipped
+                reason = str(exc)
+                continue
             x0 = batch.latents
             b, _, f, h, w = x0.shape
             tokens += b * (f // patch[0]) * (h // patch[1]) * (w // patch[2])
@@ -206,8 +238,11 @@ class Run:
             loss_sum += loss.detach()
         grad_norm = clip_gradients(list(self.trainable.values()), t)
         # Host sync (the one per step): the loss and norm decide whether this step is applied.
-        loss_val, norm_val = loss_sum.item(), float(grad_norm)
-        bad = not (math.isfinite(loss_val) and math.isfinite(norm_val))
+        loss_val, norm_val = (loss_sum.item(), float(grad_norm)) if not reason else (math.nan, math.nan)
+        if not reason and not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+            reason = (f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} (loss {loss_val}, "
+                      f"grad norm {norm_val})")
+        bad = bool(reason)
         if bad:
             self.skipped, self.consecutive = self.skipped + 1, self.consecutive + 1
         else:
@@ -218,7 +253,7 @@ class Run:
         self.step += 1
         if self.ema is not None and not bad:
             self.ema.maybe_update(self.step)
-        return StepResult(loss_val, norm_val, tokens, time.perf_counter() - t0, bad)
+        return StepResult(loss_val, norm_val, tokens, time.perf_counter() - t0, bad, reason)
 
     # -- the loop -------------------------------------------------------------------------------------
     def loop(self) -> int:
@@ -226,6 +261,7 @@ class Run:
         t = self.cfg.train
         self.logger = StepLog(self.cfg.logging, self.run_dir, self.step, t.max_train_steps, self.device)
         saved_at = self.step
+        due = False  # a periodic checkpoint waits for a good step
         try:
             with _StopFlag() as stop:
                 if self.validator is not None and self.step == 0 and self.cfg.validation.baseline:
@@ -237,30 +273,31 @@ class Run:
                     self.logger.step(self.step, r.loss, lr, r.grad_norm, r.seconds, r.tokens,
                                      memory_bytes(self.device), r.skipped)
                     if r.skipped:
-                        self.logger.write(
-                            f"step {self.step}: non-finite {'loss' if not math.isfinite(r.loss) else 'gradient'} "
-                            f"(loss {r.loss}, grad norm {r.grad_norm}); step skipped ({self.consecutive} in a "
-                            f"row, {self.skipped} in total)")
+                        self.logger.write(f"step {self.step}: {r.reason}; step skipped ({self.consecutive} in a "
+                                          f"row, {self.skipped} in total)")
                     if t.max_consecutive_nonfinite and self.consecutive >= t.max_consecutive_nonfinite:
                         raise TrainingStopped(
                             f"stopped at step {self.step}: {self.consecutive} non-finite steps in a row "
                             f"(train.max_consecutive_nonfinite = {t.max_consecutive_nonfinite}). Lower "
-                            f"train.learning_rate (now {t.learning_rate}), keep train.max_grad_norm > 0, check "
-                            f"the data (a corrupt cache entry: delete {self.cfg.cache.dir}), then resume from "
-                            f"the last checkpoint with train.resume = \"latest\"")
+                            f"train.learning_rate (now {t.learning_rate}; a resume takes the new value), keep "
+                            f"train.max_grad_norm > 0, check the data (a corrupt cache entry: delete "
+                            f"{self.cfg.cache.dir}), then resume from the last checkpoint "
+                            f"({self.last_checkpoint or 'none yet'}) with train.resume = \"latest\"")
                     if self.validator is not None and self.validator.due(self.step):
                         self.validate()
-                    if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                    due = due or bool(t.checkpoint_every and self.step % t.checkpoint_every == 0)
+                    if due and not r.skipped:
                         self.checkpoint()
-                        saved_at = self.step
+                        saved_at, due = self.step, False
                     if stop.signum:
-                        if saved_at != self.step:
-                            self.checkpoint()
                         name = signal.Signals(stop.signum).name
-                        self.logger.write(f"{name}: stopped at step {self.step} after writing a checkpoint; "
-                                          f"resume with train.resume = \"latest\"")
+                        if saved_at != self.step and not r.skipped:
+                            self.checkpoint()
+                            saved_at = self.step
+                        self.logger.write(f"{name}: stopped at step {self.step}; resume from "
+                                          f"{self.last_checkpoint or 'the start'} with train.resume = \"latest\"")
                         return 128 + stop.signum
-                if saved_at != self.step:
+                if saved_at != self.step and not r.skipped:
                     self.checkpoint()
         finally:
             self.logger.close()
@@ -273,43 +310,96 @@ class Run:
         self.seconds["validation"] += time.perf_counter() - t1
 
     def checkpoint(self) -> None:
+        """Save the run's state, unless the weights are broken (then say so and keep the last one)."""
+        problem = self.weights_problem()
+        if problem:
+            self.logger.write(f"warning: no checkpoint at step {self.step}: {problem}; the last one stays "
+                              f"{self.last_checkpoint or '(none)'}")
+            return
         t1 = time.perf_counter()
         rng = {"flow": self.flow_gen.get_state(), "tread": self.tread_gen.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "loader": self.loader.state_dict(), "skipped": self.skipped, "consecutive": self.consecutive,
+        state = {"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+                 "skipped": self.skipped, "consecutive": self.consecutive, "start_max_abs": self.start_max_abs,
                  "seconds": dict(self.seconds), "rng": rng}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        meta = {"adapter": self.cfg.adapter.type, "seed": self.cfg.train.seed,
+                "hparams": {"optimizer": self.cfg.train.optimizer, **hparams(self.cfg.train)}}
         path = save_checkpoint(self.ckpt_root, self.step, {n: p.detach() for n, p in self.trainable.items()},
-                               state, {"adapter": self.cfg.adapter.type, "seed": self.cfg.train.seed},
-                               keep=self.cfg.train.keep_checkpoints)
+                               state, meta, keep=self.cfg.train.keep_checkpoints)
+        self.last_checkpoint = path
         write_plots(self.run_dir)
         self.seconds["checkpointing"] += time.perf_counter() - t1
         write_summary(self.run_dir, self.summary())
         self.logger.write(f"checkpoint: {path}")
 
+    # -- health of the trained weights: what may be checkpointed and exported --------------------------
+    @torch.no_grad()
+    def max_abs(self) -> float:
+        """Largest |w| over the trained weights (nan/inf when any is non-finite). One host sync."""
+        peaks = [p.detach().abs().amax().float() for p in self.trainable.values() if p.numel()]
+        return float(torch.stack([x.to(peaks[0].device) for x in peaks]).amax()) if peaks else 0.0
+
+    def weights_problem(self) -> str:
+        """Why the trained weights must not be saved ("" when they are healthy)."""
+        peak = self.max_abs()
+        if not math.isfinite(peak):
+            return "the trained weights hold non-finite values"
+        if self.start_max_abs > 0 and peak > DIVERGED_GROWTH * self.start_max_abs:
+            return (f"the largest trained |w| grew {peak / self.start_max_abs:.3g}x since the start "
+                    f"({self.start_max_abs:.3g} -> {peak:.3g}), past the {DIVERGED_GROWTH:.0e}x that means diverged")
+        return ""
+
     def summary(self) -> dict:
         t = self.cfg.train
-        return {"steps": self.step, "samples_seen": self.step * t.batch_size * t.gradient_accumulation_steps,
-                "skipped_files": len(self.prepared.skips.entries), "skipped_steps": self.skipped,
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+        out = {"steps": self.step, "samples_seen": self.step * t.batch_size * t.gradient_accumulation_steps,
+               "skipped_files": len(self.prepared.skips.entries), "skipped_steps": self.skipped,
+               "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+        if self.skipped:
+            out["warning"] = self.skipped_warning()
+        return out
+
+    def skipped_warning(self) -> str:
+        return (f"{self.skipped} of {self.step} steps were skipped (non-finite loss or gradient, or a damaged "
+                f"cache entry) and did not train; \"skipped\": true in {self.run_dir / 'losses.jsonl'} marks them")
 
     # -- the run's end: exports, plots, summary ---------------------------------------------------------
     def finish(self) -> list[Path]:
-        files = export_final(self.cfg, self.model, self.run_dir, self.step, self.log)
-        if self.ema is not None:
-            with self.ema.swapped_in():
-                files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step, self.log)
+        problem = self.weights_problem()
+        files = []
+        if not problem:
+            files = export_final(self.cfg, self.model, self.run_dir, self.step, self.log)
+            if self.ema is not None:
+                with self.ema.swapped_in():
+                    files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step, self.log)
         write_plots(self.run_dir)
         write_summary(self.run_dir, self.summary())
-        losses = loss_values(self.run_dir)
+        losses = [x for x in loss_values(self.run_dir) if math.isfinite(x)]
         if len(losses) >= 20:
             first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
             self.log(f"loss: mean of the first 10 steps {first:.4f}, of the last 10 {last:.4f}")
+        if self.skipped:
+            self.log(f"warning: {self.skipped_warning()}")
+        if problem:
+            then = (f"resume from the last healthy checkpoint ({self.last_checkpoint}) with train.resume = "
+                    f"\"latest\"" if self.last_checkpoint else "train again from the start")
+            raise TrainingStopped(f"not exporting the weights of step {self.step}: {problem}. Lower "
+                                  f"train.learning_rate (now {self.cfg.train.learning_rate}; a resume takes the new "
+                                  f"value) and {then}")
         self.log(f"done: {self.step} steps ({self.skipped} skipped); saved {', '.join(str(f) for f in files)}")
         return files
+
+
+def hparams(t) -> dict:
+    """The train settings a resume takes from the config (JSON values, as stored in meta.json)."""
+    return {k: list(v) if isinstance(v, (list, tuple)) else v
+            for k, v in ((k, getattr(t, k)) for k in RESUMED_FROM_CONFIG)}
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def export_final(cfg: Config, model, run_dir: Path, step: int, log=print) -> list[Path]:
