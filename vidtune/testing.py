@@ -203,7 +203,7 @@ def check_loaders(run_dir: str | Path, tol: float = 1e-4) -> bool:
     model = from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     stray = sorted(set(wan) - comfyui_lora_keys(original_weight_keys(model)))
     for_diffusers = run_dir / DIFFUSERS_FILE if (run_dir / DIFFUSERS_FILE).is_file() else run_dir / WAN_FILE
-    pipe = WanPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(model_dir, dtype=torch.float32)
     pipe.load_lora_weights(str(for_diffusers))
     c = model.config
     g = torch.Generator().manual_seed(0)
