@@ -11,12 +11,12 @@ from .gelu import GeluTanh, gelu_tanh
 from .modulate import Modulate, modulate
 from .norm import RMSNorm, rms_norm
 from .residual import GatedResidual, gated_residual
-from .rope import QKNormRope, Rope, qk_norm_rope, rope, wan_rope_freqs
+from .rope import QKNormRope, Rope, qk_norm_rope, rope, rope_freqs_at, wan_rope_freqs
 from .tread import TreadGather, TreadScatter, select_tokens, tread_gather, tread_scatter
 
 __all__ = [
     "HAS_TRITON", "mode", "use_triton",
-    "rope", "Rope", "wan_rope_freqs", "qk_norm_rope", "QKNormRope",
+    "rope", "Rope", "wan_rope_freqs", "rope_freqs_at", "qk_norm_rope", "QKNormRope",
     "rms_norm", "RMSNorm",
     "modulate", "Modulate",
     "gated_residual", "GatedResidual",

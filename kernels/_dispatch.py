@@ -1,6 +1,7 @@
 """One dispatcher for every op: ``VIDTUNE_KERNELS=auto|triton|torch``.
 
-auto   -> Triton on CUDA/ROCm tensors when triton imports, torch otherwise (CPU).
+auto   -> Triton on CUDA/ROCm tensors when triton imports, torch otherwise (CPU); one exception,
+         measured: rms_norm with weight and input of one dtype calls torch's fused F.rms_norm on CUDA.
 triton -> Triton everywhere. On CPU that needs ``TRITON_INTERPRET=1`` (tests only: slow).
 torch  -> the pure-torch path everywhere.
 

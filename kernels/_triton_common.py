@@ -1,6 +1,7 @@
 """Pieces shared by the rope, modulate, residual and gelu kernels."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -12,11 +13,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: launchers call it every step); 1 for
+    the interpreter, so per-SM program counts stay a handful there."""
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 1
+
+
 def row_programs(rows: int, device: torch.device) -> int:
     """Programs for kernels that stride over rows: a few per SM on GPU, a handful when interpreted."""
-    if device.type == "cuda":
-        return max(1, min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(rows, 8))
+    return max(1, min(rows, 4 * sm_count(device) if device.type == "cuda" else 8))
 
 
 if HAS_TRITON:

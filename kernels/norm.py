@@ -14,10 +14,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ._dispatch import HAS_TRITON, use_triton
-from ._triton_common import interpreting, row_programs
+from ._dispatch import HAS_TRITON, mode, use_triton
+from ._triton_common import interpreting, sm_count
 
 if HAS_TRITON:
     import triton
@@ -26,40 +27,73 @@ if HAS_TRITON:
     from ._triton_common import cast_out
 
     @triton.jit
-    def _rms_norm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, D, eps, sx_r, sx_d,
-                             BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
-        row = tl.program_id(0)
+    def _rms_norm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, D, eps, sx_r, sx_d,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
+        # One [BLOCK_R, BLOCK_D] tile of rows per program: one load of x, one store of out.
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.arange(0, BLOCK_D)
-        mask = d < D
-        x = tl.load(x_ptr + row * sx_r + d * sx_d, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        w = tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * D + d, cast_out(x * rstd * w, out_ptr.dtype.element_ty, ROUND_BF16),
-                 mask=mask)
-        tl.store(rstd_ptr + row, rstd)
+        rmask = rows < n_rows
+        mask = rmask[:, None] & (d < D)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * sx_r + d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        out = x * rstd[:, None] * w[None, :]
+        tl.store(out_ptr + rows[:, None] * D + d[None, :],
+                 cast_out(out, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
     @triton.jit
-    def _rms_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, D,
-                             sg_r, sg_d, sx_r, sx_d, COMPUTE_DW: tl.constexpr,
-                             BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
-        # Programs stride over rows and keep a private fp32 dw partial (summed on the host).
+    def _rms_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, D, rows_per_prog,
+                             sg_r, sg_d, sx_r, sx_d, COMPUTE_DW: tl.constexpr, NUM_STAGES: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
+        # Each program walks its own contiguous rows_per_prog rows (a multiple of BLOCK_R) in
+        # [BLOCK_R, BLOCK_D] tiles and keeps a private fp32 dw partial in registers; the launcher
+        # sums the (programs, D) partials on the device.
         pid = tl.program_id(0)
         d = tl.arange(0, BLOCK_D)
-        mask = d < D
-        w = tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
-        dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for row in range(pid, n_rows, tl.num_programs(0)):
-            g = tl.load(g_ptr + row * sg_r + d * sg_d, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
-            xh = tl.load(x_ptr + row * sx_r + d * sx_d, mask=mask, other=0.0).to(tl.float32) * rstd
+        dmask = d < D
+        w = tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        start = pid * rows_per_prog
+        end = tl.minimum(start + rows_per_prog, n_rows)
+        for r0 in tl.range(start, end, BLOCK_R, num_stages=NUM_STAGES):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            rmask = rows < end
+            mask = rmask[:, None] & dmask[None, :]
+            g = tl.load(g_ptr + rows[:, None] * sg_r + d[None, :] * sg_d, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + rows[:, None] * sx_r + d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+            xh = x * rstd[:, None]
             if COMPUTE_DW:
                 dw += g * xh
-            dn = g * w
-            m = tl.sum(dn * xh, axis=0) / D
-            tl.store(dx_ptr + row * D + d,
-                     cast_out(rstd * (dn - xh * m), dx_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+            dn = g * w[None, :]
+            m = tl.sum(dn * xh, axis=1) / D
+            tl.store(dx_ptr + rows[:, None] * D + d[None, :],
+                     cast_out(rstd[:, None] * (dn - xh * m[:, None]), dx_ptr.dtype.element_ty, ROUND_BF16),
+                     mask=mask)
         if COMPUTE_DW:
-            tl.store(dw_ptr + pid * D + d, dw, mask=mask)
+            tl.store(dw_ptr + pid * D + d, tl.sum(dw, axis=0), mask=dmask)
+
+
+# Tile sizes, from ptxas on sm_90 at D = 1536 (BLOCK_D = 2048), bf16. The forward gives each
+# program a [4, 2048] tile (8 warps, 32 elements a thread, 58 registers: 4 programs and 48 KiB of
+# loads in flight per SM; 24 KiB moved a program). The backward keeps g, x, dx and the dw partial
+# as [2, 2048] tiles (8 warps, ~106 registers: 2 programs per SM) and pipelines its row loop
+# _BWD_STAGES deep (cp.async into shared memory, 48 KiB a program), so the next tiles' loads are in
+# flight while one is reduced; 2 programs per SM then fill the machine in one wave. The
+# interpreter pays ~3 ms per program instance whatever the tile, so it gets two-row tiles and at
+# most two backward programs (still a masked tail and a multi-tile loop on the tests' 5 rows).
+_FWD_TILE, _BWD_TILE, _BWD_STAGES, _BWD_PROGRAMS_PER_SM = 8192, 4096, 3, 2
+
+
+def _tile(D: int, device: torch.device, elems: int, per_thread: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps) for rows of D elements: a tile of about elems, per_thread
+    of them a thread."""
+    block_d = triton.next_power_of_2(D)
+    if device.type != "cuda":
+        return 2, block_d, 4
+    block_r = max(1, min(64, elems // block_d))
+    return block_r, block_d, max(4, min(16, block_r * block_d // (32 * per_thread)))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -73,10 +107,12 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
         x2 = _rows(x)
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-        if x2.shape[0]:
-            _rms_norm_fwd_kernel[(x2.shape[0],)](
-                x2, weight, out, rstd, D, eps, *x2.stride(),
-                BLOCK_D=triton.next_power_of_2(D), ROUND_BF16=interpreting())
+        n_rows = x2.shape[0]
+        if n_rows:
+            block_r, block_d, warps = _tile(D, x.device, _FWD_TILE, 32)
+            _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+                x2, weight, out, rstd, n_rows, D, eps, *x2.stride(),
+                BLOCK_R=block_r, BLOCK_D=block_d, ROUND_BF16=interpreting(), num_warps=warps)
         return out, rstd
     # vector_norm reads x in its own dtype (no fp32 copy of x); the (rows,) stats chain is in place.
     rstd = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).pow_(2).div_(D).add_(eps).rsqrt_()
@@ -92,14 +128,20 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         g2, x2 = _rows(grad), _rows(x)
         n_rows = x2.shape[0]
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        n_prog = row_programs(n_rows, x.device)
+        block_r, block_d, warps = _tile(D, x.device, _BWD_TILE, 16)
+        # Programs: 2 per SM on GPU (2 when interpreted), never more than there are tiles; each
+        # takes a contiguous run of whole tiles, the last one the remainder.
+        tiles = triton.cdiv(n_rows, block_r)
+        n_prog = min(tiles, _BWD_PROGRAMS_PER_SM * sm_count(x.device))
+        tiles_per_prog = triton.cdiv(tiles, n_prog) if n_rows else 0
+        n_prog = triton.cdiv(tiles, tiles_per_prog) if n_rows else 0
+        # (0, D) partials when there are no rows: their sum is the zero dw.
         dw = torch.empty((n_prog, D) if compute_dw else (0,), dtype=torch.float32, device=x.device)
         if n_rows:
             _rms_norm_bwd_kernel[(n_prog,)](
-                g2, x2, weight, rstd, dx, dw, n_rows, D, *g2.stride(), *x2.stride(),
-                COMPUTE_DW=compute_dw, BLOCK_D=triton.next_power_of_2(D), ROUND_BF16=interpreting())
-        elif compute_dw:
-            dw.zero_()
+                g2, x2, weight, rstd, dx, dw, n_rows, D, tiles_per_prog * block_r,
+                *g2.stride(), *x2.stride(), COMPUTE_DW=compute_dw, NUM_STAGES=_BWD_STAGES,
+                BLOCK_R=block_r, BLOCK_D=block_d, ROUND_BF16=interpreting(), num_warps=warps)
         return dx, (dw.sum(0) if compute_dw else dw).to(weight.dtype)
     w = weight.float()  # (D,): the only copy besides the one fp32 buffer and dx
     r = rstd.unsqueeze(-1)
@@ -153,6 +195,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if x.dim() < 1 or weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm expects x (..., D) and weight (D,), got x {tuple(x.shape)} and "
                          f"weight {tuple(weight.shape)}")
+    if x.is_cuda and weight.dtype == x.dtype and mode() == "auto":
+        # torch's fused CUDA RMSNorm (the op diffusers calls) beat our Triton kernel on an H200:
+        # 32,760 x 1536 bf16, 0.063 ms forward / 0.145 ms fwd+bwd vs 0.18 / 0.45 (benchmarks/README.md).
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return RMSNormFunction.apply(x, weight, float(eps))
 
 

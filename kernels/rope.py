@@ -334,6 +334,20 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
     return QKNormRopeFunction.apply(x, weight, float(eps), cos, sin, int(heads))
 
 
+def rope_freqs_at(head_dim: int, positions: torch.Tensor, theta: float = 10000.0,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact fp32 (cos, sin) of shape (S, head_dim // 2) for integer (frame, h, w) ``positions``
+    (S, 3), in Wan's [t, h, w] split of the head dim; float64 angles, so a negative position is the
+    conjugate rotation (Wan S2V places motion frames at negative times)."""
+    h_dim = w_dim = 2 * (head_dim // 6)
+    t_dim = head_dim - h_dim - w_dim
+    pos = positions.to(device=device, dtype=torch.float64)
+    angles = [torch.outer(pos[:, i], 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+              for i, dim in enumerate((t_dim, h_dim, w_dim))]
+    angle = torch.cat(angles, dim=-1)
+    return angle.cos().float(), angle.sin().float()
+
+
 def wan_rope_freqs(head_dim: int, num_frames: int, height: int, width: int,
                    theta: float = 10000.0, max_seq_len: int = 1024,
                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,16 +358,9 @@ def wan_rope_freqs(head_dim: int, num_frames: int, height: int, width: int,
     """
     if max(num_frames, height, width) > max_seq_len:
         raise ValueError(f"grid ({num_frames}, {height}, {width}) exceeds max_seq_len={max_seq_len}")
-    h_dim = w_dim = 2 * (head_dim // 6)
-    t_dim = head_dim - h_dim - w_dim
-    angles = []
-    for dim, n in ((t_dim, num_frames), (h_dim, height), (w_dim, width)):
-        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
-        angles.append(torch.outer(torch.arange(n, dtype=torch.float64, device=device), freqs))
-    grid = (num_frames, height, width, -1)
-    angle = torch.cat([angles[0][:, None, None].expand(grid), angles[1][None, :, None].expand(grid),
-                       angles[2][None, None, :].expand(grid)], dim=-1).flatten(0, 2)
-    return angle.cos().float(), angle.sin().float()
+    axes = [torch.arange(n, device=device) for n in (num_frames, height, width)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flatten(0, 2)
+    return rope_freqs_at(head_dim, grid, theta, device)
 
 
 class Rope(nn.Module):

@@ -90,7 +90,27 @@ def transformer_subfolder(model_cfg: ModelConfig) -> str | None:
     family's rule for the flavour (None = found automatically: the path, or its transformer/)."""
     if model_cfg.transformer_subfolder is not None:
         return model_cfg.transformer_subfolder
-    return family(model_cfg.family).transformer_subfolder(model_cfg.flavour)
+    return family(model_cfg.family).transformer_subfolder(model_cfg.flavour, model_cfg.experts)
+
+
+def expert_config(model_cfg: ModelConfig, expert: str) -> ModelConfig:
+    """The model section of one expert ("high" | "low") of a two-expert flavour."""
+    return dataclasses.replace(model_cfg, experts=expert)
+
+
+def expert_boundary(model_cfg: ModelConfig, log=print) -> float:
+    """The noise level (timestep / 1000) where a two-expert checkpoint hands over from the
+    high-noise expert to the low-noise one: the pipeline's ``boundary_ratio`` (the family's)."""
+    return family(model_cfg.family).boundary_ratio(model_cfg, say=log)
+
+
+def model_inputs(model_cfg: ModelConfig):
+    """What the model section's transformer takes besides latents, text and timesteps (the
+    family's ``model_inputs``, e.g. ``vidtune.models.wan.WanInputs``); None for families
+    without one."""
+    fam = family(model_cfg.family)
+    fn = getattr(fam, "model_inputs", None)
+    return fn(architecture(model_cfg), model_cfg) if fn is not None else None
 
 
 def load_transformer(model_cfg: ModelConfig, init: str = "pretrained", *, arch=None, num_layers: int | None = None):
@@ -144,9 +164,12 @@ def apply_adapter(model: nn.Module, adapter_cfg: AdapterConfig, *, dtype: torch.
     return params
 
 
-def apply_offload(model: nn.Module, memory_cfg: MemoryConfig, device) -> GroupOffload | None:
-    """Block-level group offload (``memory.offload``); without it the whole model moves to ``device``."""
-    off = apply_group_offload(model, memory_cfg.offload, device, model_cpu_offload=memory_cfg.model_cpu_offload)
+def apply_offload(model: nn.Module, memory_cfg: MemoryConfig, device, share: GroupOffload | None = None
+                  ) -> GroupOffload | None:
+    """Block-level group offload (``memory.offload``); without it the whole model moves to ``device``.
+    ``share``: another model's offload whose streamer this one joins (two experts, one slot pool)."""
+    off = apply_group_offload(model, memory_cfg.offload, device, model_cpu_offload=memory_cfg.model_cpu_offload,
+                              share=share)
     if off is None:
         model.to(device)
     return off
@@ -159,20 +182,25 @@ def apply_checkpointing(model: nn.Module, memory_cfg: MemoryConfig) -> int:
     return apply_activation_checkpointing(model.blocks, memory_cfg.gradient_checkpointing_every_n)
 
 
-# ``compile.enabled = "auto"`` per device type, from measurements (benchmarks/README.md): on CPU
-# inductor's step is 1-3.5% faster than eager at the bench config, within the run-to-run spread,
-# and each process pays 5-15 s of compile (more per new token count): off. GPUs stay off until
-# the GPU check has measured them.
-COMPILE_AUTO = {"cpu": False, "cuda": False}
+# ``compile.enabled = "auto"``, from measurements (benchmarks/README.md). CPU: inductor's step is
+# 1-3.5% faster than eager at the bench config, within the run-to-run spread, for 5-15 s of compile
+# per process: off. NVIDIA GPU (H200, Wan 1.3B LoRA at 32,760 tokens, two passes): 0.950x / 0.946x
+# of eager, 8.4 GiB less peak, 9-12 s of compile: on, for what was measured (a bf16/fp32 base
+# without offload); int8 bases, offload and ROCm stay eager until measured.
+COMPILE_AUTO = {"cpu": False, "cuda": True}
 
 
-def compile_enabled(compile_cfg: CompileConfig, device) -> bool:
+def compile_enabled(compile_cfg: CompileConfig, device, *, quantized: bool = False, offloaded: bool = False) -> bool:
     if compile_cfg.enabled == "auto":
-        return COMPILE_AUTO.get(torch.device(device).type, False)
+        dev = torch.device(device).type
+        if dev == "cuda" and (torch.version.hip is not None or quantized or offloaded):
+            return False
+        return COMPILE_AUTO.get(dev, False)
     return compile_cfg.enabled == "on"
 
 
-def apply_compile(model: nn.Module, compile_cfg: CompileConfig, device="cpu") -> int:
+def apply_compile(model: nn.Module, compile_cfg: CompileConfig, device="cpu", *, quantized: bool = False,
+                  offloaded: bool = False) -> int:
     """Regional compilation: each block's own computation goes through ``torch.compile``. The
     blocks share their code, so Dynamo traces the block class once and the blocks reuse that graph
     (parameters are graph inputs, not constants): a 40-block model compiles one graph, not 40
@@ -188,7 +216,7 @@ def apply_compile(model: nn.Module, compile_cfg: CompileConfig, device="cpu") ->
     dynamic shapes: the first time a second count shows up the block graph is recompiled once
     with the token dimension symbolic, and every later count reuses it; ``"on"`` makes the
     dimensions symbolic from the start, ``"off"`` compiles one graph per count."""
-    if not compile_enabled(compile_cfg, device):
+    if not compile_enabled(compile_cfg, device, quantized=quantized, offloaded=offloaded):
         return 0
     kw = dict(backend=compile_cfg.backend, dynamic={"auto": None, "on": True, "off": False}[compile_cfg.dynamic])
     if compile_cfg.mode != "default":
@@ -247,10 +275,12 @@ def adapter_master_weights(cfg: Config) -> bool:
 def build_training_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, memory_cfg: MemoryConfig,
                          compile_cfg: CompileConfig, device, *, adapter_dtype: torch.dtype = torch.float32,
                          seed: int | None = None, init: str = "pretrained", arch=None,
-                         num_layers: int | None = None, log=print) -> TrainingModel:
+                         num_layers: int | None = None, offload_share: GroupOffload | None = None,
+                         log=print) -> TrainingModel:
     """Load the transformer and apply quantize -> adapter -> offload -> checkpointing -> compile.
 
-    ``seed`` seeds torch's global RNG before the adapter is made (LoRA init draws from it)."""
+    ``seed`` seeds torch's global RNG before the adapter is made (LoRA init draws from it).
+    ``offload_share``: the offload of a model built before whose streamer this one shares."""
     device = torch.device("meta") if init == "meta" else torch.device(device)
     model = load_transformer(model_cfg, init, arch=arch, num_layers=num_layers)
     model.set_attention_backend(model_cfg.attention_backend)
@@ -267,11 +297,26 @@ def build_training_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, mem
     if init == "meta":
         skipped += ["offload"] if memory_cfg.offload.type != "none" else []
     else:
-        offload = apply_offload(model, memory_cfg, device)
+        offload = apply_offload(model, memory_cfg, device, offload_share)
     apply_checkpointing(model, memory_cfg)
-    compiled = 0 if init == "meta" else apply_compile(model, compile_cfg, device)
+    compiled = 0 if init == "meta" else apply_compile(model, compile_cfg, device, quantized=model_cfg.base_precision == "int8",
+                                                      offloaded=offload is not None)
     model.train()
     return TrainingModel(model, params, device, offload, compiled, skipped)
+
+
+def build_frozen_model(model_cfg: ModelConfig, memory_cfg: MemoryConfig, device, *,
+                       offload_share: GroupOffload | None = None) -> nn.Module:
+    """A model that only samples (the other expert during validation): load -> quantize ->
+    offload, no adapter, no checkpointing, every weight frozen, in eval mode."""
+    device = torch.device(device)
+    model = load_transformer(model_cfg, "pretrained")
+    model.set_attention_backend(model_cfg.attention_backend)
+    model.set_ff_chunk_size(memory_cfg.chunked_ff.chunk_size if memory_cfg.chunked_ff.enabled else None)
+    apply_quantization(model, model_cfg, device)
+    model.requires_grad_(False)
+    apply_offload(model, memory_cfg, device, offload_share)
+    return model.eval()
 
 
 def build_from_config(cfg: Config, device, **kw) -> TrainingModel:

@@ -45,14 +45,25 @@ FLAVOURS: dict[str, dict[str, str]] = {
     "wan": {
         "t2v-480p-1.3b-2.1": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         "t2v-480p-14b-2.1": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
-        "i2v-14b-2.2-high": "Wan-AI/Wan2.2-I2V-14B-Diffusers",
-        "i2v-14b-2.2-low": "Wan-AI/Wan2.2-I2V-14B-Diffusers",
+        "i2v-480p-14b-2.1": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+        "i2v-720p-14b-2.1": "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+        "i2v-14b-2.2": "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
         "t2v-a14b-2.2": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
         "ti2v-5b-2.2": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
     },
     "wan_s2v": {"s2v-14b-2.2": "tolgacangoz/Wan2.2-S2V-14B-Diffusers"},
     "sana_video": {"2b-480p": "Efficient-Large-Model/SANA-Video_2B_480p_diffusers"},
 }
+# Flavours whose checkpoint holds two experts: ``transformer`` (high noise) and ``transformer_2``
+# (low noise); ``model.experts`` picks what trains.
+EXPERT_FLAVOURS = {"wan": ("i2v-14b-2.2", "t2v-a14b-2.2")}
+# Other names a flavour is known by (SimpleTuner's): alias -> (flavour, experts or None). Resolved
+# at load, so the resolved config shows what runs.
+FLAVOUR_ALIASES = {"wan": {
+    "i2v-14b-2.2-high": ("i2v-14b-2.2", "high"), "i2v-14b-2.2-low": ("i2v-14b-2.2", "low"),
+    "t2v-a14b-2.2-high": ("t2v-a14b-2.2", "high"), "t2v-a14b-2.2-low": ("t2v-a14b-2.2", "low"),
+    "i2v-14b-2.1": ("i2v-480p-14b-2.1", None), "i2v-14b-2.1-720p": ("i2v-720p-14b-2.1", None),
+}}
 # Frames per second each flavour was trained at; videos are resampled to it.
 FLAVOUR_FPS = {"ti2v-5b-2.2": 24}
 DEFAULT_FPS = 16
@@ -79,12 +90,19 @@ class ModelConfig:
     fps: Optional[int] = opt(None, "Frame rate the model was trained at; default: the flavour's (16; 24 for ti2v-5b).")
     attention_backend: Literal["sdpa", "flash", "sage"] = opt(
         "sdpa", "Attention kernel: torch SDPA, flash-attn or SageAttention.")
+    experts: Optional[Literal["high", "low", "both"]] = opt(
+        None, "Two-expert flavours (Wan 2.2 A14B): train the high-noise expert (transformer/), the low-noise one "
+        "(transformer_2/) or both in one run; each trains only on its own timesteps. Required for them.")
     force_2_1_time_embedding: bool = opt(
         False, "Use Wan 2.1-style time embeddings (fixes Wan 2.2 time-embedding shape mismatches).")
     base_precision: Literal["bf16", "int8"] = opt(
         "bf16", "Precision of the frozen base transformer: bf16, or int8 weights via torchao.")
     quantize_via: Literal["device", "cpu"] = opt(
         "device", "Where int8 quantization runs: on the training device (fast) or on the CPU (less VRAM).")
+    audio_encoder_path: Optional[str] = opt(
+        None, "Wan S2V: pipeline dir or hub id with audio_encoder/ (Wav2Vec2ForCTC, the English XLS-R-53 CTC "
+        "fine-tune) and audio_processor/; default: path.")
+    audio_encoder_dtype: Dtype = opt("fp32", "Wan S2V: dtype the audio encoder runs in while caching features.")
 
     def resolved_path(self) -> str:
         return self.path or FLAVOURS[self.family][self.flavour]
@@ -202,8 +220,9 @@ class MemoryConfig:
 class CompileConfig:
     enabled: Literal["auto", "on", "off"] = opt(
         "auto", "Regional torch.compile of the transformer blocks (one compiled graph serves every block). "
-        "auto: off on CPU (1-3.5% faster steps do not repay 5-15 s of compile, benchmarks/README.md) and on "
-        "GPUs until the GPU check measures it.")
+        "auto: on for NVIDIA GPUs with a bf16/fp32 base and no offload (0.95x step time and 8 GiB less peak "
+        "for 9-12 s of compile, measured on an H200), off on CPU (1-3.5% faster steps do not repay 5-15 s of "
+        "compile), with int8 bases, offload and ROCm (not yet measured); benchmarks/README.md.")
     backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager compiles without code generation).")
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = opt(
         "default", "torch.compile mode.")
@@ -263,8 +282,17 @@ class ValidationConfig:
     skip_layers_start: float = opt(0.0, "Fraction of sampling where skip-layer guidance starts.")
     skip_layers_stop: float = opt(1.0, "Fraction of sampling where skip-layer guidance stops.")
     skip_layers_scale: float = opt(2.8, "Skip-layer guidance scale: pred += (cond - cond_skipped) * scale (SD3 form).")
-    load_other_stage: bool = opt(False, "Wan 2.2 two-stage models: load the other stage for validation.")
+    load_other_stage: bool = opt(
+        False, "Wan 2.2 two-expert models trained one expert at a time: load the other expert (frozen) and "
+        "switch to it at the boundary while sampling, like WanPipeline with transformer_2.")
+    dataset: Optional[str] = opt(
+        None, "Image-to-video: id of an image [[dataset]] whose images (with their captions) are the first "
+        "frames of the validation videos; it is not trained on.")
     preview_every: int = opt(0, "Save a preview every K sampling steps (0: off).")
+    reference_media: list[str] = opt(
+        help="Wan S2V: an image or video per prompt, in order: its first frame is the reference; the audio file "
+        "of the same stem beside it (.wav .mp3 .flac .ogg .m4a), else its own track, drives the clip and becomes "
+        "the mp4's soundtrack.", factory=list)
 
 
 @dataclass
@@ -274,6 +302,31 @@ class EmaConfig:
     update_interval: int = opt(1, "Update the EMA every N optimizer steps.")
     device: Literal["same", "cpu"] = opt("same", "Where the EMA weights live: with the model, or in CPU RAM.")
     validation: Literal["ema_only", "both", "none"] = opt("both", "Validate with the EMA weights, both, or the live ones.")
+
+
+@dataclass
+class AudioConfig:
+    auto_split: bool = opt(
+        True, "Take each video's own audio track (decoded with torchcodec); false: the file of the same stem in path.")
+    path: Optional[str] = opt(
+        None, "Folder of audio files (.wav .mp3 .flac .ogg .m4a) matched to the videos by stem, same subfolders "
+        "first (SimpleTuner's s2v_datasets); used when auto_split = false.")
+    sample_rate: int = opt(16000, "Sample rate the audio is decoded at; wav2vec2 takes 16000.")
+    channels: int = opt(1, "Audio channels; wav2vec2 takes mono (1): every channel is averaged.")
+    allow_zero_audio: bool = opt(
+        False, "Videos without audio train on silent (zero) features instead of being skipped.")
+    max_duration_seconds: Optional[float] = opt(
+        None, "Skip videos whose audio is longer than this (seconds); default: no limit.")
+    duration_interval: float = opt(
+        3.0, "bucket_strategy = resolution_frames: clip lengths step by this many seconds (in 4-frame steps), so "
+        "audio windows fall in duration buckets; 0: by frame_interval.")
+    truncation_mode: Literal["beginning", "end", "random"] = opt(
+        "beginning", "Which window of a longer video (and its audio) a clip takes: the start, the end, or a random "
+        "one (fixed per file).")
+    motion: Literal["off", "auto"] = opt(
+        "off", "auto: a video with 72 frames more than the clip (and 64+ pixels a side) trains the window after its "
+        "first 73 frames, those becoming its motion frames (the later windows of a long S2V generation); off: "
+        "every clip is a first window, without motion frames.")
 
 
 @dataclass
@@ -299,6 +352,14 @@ class DatasetConfig:
     bucket_strategy: Literal["aspect_ratio", "resolution_frames"] = opt(
         "aspect_ratio", "Bucket by aspect ratio only, or by WxH@F (mixed resolutions and durations).")
     disabled: bool = opt(False, "Leave this dataset out of the run.")
+    i2v: Optional[bool] = opt(
+        None, "Image-to-video training: condition each clip on its own first frame. Default: the model's "
+        "kind (I2V models: on; TI2V-5B: off, set true for its I2V mode).")
+    last_image: bool = opt(
+        False, "With i2v: condition on the last frame too (first-and-last-frame, as WanImageToVideoPipeline's "
+        "last_image).")
+    audio: AudioConfig = opt(help="Wan S2V: where each video's audio comes from and how it is cut.",
+                             factory=AudioConfig)
 
 
 @dataclass
@@ -317,8 +378,8 @@ class Config:
 
     @property
     def datasets(self) -> list[DatasetConfig]:
-        """The enabled datasets."""
-        return [d for d in self.dataset if not d.disabled]
+        """The enabled training datasets (the one named by validation.dataset only feeds validation)."""
+        return [d for d in self.dataset if not d.disabled and d.id != self.validation.dataset]
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,7 +504,10 @@ def validate(cfg: Config) -> list[str]:
     """Every value problem of the config, as messages naming the key and the fix."""
     e: list[str] = []
     m, t, mem, a = cfg.model, cfg.train, cfg.memory, cfg.adapter
-    if m.flavour not in FLAVOURS[m.family]:
+    e += _expert_errors(cfg)
+    if m.flavour in FLAVOUR_ALIASES.get(m.family, {}):
+        pass  # an alias left unresolved: _expert_errors said why
+    elif m.flavour not in FLAVOURS[m.family]:
         e.append(f"model.flavour: {m.flavour!r} is not a {m.family} flavour; choose one of "
                  f"{sorted(FLAVOURS[m.family])}{_hint(m.flavour, FLAVOURS[m.family])}")
     if m.fps is not None and m.fps < 1:
@@ -510,10 +574,23 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"validation.resolution: expected \"WxH\" such as \"832x480\", got {v.resolution!r}")
     if not 0 <= v.skip_layers_start <= v.skip_layers_stop <= 1:
         e.append("validation.skip_layers_start/stop: need 0 <= start <= stop <= 1")
+    if m.family == "wan_s2v" and v.every > 0 and not v.reference_media:
+        e.append("validation.reference_media: Wan S2V validation needs an image or video per prompt (its first "
+                 "frame is the reference; the audio file of the same stem beside it drives the clip); set it, or "
+                 "validation.every = 0")
     if cfg.ema.update_interval < 1:
         e.append(f"ema.update_interval: must be >= 1, got {cfg.ema.update_interval}")
     if not 0 < cfg.ema.decay < 1:
         e.append(f"ema.decay: must be in (0, 1), got {cfg.ema.decay}")
+    if v.dataset is not None:
+        by_id = {d.id: d for d in cfg.dataset}
+        d = by_id.get(v.dataset)
+        if d is None:
+            e.append(f"validation.dataset: no [[dataset]] with id {v.dataset!r}{_hint(v.dataset, by_id)}; "
+                     f"datasets: {sorted(by_id)}")
+        elif d.type != "image" or d.disabled:
+            e.append(f"validation.dataset: {v.dataset!r} must be an enabled image dataset (type = \"image\"): "
+                     f"its images are the first frames of the validation videos")
     seen = set()
     for i, d in enumerate(cfg.dataset):
         where = f"dataset[{i}] ({d.id!r})"
@@ -530,6 +607,14 @@ def validate(cfg: Config) -> list[str]:
             e.append(f"{where}.weight: must be > 0, got {d.weight}")
         if d.caption_strategy == "instanceprompt" and not d.caption_prefix:
             e.append(f"{where}: caption_strategy = \"instanceprompt\" needs caption_prefix (the prompt)")
+        if d.last_image and d.i2v is False:
+            e.append(f"{where}.last_image: conditions an image-to-video clip on its last frame too; it needs "
+                     f"i2v (unset i2v or set it true)")
+        if (d.i2v or d.last_image) and d.type == "image":
+            e.append(f"{where}.i2v: an image has no frames after the first to learn; train image-to-video on "
+                     f"videos (an image dataset can feed validation: validation.dataset = {d.id!r})")
+        if m.family == "wan_s2v":
+            e += _s2v_dataset_errors(d, where)
         if d.type != "video":
             continue
         if not _is_4k1(d.num_frames):
@@ -544,8 +629,54 @@ def validate(cfg: Config) -> list[str]:
     return e
 
 
+def _expert_errors(cfg: Config) -> list[str]:
+    """Flavour aliases, model.experts and the settings that depend on it."""
+    m, e = cfg.model, []
+    alias = FLAVOUR_ALIASES.get(m.family, {}).get(m.flavour)
+    if alias is not None:  # _finalize resolves an alias unless model.experts contradicts it
+        return [f"model.flavour = {m.flavour!r} means {alias[0]!r} with experts = {alias[1]!r}, but "
+                f"model.experts = {m.experts!r}: set model.flavour = {alias[0]!r} and the experts you want"]
+    two = m.flavour in EXPERT_FLAVOURS.get(m.family, ())
+    if two and m.experts is None:
+        e.append(f"model.experts: {m.flavour} holds two experts (transformer/ = high noise, transformer_2/ = low "
+                 f"noise): set model.experts = \"high\", \"low\" or \"both\"")
+    if m.experts is not None and not two and m.flavour in FLAVOURS.get(m.family, {}):
+        e.append(f"model.experts: {m.flavour} has a single transformer; unset model.experts (two-expert "
+                 f"flavours: {', '.join(EXPERT_FLAVOURS.get(m.family, ()))})")
+    if m.experts == "both" and m.transformer_subfolder is not None:
+        e.append("model.transformer_subfolder: with model.experts = \"both\" each expert loads from its own "
+                 "subfolder (transformer/, transformer_2/); unset it")
+    if cfg.validation.load_other_stage and not two:
+        e.append(f"validation.load_other_stage: {m.flavour} has no other stage; it is for two-expert flavours "
+                 f"({', '.join(EXPERT_FLAVOURS.get(m.family, ()))})")
+    return e
+
+
+def _s2v_dataset_errors(d: DatasetConfig, where: str) -> list[str]:
+    a, e = d.audio, []
+    if d.type != "video":
+        e.append(f"{where}.type: Wan S2V trains on videos with audio, not {d.type}s; use type = \"video\"")
+    elif d.num_frames < 5:
+        e.append(f"{where}.num_frames: Wan S2V needs the reference frame and at least 4 more (one latent), got "
+                 f"{d.num_frames}; use 5 or more")
+    if a.sample_rate != 16000 or a.channels != 1:
+        e.append(f"{where}.audio: wav2vec2 takes 16 kHz mono; set sample_rate = 16000 and channels = 1 "
+                 f"(got {a.sample_rate}, {a.channels})")
+    if not a.auto_split and not a.path:
+        e.append(f"{where}.audio.path: auto_split = false needs the folder of audio files matched by stem")
+    if a.max_duration_seconds is not None and a.max_duration_seconds <= 0:
+        e.append(f"{where}.audio.max_duration_seconds: must be > 0, got {a.max_duration_seconds}")
+    if a.duration_interval < 0:
+        e.append(f"{where}.audio.duration_interval: must be >= 0, got {a.duration_interval}")
+    return e
+
+
 def _finalize(cfg: Config) -> Config:
     """Fill defaults that depend on other values, so the resolved config says what runs."""
+    alias = FLAVOUR_ALIASES.get(cfg.model.family, {}).get(cfg.model.flavour)
+    if alias is not None and (alias[1] is None or cfg.model.experts in (None, alias[1])):
+        cfg.model.flavour = alias[0]
+        cfg.model.experts = cfg.model.experts or alias[1]
     for d in cfg.dataset:
         if d.min_frames is None:
             d.min_frames = 1 if d.type == "image" else d.num_frames

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import FLAVOURS, ConfigError, config_from_dict
+from .config import FLAVOUR_ALIASES, FLAVOURS, ConfigError, config_from_dict
 
 
 class ConvertError(ValueError):
@@ -77,21 +77,16 @@ NOTED = {
                           "is needed (same result when it equals the resolution, as in the guides)",
     "target_downsample_size": "vidtune resizes every clip straight to its bucket (see maximum_image_size)",
     "metadata_backend": "vidtune discovers files itself and keeps its own content-keyed metadata",
-    "conditioning_image_embeds": "vidtune conditions I2V on the first-frame latents of the clip (Wan 2.2 "
-                                 "I2V has no CLIP image encoder); no conditioning-embeds cache is needed",
+    "conditioning_image_embeds": "vidtune caches each clip's I2V conditioning (first-frame latents, and the "
+                                 "CLIP image embedding for Wan 2.1 I2V; Wan 2.2 I2V has no image encoder) in "
+                                 "the clip's latent cache entry; no separate conditioning-embeds dataset",
     "cache_dir_conditioning_image_embeds": "no conditioning-embeds cache in vidtune (see conditioning_image_embeds)",
-    "is_i2v": "I2V follows model.flavour: i2v-* flavours condition on each clip's first frame",
     "default": "vidtune has one text-embedding cache",
     "vae_cache_clear_each_epoch": "vidtune cache entries are content-keyed and never cleared per epoch",
 }
 
 UNSUPPORTED = {
     "crepa": "CREPA is not in the vidtune schema yet; train without it or keep using SimpleTuner for it",
-    "audio": "S2V audio settings (audio.auto_split, sample_rate, channels...) are not in the vidtune "
-             "dataset schema yet",
-    "s2v_datasets": "separate S2V audio datasets are not in the vidtune dataset schema yet",
-    "validation_using_datasets": "I2V validation from an image dataset is not in the vidtune schema yet",
-    "eval_dataset_id": "I2V validation from an image dataset is not in the vidtune schema yet",
 }
 
 
@@ -171,11 +166,14 @@ def _model(c: _Converter, cfg: dict, used: set) -> str:
     family = FAMILIES[fam_raw]
     flavour = cfg.get("model_flavour") or DEFAULT_FLAVOUR[family]
     used.add("model_flavour")
+    flavour, experts = FLAVOUR_ALIASES.get(family, {}).get(flavour, (flavour, None))
     if flavour not in FLAVOURS[family]:
-        raise ConvertError(f"model_flavour={flavour!r}: not a vidtune {family} flavour; choose one of "
-                           f"{sorted(FLAVOURS[family])}")
+        raise ConvertError(f"model_flavour={cfg['model_flavour']!r}: not a vidtune {family} flavour; choose one of "
+                           f"{sorted(FLAVOURS[family]) + sorted(FLAVOUR_ALIASES.get(family, {}))}")
     c.set("model.family", family)
     c.set("model.flavour", flavour)
+    if experts:  # SimpleTuner's -high / -low flavours train one expert
+        c.set("model.experts", experts)
 
     path = cfg.get("pretrained_model_name_or_path")
     used.add("pretrained_model_name_or_path")
@@ -513,6 +511,17 @@ def _validation(c: _Converter, cfg: dict, used: set) -> None:
                     "SimpleTuner's built-in prompt library is not shipped; point user_prompt_library "
                     "(validation.prompt_library) at a {nickname: prompt} JSON")
     _copy(c, cfg, used, (("wan_validation_load_other_stage", "validation.load_other_stage", _truthy),))
+    if "validation_using_datasets" in cfg or "eval_dataset_id" in cfg:
+        used.update(("validation_using_datasets", "eval_dataset_id"))
+        on, ds = _truthy(cfg.get("validation_using_datasets", False)), cfg.get("eval_dataset_id")
+        if on and ds:  # the guide's I2V recipe: the image dataset whose images start the validation videos
+            c.set("validation.dataset", str(ds))
+        elif on:
+            c.unmap("validation_using_datasets", cfg["validation_using_datasets"],
+                    "name the image dataset whose images start the validation videos with eval_dataset_id")
+        elif ds:
+            c.unmap("eval_dataset_id", ds, "without validation_using_datasets this names an eval-loss dataset; "
+                    "vidtune's eval_dataset_id support is I2V validation (validation.dataset)")
 
     _choose(c, cfg, used, "ema_validation", "ema.validation", EMA_VALIDATION, "expected ema_only, comparison or none")
     _copy(c, cfg, used, (("use_ema", "ema.enabled", _truthy), ("ema_update_interval", "ema.update_interval", int),
@@ -522,11 +531,42 @@ def _validation(c: _Converter, cfg: dict, used: set) -> None:
 # ---------------------------------------------------------------------------------------------
 # multidatabackend.json
 
+# SimpleTuner's dataset "audio" block -> [dataset.audio] (same names and meanings).
+AUDIO_KEYS = ("auto_split", "sample_rate", "channels", "allow_zero_audio", "max_duration_seconds",
+              "duration_interval", "truncation_mode")
+
+
+def _audio(c: _Converter, where: str, b: dict, d: dict, audio_backends: dict, linked: set) -> None:
+    """A video dataset's ``audio`` block and ``s2v_datasets`` (audio backends, matched by stem)."""
+    audio = dict(b.pop("audio", None) or {})
+    out = {k: audio.pop(k) for k in AUDIO_KEYS if k in audio}
+    if "auto_split" in out:
+        out["auto_split"] = _truthy(out["auto_split"])
+    _leftovers(c, f"{where}.audio", audio)
+    ids = b.pop("s2v_datasets", None)
+    if ids is not None:
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        dirs = [audio_backends[i].get("instance_data_dir") for i in ids if i in audio_backends]
+        for i in ids:
+            if i not in audio_backends:
+                c.unmap(f"{where}.s2v_datasets", i, "no dataset_type = audio backend with this id")
+        if dirs:
+            linked.update(i for i in ids if i in audio_backends)
+            out.update(auto_split=False, path=dirs[0])
+            for extra in dirs[1:]:
+                c.unmap(f"{where}.s2v_datasets", extra, "vidtune matches a video dataset's audio from one folder "
+                        "(dataset.audio.path); merge the audio folders")
+    if out:
+        d["audio"] = out
+
+
 def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
     defaults = {k: cfg[k] for k in ("resolution", "resolution_type", "aspect_bucket_rounding",
                                     "minimum_image_size", "maximum_image_size", "target_downsample_size")
                 if k in cfg}
     used.update(defaults)
+    audio_backends = {b.get("id"): b for b in backends if b.get("dataset_type") == "audio"}
+    linked: set = set()
     cache_dirs, datasets = [], []
     for i, raw in enumerate(backends):
         b = dict(raw)
@@ -547,8 +587,10 @@ def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
         if kind == "conditioning_image_embeds":
             c.note(f"{where}.dataset_type", f"conditioning_image_embeds: {NOTED['conditioning_image_embeds']}")
             continue
-        if kind == "audio":
-            c.unmap(f"{where}.dataset_type", kind, UNSUPPORTED["s2v_datasets"])
+        if kind == "audio":  # read through the s2v_datasets of the video datasets that name it
+            for k in ("instance_data_dir", "disabled"):
+                b.pop(k, None)
+            _leftovers(c, where, b)
             continue
         if kind not in ("video", "image"):
             c.unmap(f"{where}.dataset_type", kind, "vidtune datasets are video or image directories")
@@ -603,11 +645,11 @@ def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
                 c.note(f"{where}.{k}", NOTED[k])
         if kind == "video" and "video" in b:
             _video(c, where, b.pop("video"), d)
-        for k in ("audio", "s2v_datasets"):
-            if k in b:
-                c.unmap(f"{where}.{k}", b.pop(k), UNSUPPORTED[k])
+        _audio(c, where, b, d, audio_backends, linked)
         _leftovers(c, where, b)
         datasets.append(d)
+    for i in sorted(set(audio_backends) - linked):
+        c.unmap(f"dataset[{i}].dataset_type", "audio", "no video dataset names this audio backend in s2v_datasets")
     if datasets:
         c.set("dataset", datasets)
     if cache_dirs:
@@ -646,8 +688,7 @@ def _video(c: _Converter, where: str, v: dict, d: dict) -> None:
         if d["frame_interval"] != fi:
             c.note(f"{where}.video.frame_interval", f"{fi} -> {d['frame_interval']}: clip lengths must stay 4k+1")
     if "is_i2v" in v:
-        v.pop("is_i2v")
-        c.note(f"{where}.video.is_i2v", NOTED["is_i2v"])
+        d["i2v"] = _truthy(v.pop("is_i2v"))
     _leftovers(c, f"{where}.video", v)
 
 
@@ -677,6 +718,11 @@ def convert_simpletuner(config: dict, backends: list | None = None, *, source: s
     _train(c, cfg, used, family)
     _memory(c, cfg, used)
     _validation(c, cfg, used)
+    if family == "wan_s2v" and c.get("validation.every"):
+        c.set("validation.every", 0)
+        c.note("validation_step_interval", "Wan S2V validation needs validation.reference_media (a reference "
+               "image or video + its audio per prompt), which the SimpleTuner config does not name: validation is "
+               "off until you set it and validation.every")
     if backends is not None:
         _datasets(c, [_strip(b) for b in backends], cfg, used)
     for key in ("resolution", "resolution_type", "aspect_bucket_rounding"):

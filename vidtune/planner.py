@@ -15,6 +15,13 @@ routed blocks their own probe; checkpoint-every-N gives checkpointed and plain b
 tail, and backward in reverse — carrying the live bytes, so the peak lands where it really does
 (start of backward without checkpointing, inside one block's recompute with it). The optimizer
 step's peak (state creation + foreach temporaries) is measured the same way on fake parameters.
+
+Host RAM (a projection, reported, not judged against a machine): what waits in RAM while the
+device trains — offloaded blocks in the streamer's host tier, with ``model.experts = "both"`` the
+idle expert (its other weights, adapter, optimizer state and EMA; the whole expert without block
+offload) — and the peaks of loading a model (weights in ``model.dtype`` before quantization and
+offload, while a model built before already waits in RAM) and of caching (the text encoder is
+read into RAM before it moves to the device).
 """
 from __future__ import annotations
 
@@ -26,10 +33,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vidtune.build import KAHAN_OPTIMIZERS, adapter_dtype, adapter_master_weights, architecture
+from vidtune.build import KAHAN_OPTIMIZERS, adapter_dtype, adapter_master_weights, architecture, model_inputs
 from vidtune.config import Config, ConfigError, override
 from vidtune.measure import devices as D
 from vidtune.measure import probes as P
+from vidtune.models.wan.pipeline import vae_config
 from vidtune.runtime import dtype as _dtype
 from vidtune.runtime import resolve_device
 
@@ -48,10 +56,12 @@ class Shape:
     width: int
     height: int
     frames: int
+    spatial: int = 8  # the VAE's pixel stride (16 for the Wan 2.2 VAE) and frame stride
+    temporal: int = 4
 
     @property
     def latent(self) -> tuple[int, int, int]:
-        return ((self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+        return ((self.frames - 1) // self.temporal + 1, self.height // self.spatial, self.width // self.spatial)
 
     def tokens(self, patch=(1, 2, 2)) -> int:
         f, h, w = self.latent
@@ -62,24 +72,34 @@ class Shape:
 
 
 WAN_ASPECT = 832 / 480  # the aspect Wan was trained at; the planner sizes the largest bucket with it
+AUDIO_SECONDS = 60.0  # Wan S2V audio tracks are sized at this without audio.max_duration_seconds
 
 
-def _round16(x: float) -> int:
-    return max(16, int(round(x / 16)) * 16)
+def _round16(x: float, multiple: int = 16) -> int:
+    return max(multiple, int(round(x / multiple)) * multiple)
+
+
+def _vae_strides(cfg: Config) -> tuple[int, int, int]:
+    """(pixel multiple of a training size, VAE spatial stride, VAE temporal stride)."""
+    inputs = model_inputs(cfg.model)
+    if inputs is None:
+        return 16, 8, 4
+    return inputs.side_multiple, inputs.vae_spatial, inputs.vae_temporal
 
 
 def train_shape(cfg: Config) -> Shape:
     """The largest training sample the datasets produce (a Wan-aspect bucket at their resolution)."""
+    multiple, spatial, temporal = _vae_strides(cfg)
     best = None
     for d in cfg.datasets:
         frames = d.num_frames if d.type == "video" else 1
         if d.resolution_type == "pixel":
-            h = _round16(d.resolution)
-            w = _round16(d.resolution * WAN_ASPECT)
+            h = _round16(d.resolution, multiple)
+            w = _round16(d.resolution * WAN_ASPECT, multiple)
         else:
             area = d.resolution ** 2
-            w, h = _round16(math.sqrt(area * WAN_ASPECT)), _round16(math.sqrt(area / WAN_ASPECT))
-        s = Shape(w, h, frames)
+            w, h = (_round16(math.sqrt(area * WAN_ASPECT), multiple), _round16(math.sqrt(area / WAN_ASPECT), multiple))
+        s = Shape(w, h, frames, spatial, temporal)
         if best is None or s.tokens() > best.tokens():
             best = s
     return best or validation_shape(cfg)
@@ -87,7 +107,8 @@ def train_shape(cfg: Config) -> Shape:
 
 def validation_shape(cfg: Config) -> Shape:
     w, h = (int(x) for x in cfg.validation.resolution.lower().split("x"))
-    return Shape(w, h, cfg.validation.num_frames)
+    _, spatial, temporal = _vae_strides(cfg)
+    return Shape(w, h, cfg.validation.num_frames, spatial, temporal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +149,7 @@ class Plan:
     sim: dict = field(default_factory=dict, repr=False)  # the replayed step: peaks, per-op calls (projections)
     notes: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
+    host: Phase | None = None  # host RAM (projection; not part of the verdict)
 
     @property
     def fits(self) -> bool:
@@ -143,7 +165,7 @@ class Plan:
     def report(self) -> str:
         dev = self.device
         m, a = self.config.model, self.config.adapter
-        out = [f"vidtune memory plan: {m.family}/{m.flavour} {a.type}"
+        out = [f"vidtune memory plan: {m.family}/{m.flavour}{f' experts {m.experts}' if m.experts else ''} {a.type}"
                f"{f' rank {a.rank}' if a.type != 'full' else ''} on {dev.label} ({dev.name})",
                f"  training sample {self.shape} -> latents {'x'.join(map(str, self.shape.latent))} -> "
                f"{self.tokens:,} tokens, batch {self.config.train.batch_size}",
@@ -155,6 +177,11 @@ class Plan:
             verdict = "fits" if ph.fits else "DOES NOT FIT"
             out.append(f"[{ph.name}] peak {gib(ph.peak).strip()} — {verdict}" + (f"  ({ph.note})" if ph.note else ""))
             for it in ph.items:
+                out.append(f"  {it.label:<44}{gib(it.bytes)}" + (f"   {it.note}" if it.note else ""))
+            out.append("")
+        if self.host is not None:
+            out.append(f"[{self.host.name}] peak {gib(self.host.peak).strip()} — projection ({self.host.note})")
+            for it in self.host.items:
                 out.append(f"  {it.label:<44}{gib(it.bytes)}" + (f"   {it.note}" if it.note else ""))
             out.append("")
         c = self.counters
@@ -206,11 +233,12 @@ def _weights(model, cfg: Config):
             b += _param_bytes(p, int8 and is_linear)
         block_frozen.append(b)
     other = 0
+    also = tuple(f"{n}." for n in getattr(model, "quantize_also", ()))
     for name, p in model.named_parameters():
         if p.requires_grad:
             trainable.append(p)
         elif not name.startswith("blocks."):
-            other += p.numel() * p.element_size()
+            other += _param_bytes(p, int8 and name.startswith(also) and name.endswith(".weight"))
     biggest = max((p.numel() * p.element_size() for n, p in model.blocks[0].named_parameters() if p.ndim == 2),
                   default=0)
     groups = []
@@ -335,25 +363,39 @@ def _caching_phase(cfg: Config, dev: D.Device, shape: Shape) -> Phase:
     te_w, te_act, _ = P.probe_text_encoder(cfg.cache.text_batch_size, _dtype(cfg.model.text_encoder_dtype),
                                            config=te_cfg)
     vae_w, vae_act, _ = P.probe_vae(shape.frames, shape.height, shape.width, _dtype(cfg.model.vae_dtype),
-                                    decode=False, batch=cfg.cache.vae_batch_size,
-                                    config=P.local_component_config(cfg.model, "vae"))
+                                    decode=False, batch=cfg.cache.vae_batch_size, config=vae_config(cfg.model))
     te_name = "text encoder UMT5-XXL weights" if te_cfg is None else "text encoder weights (local config)"
+    inputs = model_inputs(cfg.model)
+    clip_w = 0  # Wan 2.1 I2V's CLIP image encoder embeds each clip's first frame
+    if inputs is not None and inputs.image_encoder:
+        clip_w = P.image_encoder_bytes(P.local_component_config(cfg.model, "image_encoder"))
+    clip = [Item("image encoder (CLIP) weights, fp32", clip_w)] if clip_w else []
+    au_w = au_act = 0
+    au_items = []
+    if cfg.model.family == "wan_s2v":  # wav2vec2 over each video's whole audio track
+        limits = [d.audio.max_duration_seconds for d in cfg.datasets]
+        seconds = max(limits) if limits and None not in limits else AUDIO_SECONDS
+        au_w, au_act, _ = P.probe_audio_encoder(_dtype(cfg.model.audio_encoder_dtype), seconds,
+                                                P.local_component_config(cfg.model, "audio_encoder"))
+        au_items = [Item("audio encoder (wav2vec2) weights", au_w),
+                    Item(f"audio encoder activations ({seconds:g} s of audio)", au_act,
+                         "" if None not in limits else "no audio.max_duration_seconds: sized for 60 s")]
     items = []
     if cfg.memory.offload_during_startup:
         te_peak, vae_peak = te_w + te_act, vae_w + vae_act
-        first = max(te_peak, vae_peak)
+        first = max(te_peak, vae_peak, clip_w, au_w + au_act)
         items = [Item(te_name, te_w, "alone on the device (offload_during_startup)"),
                  Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
                  Item("VAE weights", vae_w, "alone on the device"),
-                 Item(f"VAE encode activations ({shape})", vae_act)]
+                 Item(f"VAE encode activations ({shape})", vae_act)] + clip + au_items
         peak = first
         note = "encoders one at a time"
     else:
         items = [Item(te_name, te_w), Item("VAE weights", vae_w),
                  Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
-                 Item(f"VAE encode activations ({shape})", vae_act)]
-        peak = te_w + vae_w + max(te_act, vae_act)
-        note = "both encoders resident"
+                 Item(f"VAE encode activations ({shape})", vae_act)] + clip + au_items
+        peak = te_w + vae_w + clip_w + au_w + max(te_act, vae_act, au_act)
+        note = "all encoders resident"
     return Phase("caching", items, peak, peak <= dev.usable_bytes, note)
 
 
@@ -367,6 +409,7 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
     cfg = config
     notes = []
     model = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg))
+    two_stage = cfg.model.experts == "both" or (cfg.validation.load_other_stage and cfg.validation.every > 0)
     resident, groups, trainable, biggest = _weights(model, cfg)
     full = cfg.adapter.type == "full"
     int8 = cfg.model.base_precision == "int8" and not full
@@ -430,16 +473,25 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
         vkw = _probe_kwargs(cfg, arch, vshape, 2)
         den = P.probe_step(cfg.model, cfg.adapter, arch, ckpt=False, grad=False, **vkw)
         vae_w, vae_act, _ = P.probe_vae(vshape.frames, vshape.height, vshape.width, _dtype(cfg.model.vae_dtype),
-                                        decode=True, config=P.local_component_config(cfg.model, "vae"))
+                                        decode=True, config=vae_config(cfg.model))
         train_state = resident + slots + train_bytes + state + ema
-        vpeak = train_state + vae_w + max(den.peak + dequant, vae_act)
+        # The other expert samples below (or above) the boundary: its non-streamed weights join
+        # the device (the whole expert without block offload); its blocks share the slot pool.
+        other = resident + (train_bytes if cfg.model.experts == "both" else 0) if two_stage else 0
+        vpeak = train_state + other + vae_w + max(den.peak + dequant, vae_act)
         phases.append(Phase("validation", [
             Item("training state kept (weights, slots, adapter, optimizer, EMA)", train_state),
+            Item("the other expert's resident weights", other,
+                 "" if two_stage else "one expert samples"),
             Item("VAE weights", vae_w),
             Item(f"denoiser forward, CFG batch 2 at {vshape}", den.peak + dequant),
             Item(f"VAE decode of all {vshape.frames} frames", vae_act),
         ], vpeak, vpeak <= dev.usable_bytes, "prompt embeddings cached at startup; peak of denoise or decode"))
 
+    host = _host_phase(cfg, model, resident, groups, train_bytes + state + ema, two_stage)
+    if cfg.model.experts == "both":
+        notes.append("experts = both: one expert on the device at a time; the idle one waits in host RAM "
+                     "(see host RAM), its blocks in the same streamer, sharing the slot pool")
     loads = offload_loads(len(groups), int(cfg.memory.offload.use_stream)) if groups else []
     counters = dict(
         tokens=tokens, fwd_flops=sim["fwd_flops"], bwd_flops=sim["bwd_flops"],
@@ -451,10 +503,36 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
     )
     if cfg.memory.model_cpu_offload:
         notes.append("model_cpu_offload moves whole models between phases; it does not lower the step peak")
-    p = Plan(cfg, dev, shape, tokens, phases, counters, sim, notes)
+    p = Plan(cfg, dev, shape, tokens, phases, counters, sim, notes, host=host)
     if search and not p.fits:
         p.suggestions = search_options(cfg, gpu, arch, device=dev)
     return p
+
+
+def _host_phase(cfg: Config, model, resident: int, groups: list[int], training_state: int, two_stage: bool) -> Phase:
+    """Host RAM of the run (a projection): steady while training, loading a model, caching."""
+    both = cfg.model.experts == "both"
+    on_disk = bool(cfg.memory.offload.to_disk_path) and bool(groups)
+    blocks = 0 if on_disk else sum(groups)
+    n = 2 if two_stage else 1
+    idle = resident + training_state if both else 0  # the idle expert: what is not streamed + its training state
+    other = resident if two_stage and not both else 0  # the frozen other stage between validations
+    full = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    load = (n - 1) * blocks + full  # the last model loads while the one built before waits in RAM
+    te_w, _, _ = P.probe_text_encoder(cfg.cache.text_batch_size, _dtype(cfg.model.text_encoder_dtype),
+                                      config=P.local_component_config(cfg.model, "text_encoder"))  # memoised
+    items = [
+        Item(f"streamed blocks, {n} model(s)", n * blocks, "on disk (offload.to_disk_path)" if on_disk else
+             ("" if groups else "no block offload")),
+        Item("idle expert (weights not streamed, adapter, optimizer, EMA)", idle, "" if both else "one expert trains"),
+        Item("other stage between validations (not streamed)", other, "" if other else "none"),
+        Item(f"loading a model: {cfg.model.dtype} weights before int8/offload", load,
+             f"+ {n - 1} model(s) waiting" if n > 1 else ""),
+        Item("caching: text encoder read into RAM", te_w),
+    ]
+    steady = n * blocks + idle + other
+    return Phase("host RAM", items, max(steady, load, te_w), True,
+                 f"steady {gib(steady).strip()} while training; excludes the Python/CUDA runtime and the OS")
 
 
 def _no_ckpt(cfg):

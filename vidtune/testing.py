@@ -36,6 +36,23 @@ def build_tiny_tokenizer():
     )
 
 
+def build_tiny_wav2vec2(seed: int = 0, hidden: int = 12, layers: int = 24):
+    """A random ``Wav2Vec2ForCTC`` in the XLS-R layout (stable layer norm, layer-norm feature
+    extractor; ``layers`` + 1 hidden states of size ``hidden``: 25 like XLS-R, what Wan S2V's layer
+    average takes) and its feature extractor."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    torch.manual_seed(seed)
+    cfg = Wav2Vec2Config(vocab_size=8, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=2 * hidden, conv_dim=(8,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
+                         conv_kernel=(10, 3, 3, 3, 3, 2, 2), num_conv_pos_embeddings=8,
+                         num_conv_pos_embedding_groups=2, do_stable_layer_norm=True, feat_extract_norm="layer",
+                         architectures=["Wav2Vec2ForCTC"])
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                  return_attention_mask=True)
+    return Wav2Vec2ForCTC(cfg).eval(), fe
+
+
 def tiny_vae_config() -> dict:
     return dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                 temperal_downsample=[False, True, True])
@@ -77,6 +94,94 @@ def build_tiny_wan_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 
     return path
 
 
+# Tiny stand-ins of the Wan 2.1 / 2.2 pipelines beside text-to-video (build_tiny_wan_variant).
+WAN_VARIANTS = ("i2v-2.1", "i2v-2.2", "t2v-a14b", "ti2v")
+TINY_BOUNDARY = {"i2v-2.2": 0.9, "t2v-a14b": 0.875}
+
+
+def tiny_wan22_vae_config(z_dim: int = 48) -> dict:
+    """The Wan 2.2 VAE's layout (residual blocks, 2x2 patchify: 16x spatial, 4x temporal) at tiny width."""
+    g = torch.Generator().manual_seed(z_dim)
+    return dict(base_dim=8, decoder_base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                latents_mean=(torch.randn(z_dim, generator=g) * 0.5).tolist(),
+                latents_std=(torch.rand(z_dim, generator=g) + 0.5).tolist())
+
+
+def build_tiny_wan_variant(kind: str, seed: int = 0, d_model: int = 32, transformer: dict | None = None,
+                           boundary_ratio: float | None = None):
+    """A random diffusers pipeline of one Wan variant, every component tiny (fp32, CPU):
+
+    - ``i2v-2.1``: WanImageToVideoPipeline, 36-channel transformer with CLIP image cross-attention
+      and a tiny CLIPVisionModel image encoder + CLIPImageProcessor;
+    - ``i2v-2.2``: WanImageToVideoPipeline, two 36-channel experts, no image encoder;
+    - ``t2v-a14b``: WanPipeline with two experts (``transformer_2``) and ``boundary_ratio``;
+    - ``ti2v``: WanPipeline with ``expand_timesteps`` and the Wan 2.2 VAE layout (48 channels, 16x).
+
+    ``boundary_ratio`` defaults to the published one of two-expert kinds (0 = leave it out)."""
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+
+    if kind not in WAN_VARIANTS:
+        raise ValueError(f"kind must be one of {WAN_VARIANTS}, got {kind!r}")
+    tcfg = dict(transformer or {})
+    if kind.startswith("i2v"):
+        tcfg.setdefault("in_channels", 36)
+    if kind == "i2v-2.1":
+        tcfg.update(image_dim=16, added_kv_proj_dim=16)
+    if kind == "ti2v":
+        tcfg.update(in_channels=48, out_channels=48)
+    base = build_tiny_wan_pipeline(seed=seed, d_model=d_model, transformer=tcfg)
+    parts = dict(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                 transformer=base.transformer)
+    if kind in TINY_BOUNDARY:
+        torch.manual_seed(seed + 1)
+        parts["transformer_2"] = WanTransformer3DModel(
+            **{**tiny_transformer_config(text_dim=d_model), **tcfg}).eval()
+        ratio = TINY_BOUNDARY[kind] if boundary_ratio is None else boundary_ratio
+        if ratio:
+            parts["boundary_ratio"] = ratio
+    if kind == "ti2v":
+        torch.manual_seed(seed + 2)
+        parts["vae"] = AutoencoderKLWan(**tiny_wan22_vae_config()).eval()
+        return WanPipeline(**parts, expand_timesteps=True)
+    if kind == "t2v-a14b":
+        return WanPipeline(**parts)
+    if kind == "i2v-2.1":
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        torch.manual_seed(seed + 3)
+        parts["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=16, projection_dim=16)).eval()
+        parts["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32},
+                                                      crop_size={"height": 32, "width": 32})
+    return WanImageToVideoPipeline(**parts)
+
+
+def build_tiny_wan_variant_dir(path: str | Path, kind: str, **kw) -> Path:
+    """``build_tiny_wan_variant`` saved in the diffusers layout under ``path``."""
+    path = Path(path)
+    build_tiny_wan_variant(kind, **kw).save_pretrained(path)
+    return path
+
+
+def build_tiny_wan_s2v_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 32) -> Path:
+    """A tiny random Wan S2V pipeline in the diffusers-port layout: the tiny Wan components, a
+    ``transformer/`` holding ``tiny_wan_s2v_transformer`` (text_dim = the text encoder's width,
+    audio_dim = the audio encoder's), ``audio_encoder/`` (a tiny Wav2Vec2ForCTC) and ``audio_processor/``."""
+    from vidtune.models import save_pretrained
+
+    path = build_tiny_wan_pipeline_dir(path, seed=seed, d_model=d_model)
+    audio, fe = build_tiny_wav2vec2(seed)
+    audio.save_pretrained(path / "audio_encoder")
+    fe.save_pretrained(path / "audio_processor")
+    shutil.rmtree(path / "transformer")
+    save_pretrained(tiny_wan_s2v_transformer(seed, text_dim=d_model, audio_dim=audio.config.hidden_size),
+                    path / "transformer")
+    return path
+
+
 def tiny_wan_transformer(seed: int = 0, **config):
     """A small vidtune Wan transformer (4 blocks, 2 heads x 16) with every parameter drawn from
     N(0, 0.2), so no term is trivially zero; ``config`` overrides WanConfig fields."""
@@ -99,6 +204,39 @@ def tiny_wan_inputs(b: int = 2, f: int = 3, h: int = 4, w: int = 6, seed: int = 
             torch.randn(b, text_len, 24, generator=g))
 
 
+def tiny_s2v_config(**config) -> dict:
+    """A small Wan S2V config (3 blocks, 2 heads x 16, audio injected after blocks 0 and 2)."""
+    base = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
+                out_channels=16, text_dim=24, freq_dim=16, ffn_dim=40, num_layers=3, rope_max_seq_len=64,
+                audio_dim=12, audio_inject_layers=(0, 2), pose_dim=16)
+    return {**base, **config}
+
+
+def tiny_wan_s2v_transformer(seed: int = 0, **config):
+    """A small vidtune Wan S2V transformer with every parameter drawn from N(0, 0.2)."""
+    from vidtune.models.wan_s2v import WanS2VConfig, WanS2VTransformer
+
+    torch.manual_seed(seed)
+    model = WanS2VTransformer(WanS2VConfig(**tiny_s2v_config(**config)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.train()
+
+
+def tiny_wan_s2v_inputs(b: int = 2, f: int = 3, h: int = 8, w: int = 8, seed: int = 1, audio_dim: int = 12,
+                        text_len: int = 5, motion: int | None = 19) -> tuple[tuple, dict]:
+    """(args, kwargs) for ``tiny_wan_s2v_transformer``: f x 4 x 4 video tokens + 16 reference
+    tokens (+ 16 + 4 + 4 motion tokens with ``motion`` latents)."""
+    g = torch.Generator().manual_seed(seed)
+    args = (torch.randn(b, 16, f, h, w, generator=g), torch.tensor([900.0, 40.0, 500.0, 3.0])[:b],
+            torch.randn(b, text_len, 24, generator=g))
+    kwargs = dict(audio=torch.randn(b, 25, audio_dim, 4 * f, generator=g),
+                  ref_latents=torch.randn(b, 16, 1, h, w, generator=g),
+                  motion_latents=None if motion is None else torch.randn(b, 16, motion, h, w, generator=g))
+    return args, kwargs
+
+
 def make_test_video(path: str | Path, width: int = 32, height: int = 32, frames: int = 9,
                     fps: int = 16, pattern: str = "testsrc") -> Path:
     """Encode ``frames`` frames of an ffmpeg test pattern (h264 for .mp4/.mkv/.mov, vp8 for .webm)."""
@@ -114,6 +252,30 @@ def make_test_video(path: str | Path, width: int = 32, height: int = 32, frames:
          str(path)],
         check=True,
     )
+    return path
+
+
+def make_test_clip_with_audio(path: str | Path, width: int = 32, height: int = 32, frames: int = 9,
+                              fps: int = 16, pattern: str = "testsrc", tones: tuple[float, ...] = (440.0,),
+                              audio_seconds: float | None = None, sample_rate: int = 44100) -> Path:
+    """A video with an AAC soundtrack of sine tones, one channel per tone (two tones: stereo);
+    ``audio_seconds`` shorter than the video leaves the rest silent (no samples)."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise RuntimeError("ffmpeg is missing: sudo apt-get install -y ffmpeg")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seconds = audio_seconds if audio_seconds is not None else frames / fps
+    inputs = ["-f", "lavfi", "-t", f"{frames / fps}", "-i", f"{pattern}=size={width}x{height}:rate={fps}"]
+    for f in tones:
+        inputs += ["-f", "lavfi", "-t", f"{seconds}", "-i", f"sine=frequency={f}:sample_rate={sample_rate}"]
+    if len(tones) > 1:
+        pads = "".join(f"[{i + 1}:a]" for i in range(len(tones)))
+        mix = ["-filter_complex", f"{pads}amerge=inputs={len(tones)}[a]", "-map", "0:v", "-map", "[a]"]
+    else:
+        mix = ["-map", "0:v", "-map", "1:a"]
+    subprocess.run([ffmpeg, "-loglevel", "error", "-y", *inputs, *mix, "-pix_fmt", "yuv420p", "-c:a", "aac",
+                    str(path)], check=True)
     return path
 
 
@@ -173,12 +335,13 @@ def demo_check(run_dir: str | Path) -> bool:
 
 
 def comfyui_merged(model, tensors: dict):
-    """``model`` (a vidtune Wan) with an original-layout adapter folded in by ComfyUI's rules."""
+    """``model`` (a vidtune Wan or Wan S2V) with an original-layout adapter folded in by ComfyUI's rules."""
     from .adapters.names import original_name
 
+    family = getattr(model, "family", "wan")
     with torch.no_grad():
         for name, m in model.named_modules():
-            orig = isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)) and original_name(name)
+            orig = isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)) and original_name(name, family)
             for prefix in ((f"diffusion_model.{orig}", f"lora_unet_{orig.replace('.', '_')}") if orig else ()):
                 if any(k.startswith(prefix + ".") for k in tensors):
                     m.weight += comfyui_delta(tensors, prefix, m.weight.shape).to(m.weight.dtype)

@@ -11,8 +11,7 @@ from vidtune.convert import NOTED, UNSUPPORTED, ConvertError, convert_simpletune
 FIX = Path(__file__).parents[1] / "fixtures" / "simpletuner"
 DOCS = (Path(__file__).parents[2] / "docs" / "convert.md").read_text()
 GUIDES = ["wan", "wan22_i2v", "wan_s2v", "sanavideo"]
-# Documented gaps (docs/convert.md, "Not supported yet"): S2V audio settings have no vidtune key.
-EXPECTED_UNMAPPED = {"wan_s2v": ["dataset[s2v-videos].audio="]}
+EXPECTED_UNMAPPED: dict[str, list[str]] = {}
 
 
 def _convert(name, tmp_path, edit=None):
@@ -38,7 +37,8 @@ def test_guide_configs_convert_and_load(name, tmp_path):
     assert cfg.validation.num_frames == 81 and cfg.validation.resolution == "832x480"
     assert cfg.ema.enabled and cfg.ema.validation == "ema_only" and cfg.ema.update_interval == 2
     assert cfg.train.resume == "latest" and cfg.cache.compress
-    assert [d.id for d in cfg.dataset] == [{"wan_s2v": "s2v-videos"}.get(name, "disney-black-and-white")]
+    assert [d.id for d in cfg.dataset] == {"wan_s2v": ["s2v-videos"], "wan22_i2v": [
+        "disney-black-and-white", "my-image-dataset"]}.get(name, ["disney-black-and-white"])
 
 
 def test_wan_t2v_values(tmp_path):
@@ -90,11 +90,20 @@ def test_feed_forward_chunk_size_note(tmp_path):
 
 def test_wan22_i2v_and_int8(tmp_path):
     cfg, _, notes = _convert("wan22_i2v", tmp_path)
-    assert (cfg.model.flavour, cfg.model.base_precision, cfg.model.force_2_1_time_embedding) == (
-        "i2v-14b-2.2-high", "int8", True)
-    assert cfg.validation.load_other_stage and cfg.train.optimizer == "paged_lion_8bit"
+    # The guide's Wan 2.2 keys, each to its vidtune key: model_flavour i2v-14b-2.2-high is the
+    # two-expert flavour training the high-noise expert; validation_using_datasets + eval_dataset_id
+    # name the image dataset that starts the I2V validation videos (not an eval-loss set).
+    assert (cfg.model.flavour, cfg.model.experts) == ("i2v-14b-2.2", "high")
+    assert cfg.validation.load_other_stage is True
+    assert cfg.model.force_2_1_time_embedding is True
+    assert cfg.validation.dataset == "my-image-dataset"
+    assert [d.id for d in cfg.datasets] == ["disney-black-and-white"]  # the validation images are not trained on
+    assert cfg.model.base_precision == "int8" and cfg.train.optimizer == "paged_lion_8bit"
     assert cfg.train.max_grad_norm == 1.0
     assert any("conditioning_image_embeds" in n and "first-frame" in n for n in notes)
+    low, _, _ = _convert("wan22_i2v", tmp_path, lambda c, b: c.update(model_flavour="i2v-14b-2.2-low",
+                                                                     wan_validation_load_other_stage=False))
+    assert (low.model.flavour, low.model.experts, low.validation.load_other_stage) == ("i2v-14b-2.2", "low", False)
 
 
 def test_sana_video_ignores_shift(tmp_path):
@@ -191,3 +200,33 @@ def test_lycoris_config_maps_to_lokr(tmp_path, lyc, rank, alpha, factor, both):
         assert f"`{n.split(':', 1)[0].split('.')[-1]}`" in DOCS, n
     bad = convert_simpletuner({**config, "lycoris_config": {"algo": "loha"}}, backends)[1]
     assert any(u.startswith("lycoris_config.algo") for u in bad)
+
+
+def test_s2v_audio_block_and_separate_audio_dataset(tmp_path):
+    """The S2V guide's two dataloaders: the audio block (auto_split), and s2v_datasets naming an
+    audio backend (its folder, matched by stem)."""
+    cfg, unmapped, notes = _convert("wan_s2v", tmp_path)
+    a = cfg.dataset[0].audio
+    assert not unmapped and (a.auto_split, a.sample_rate, a.channels, a.path) == (True, 16000, 1, None)
+    # S2V validation needs reference media the SimpleTuner config does not name: off, with a note.
+    assert cfg.validation.every == 0 and any("reference_media" in n for n in notes)
+
+    def manual(_, backends):
+        video = backends[0]
+        del video["audio"]
+        video["s2v_datasets"] = ["s2v-audio"]
+        backends.insert(1, {"id": "s2v-audio", "type": "local", "dataset_type": "audio",
+                            "instance_data_dir": "datasets/s2v-audio", "disabled": False})
+
+    cfg, unmapped, _ = _convert("wan_s2v", tmp_path, manual)
+    assert not unmapped and [d.id for d in cfg.dataset] == ["s2v-videos"]
+    a = cfg.dataset[0].audio
+    assert (a.auto_split, a.path, cfg.model.family, cfg.model.flavour) == (False, "datasets/s2v-audio", "wan_s2v",
+                                                                          "s2v-14b-2.2")
+
+    def orphan(_, backends):
+        backends.append({"id": "loose", "type": "local", "dataset_type": "audio", "instance_data_dir": "x"})
+        backends[0]["audio"]["bogus"] = 1
+
+    _, unmapped, _ = _convert("wan_s2v", tmp_path, orphan)
+    assert sorted(u.split("=")[0] for u in unmapped) == ["dataset[loose].dataset_type", "dataset[s2v-videos].audio.bogus"]

@@ -265,3 +265,65 @@ def test_adapter_section_accepts_what_exports():
     assert check_adapter(AdapterConfig(type="lokr", export_format="wan"), "wan") == []
     assert "no original key layout" in check_adapter(AdapterConfig(export_format="wan"), "sana_video")[0]
     assert check_adapter(AdapterConfig(), "sana_video") == []  # auto: diffusers for it
+
+
+def test_s2v_audio_injector_exports_under_official_names(tmp_path):
+    """Wan S2V: ``auto`` writes the original (ComfyUI) layout too. The audio injector's attention,
+    which the default targets adapt, goes under WanModel_S2V's official names
+    (``models.wan_s2v.keys.official_module``, which S2V's checkpoint loader maps back to our
+    modules); ComfyUI's rules, our loader and the other layouts all give the adapter we trained."""
+    from vidtune.adapters import check_adapter, export_layouts, write_file
+    from vidtune.adapters.export import export_adapter_files
+    from vidtune.models.wan_s2v import checkpoint_key
+    from vidtune.testing import tiny_wan_s2v_inputs, tiny_wan_s2v_transformer
+
+    cfg = AdapterConfig(rank=4, alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0", "net.2", "proj_out"])
+    assert export_layouts(cfg, "wan_s2v") == ["wan"]
+    model = tiny_wan_s2v_transformer()
+    apply_lora(model, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.normal_(0, 0.3)
+    model.eval()
+    f = export_lora(model, tmp_path / "wan.safetensors", cfg, "wan", {"family": "wan_s2v"}, torch.float32)
+    tensors = load_file(f)
+    injector = {f"diffusion_model.audio_injector.injector.{i}.{p}.lora_down.weight" for i in (0, 1) for p in "qkvo"}
+    assert injector <= set(tensors)
+    # Every module under an official name that S2V's checkpoint loader maps back to the one we trained.
+    ours = {n for n, _ in model.named_modules() if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0", ".net.2"))
+            or n == "proj_out"}
+    named = {k[len("diffusion_model."):].rsplit(".lora_", 1)[0] for k in tensors if k.endswith("lora_down.weight")}
+    assert {checkpoint_key(f"{o}.weight").removesuffix(".weight") for o in named} == ours
+
+    args, kw = tiny_wan_s2v_inputs(b=1)
+    with torch.no_grad():
+        ref = model(*args, **kw)
+        base = tiny_wan_s2v_transformer().eval()
+        assert rel(base(*args, **kw), ref) > 1e-2  # the adapter (the injector's part too) matters
+        assert rel(comfyui_merged(base, tensors)(*args, **kw), ref) < 1e-5
+    # Read back from every layout (the family from the file's metadata) into a fresh adapter.
+    _, mods, _ = read_file(f)
+    for layout in ("wan", "musubi", "diffusers"):
+        g = write_file(mods if layout != "diffusers" else {n: m.baked() for n, m in mods.items()},
+                       tmp_path / f"{layout}.safetensors", layout, {"vidtune.family": "wan_s2v"}, "wan_s2v")
+        fresh = tiny_wan_s2v_transformer()
+        apply_lora(fresh, cfg)
+        assert load_lora_into(fresh, g) == len(mods)
+        with torch.no_grad():
+            assert rel(fresh.eval()(*args, **kw), ref) < 1e-5, layout
+
+    # A run writes wan_lora.safetensors, and the diffusers file beside it: diffusers' Wan converter
+    # knows no audio injector.
+    run_cfg = load_config(REPO / "examples" / "wan22_s2v_14b_lora_rtx4090.toml",
+                          ['adapter.export_format="auto"', 'model.dtype="fp32"'])
+    logs = []
+    files = export_adapter_files(run_cfg, model, tmp_path / "run", 1, logs.append)
+    assert [p.name for p in files] == ["wan_lora.safetensors", "pytorch_lora_weights.safetensors"]
+    assert "its converter has no key for audio_injector.injector.0.to_q" in logs[0]
+    assert safe_open(files[0], "pt").metadata()["vidtune.family"] == "wan_s2v"
+
+    # Targets: the injector by index (checked as injector 0), Wan has none.
+    by_index = AdapterConfig(target_modules=["audio_injector.injector.1.to_q", "blocks.2.attn1.to_k"])
+    assert check_adapter(by_index, "wan_s2v") == []
+    assert "names no module" in check_adapter(by_index, "wan")[0]

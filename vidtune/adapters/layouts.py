@@ -145,8 +145,10 @@ def _pattern_value(name: str, patterns: dict, default):
     return default
 
 
-def read_file(path: str | Path, family: str = "wan") -> tuple[str, Modules, dict]:
-    """(layout, modules, file metadata) of an adapter file in any supported layout."""
+def read_file(path: str | Path, family: str | None = None) -> tuple[str, Modules, dict]:
+    """(layout, modules, file metadata) of an adapter file in any supported layout; ``family``
+    (whose module names the original layouts use) defaults to the one vidtune recorded in the
+    file (``vidtune.family``), else Wan."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -159,6 +161,7 @@ def read_file(path: str | Path, family: str = "wan") -> tuple[str, Modules, dict
     except Exception as exc:  # safetensors' errors carry no file name
         raise AdapterError(f"{path}: cannot read as safetensors: {exc}") from None
     layout = detect_layout(tensors)
+    family = family or meta.get("vidtune.family") or "wan"
     if layout != "diffusers" and not has_original_names(family):
         raise AdapterError(f"{path}: {layout} layout, which vidtune maps for Wan only, not {family}")
     bad = [k for k in tensors if any(u in k for u in _UNSUPPORTED)]

@@ -23,6 +23,11 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers layout (diffuse
 WAN_FILE = "wan_lora.safetensors"  # original Wan layout: ComfyUI, and diffusers for the block linears
 WAN_LOKR_FILE = "wan_lokr.safetensors"  # original Wan layout, LyCORIS LoKr keys (ComfyUI)
 
+# Wan 2.1 I2V's image branch: the cross-attention projections (original layout: cross_attn.k_img /
+# v_img) and the CLIP image projection (img_emb), which Wan 2.2 models do not have.
+IMAGE_MODULES = ("attn2.add_k_proj", "attn2.add_v_proj")
+IMAGE_PREFIX = "condition_embedder.image_embedder."
+
 
 def lora_config(cfg: AdapterConfig):
     from peft import LoraConfig
@@ -102,12 +107,14 @@ def lora_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor
 
 def export_lora(model: nn.Module, path: str | Path, cfg: AdapterConfig, layout: str = "wan",
                 metadata: dict[str, str] | None = None, dtype: torch.dtype = torch.bfloat16,
-                family: str = "wan") -> Path:
-    """Write the model's adapter as one safetensors file (atomically) in ``layout``. The diffusers
-    layout bakes ``alpha / rank`` into ``lora_B`` and records ``lora_alpha = r``: every loader, with
-    or without that metadata, then applies the trained scale."""
+                family: str | None = None) -> Path:
+    """Write the model's adapter as one safetensors file (atomically) in ``layout`` with the key
+    names of ``family`` (default: the model's). The diffusers layout bakes ``alpha / rank`` into
+    ``lora_B`` and records ``lora_alpha = r``: every loader, with or without that metadata, then
+    applies the trained scale."""
     from .layouts import write_file
 
+    family = family or getattr(model, "family", "wan")
     mods = adapter_modules(model)
     if layout == "diffusers":
         mods = {n: m.baked() for n, m in mods.items()}
@@ -125,7 +132,7 @@ def adapter_metadata(cfg: AdapterConfig, metadata: dict | None = None) -> dict[s
     return meta
 
 
-def read_lora(path: str | Path, family: str = "wan") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def read_lora(path: str | Path, family: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """A LoRA file in any supported layout -> module name -> (A, B, scale), B x A x scale the delta."""
     _, mods, _ = _read(path, family)
     lokr = [n for n, m in mods.items() if m.kind != "lora"]
@@ -141,12 +148,25 @@ def _read(path, family):
         raise AdapterError(f"adapter.init_from: cannot read {exc}") from None
 
 
-def load_lora_into(model: nn.Module, path: str | Path, log=print, family: str = "wan") -> int:
+def _image_branch(name: str) -> bool:
+    return name.endswith(IMAGE_MODULES) or name.startswith(IMAGE_PREFIX)
+
+
+def load_lora_into(model: nn.Module, path: str | Path, log=print, family: str | None = None) -> int:
     """Set our adapter's weights so the model's weight deltas equal the file's (LoRA into a LoRA
-    run, LoKr into a LoKr run); returns the modules set."""
-    _, mods, _ = _read(path, family)
+    run, LoKr into a LoKr run); returns the modules set. ``family`` (default: the model's) names
+    the file's keys."""
+    _, mods, _ = _read(path, family or getattr(model, "family", "wan"))
     ours = adapter_layers(model)
     unknown = sorted(set(mods) - set(ours))
+    image = [m for m in unknown if _image_branch(m)]
+    if image and not any(_image_branch(n) for n, _ in model.named_modules()):
+        # A Wan 2.1 I2V adapter's image branch (k_img / v_img, img_emb) on a model without one
+        # (Wan 2.2): nothing to apply it to, the rest of the adapter still fits.
+        log(f"adapter.init_from: {path}: {len(image)} image-branch module(s) (cross-attention k_img / v_img, "
+            f"img_emb) left out: this model has no image branch")
+        mods = {k: v for k, v in mods.items() if k not in image}
+        unknown = sorted(set(mods) - set(ours))
     if unknown:
         raise AdapterError(
             f"adapter.init_from: {path} has adapter weights for {len(unknown)} module(s) this run does not "

@@ -34,16 +34,30 @@ WAN_TOP = {
     "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
     "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
 }
+# Wan S2V (WanModel_S2V) shares the blocks and the embedders, has no image projection...
+WAN_S2V_TOP = {k: v for k, v in WAN_TOP.items() if "image_embedder" not in k}
+# ...and its audio injector's attention projections, which the default targets (to_q...) adapt
+# too: numbered like blocks, named by the family's own rule (``official_module`` of
+# ``vidtune.models.wan_s2v.keys``, imported when a name is asked for: it pulls in torch).
+# family -> (module with official_module, our module path of injector i, modules inside it)
+OFFICIAL_RULE = {"wan_s2v": ("vidtune.models.wan_s2v.keys", "audio_injector.injector.{}",
+                             ("to_q", "to_k", "to_v", "to_out.0"))}
 # Families whose original checkpoints (and ComfyUI) use these names.
-ORIGINAL_NAMES = {"wan": (WAN_BLOCK, WAN_TOP)}
+ORIGINAL_NAMES = {"wan": (WAN_BLOCK, WAN_TOP), "wan_s2v": (WAN_BLOCK, WAN_S2V_TOP)}
 # Modules LoKr cannot wrap: peft's LoKr has Linear, Conv1d and Conv2d layers, no Conv3d.
-CONV3D = {"wan": ("patch_embedding",)}
+CONV3D = {"wan": ("patch_embedding",), "wan_s2v": ("patch_embedding",)}
 
 BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
 def has_original_names(family: str) -> bool:
     return family in ORIGINAL_NAMES
+
+
+def _official_module(family: str):
+    import importlib
+
+    return importlib.import_module(OFFICIAL_RULE[family][0]).official_module
 
 
 def original_name(name: str, family: str = "wan") -> str | None:
@@ -53,7 +67,9 @@ def original_name(name: str, family: str = "wan") -> str | None:
     if m:
         inner = block.get(m[2])
         return inner and f"blocks.{m[1]}.{inner}"
-    return top.get(name)
+    if name in top:
+        return top[name]
+    return _official_module(family)(name) if family in OFFICIAL_RULE else None
 
 
 def diffusers_name(original: str, family: str = "wan", sep: str = ".") -> str | None:
@@ -63,13 +79,27 @@ def diffusers_name(original: str, family: str = "wan", sep: str = ".") -> str | 
     if m:
         inner = {v.replace(".", sep): k for k, v in block.items()}.get(m[2])
         return inner and f"blocks.{m[1]}.{inner}"
-    return {v.replace(".", sep): k for k, v in top.items()}.get(original)
+    name = {v.replace(".", sep): k for k, v in top.items()}.get(original)
+    if name is None and family in OFFICIAL_RULE:
+        # The family's rule backwards: the module of the numbered owner whose official name this is.
+        _, owner, inner = OFFICIAL_RULE[family]
+        m = re.match(re.escape(owner.replace(".", sep)).replace(r"\{\}", r"(\d+)") + re.escape(sep), original)
+        if m:
+            official = _official_module(family)
+            candidates = (f"{owner.format(m[1])}.{k}" for k in inner)
+            name = next((c for c in candidates if (official(c) or "").replace(".", sep) == original), None)
+    return name
 
 
 def adaptable_names(family: str, num_blocks: int = 1) -> list[str]:
-    """Every module path an adapter file of ``family`` can name (blocks 0..num_blocks-1)."""
+    """Every module path an adapter file of ``family`` can name (blocks, and a family's numbered
+    modules such as S2V's audio injectors, 0..num_blocks-1)."""
     block, top = ORIGINAL_NAMES[family]
-    return [*top, *(f"blocks.{i}.{k}" for i in range(num_blocks) for k in block)]
+    names = [*top, *(f"blocks.{i}.{k}" for i in range(num_blocks) for k in block)]
+    if family in OFFICIAL_RULE:
+        _, owner, inner = OFFICIAL_RULE[family]
+        names += [f"{owner.format(i)}.{k}" for i in range(num_blocks) for k in inner]
+    return names
 
 
 def target_matches(target: str, name: str) -> bool:
@@ -104,8 +134,9 @@ def check_adapter(cfg, family: str) -> list[str]:
         return e
     names = adaptable_names(family)
     for t in cfg.target_modules:
-        # A target with a block index ("blocks.3.attn1.to_q") is checked as block 0's module.
-        probe = re.sub(r"^blocks\.\d+\.", "blocks.0.", t)
+        # A target with a block index ("blocks.3.attn1.to_q", "audio_injector.injector.2.to_q") is
+        # checked as index 0's module.
+        probe = re.sub(r"(^|\.)\d+\.", r"\g<1>0.", t, count=1)
         if not any(target_matches(probe, n) for n in names):
             e.append(f"adapter.target_modules: {t!r} names no module an adapter can train and export; use "
                      f"suffixes of {', '.join(names)} (block modules apply to every block: \"to_q\", \"net.2\"...)")

@@ -22,7 +22,7 @@ def convert_lora(src: str | Path, dst: str | Path, to: str, log=print) -> Path:
     layout, mods, meta = read_file(src)
     kinds = sorted({m.kind for m in mods.values()})
     log(f"{src}: {len(mods)} {'/'.join(kinds)} modules, {layout} layout -> {to}")
-    return write_file(mods, dst, to, meta)
+    return write_file(mods, dst, to, meta, meta.get("vidtune.family") or "wan")
 
 
 @torch.no_grad()
@@ -32,8 +32,8 @@ def merge_lora(adapter: str | Path, base: str | Path, out_dir: str | Path, scale
     fp32 and rounded once to each weight's dtype."""
     from ..models import from_pretrained, save_pretrained
 
-    _, mods, _ = read_file(adapter)
     model = from_pretrained(base)
+    _, mods, _ = read_file(adapter, getattr(model, "family", "wan"))
     modules = dict(model.named_modules())
     missing = sorted(n for n in mods if not isinstance(modules.get(n), (torch.nn.Linear, torch.nn.Conv3d)))
     if missing:

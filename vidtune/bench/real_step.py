@@ -16,6 +16,7 @@ from vidtune.build import build_from_config
 from vidtune.config import Config, override
 from vidtune.measure import probes as P
 from vidtune.measure.counters import counting
+from vidtune.models import example_inputs
 
 
 def real_config(cfg: Config) -> Config:
@@ -36,11 +37,12 @@ def real_step(cfg: Config, arch, latent, seed: int = 0) -> dict:
     x = torch.randn(b, arch.in_channels, f, h, w, generator=g)
     target = torch.randn(b, arch.out_channels, f, h, w, generator=g)
     t, ctx = torch.full((b,), 500.0), torch.randn(b, P.TEXT_LEN, arch.text_dim, generator=g)
+    extra = example_inputs(model, x)
     routes = cfg.tread.resolve(len(model.blocks))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    existing = [*model.parameters(), *model.buffers(), x, target, t, ctx]
+    existing = [*model.parameters(), *model.buffers(), x, target, t, ctx, *extra.values()]
     with counting(existing) as c:
-        out = model(x, t, ctx, routes=routes, generator=torch.Generator().manual_seed(0))
+        out = model(x, t, ctx, routes=routes, generator=torch.Generator().manual_seed(0), **extra)
         loss = (out.float() - target.float()).pow(2).mean()
         c.mark("fwd")
         loss.backward()

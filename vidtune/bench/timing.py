@@ -16,6 +16,7 @@ import torch
 from vidtune.measure import probes as P
 from vidtune.measure.counters import count
 from vidtune.measure.mfu import mfu, model_flops, recompute_flops
+from vidtune.models import example_inputs
 from vidtune.runtime import DTYPES
 
 
@@ -97,12 +98,13 @@ def gpu_window(cfg, arch, shape, dev, plan, *, warmup: int = 3, steps: int = 10)
     target = torch.randn_like(x)
     t = torch.full((b,), 500.0, device="cuda")
     ctx = torch.randn(b, P.TEXT_LEN, arch.text_dim, device="cuda", dtype=dtype)
+    extra = example_inputs(model, x)
     amp = cfg.train.mixed_precision != "no"
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def step():
         with torch.autocast("cuda", dtype=DTYPES.get(cfg.train.mixed_precision, dtype), enabled=amp):
-            out = model(x, t, ctx, routes=routes, generator=gen)
+            out = model(x, t, ctx, routes=routes, generator=gen, **extra)
         (out.float() - target.float()).pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

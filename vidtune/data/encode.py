@@ -1,4 +1,5 @@
-"""The VAE and the UMT5 text encoder used to fill the caches, loaded lazily from ``[model]``.
+"""The VAE, the UMT5 text encoder, Wan 2.1 I2V's CLIP image encoder and (Wan S2V) the wav2vec2
+audio encoder used to fill the caches, loaded lazily from ``[model]``.
 
 Latents are normalised the way Wan trains on them: ``(mu - latents_mean) * (1 / latents_std)``
 per channel, from the VAE config, with ``mu`` the posterior mean (deterministic, so cacheable).
@@ -6,7 +7,7 @@ Text embeddings are exactly ``WanPipeline.encode_prompt``'s (same cleaning, toke
 512-token padding, encoder, trim to the true length); they are returned trimmed and the loader
 zero-pads them back to 512 (``cache.pad_prompt_embeds``), which saves most of the disk.
 
-With ``offload_during_startup`` only the encoder in use sits on the device; the other waits on
+With ``offload_during_startup`` only the encoder in use sits on the device; the others wait on
 the CPU. Nothing is loaded until an entry is actually missing from the cache.
 """
 from __future__ import annotations
@@ -50,9 +51,14 @@ class Encoders:
         self.text_src = model.text_encoder_path or model.resolved_path()
         self.vae_dtype = DTYPES[model.vae_dtype]
         self.text_dtype = DTYPES[model.text_encoder_dtype]
+        self.audio_src = model.audio_encoder_path or model.resolved_path()
         self._vae = None
         self._text_encoder = None
         self._tokenizer = None
+        self._image_encoder = None
+        self._image_processor = None
+        self._audio_encoder = None
+        self._feature_extractor = None
 
     @cached_property
     def vae_fingerprint(self) -> str:
@@ -64,20 +70,41 @@ class Encoders:
         tok = _local_component(self.text_src, "tokenizer", self.model.revision)[1]
         return f"{te}+{tok}"
 
+    @cached_property
+    def image_fingerprint(self) -> str:
+        src = self.model.resolved_path()
+        enc = _local_component(src, "image_encoder", self.model.revision)[1]
+        return f"{enc}+{_local_component(src, 'image_processor', self.model.revision)[1]}"
+
+    @cached_property
+    def audio_fingerprint(self) -> str:
+        enc = _local_component(self.audio_src, "audio_encoder", self.model.revision)[1]
+        proc = _local_component(self.audio_src, "audio_processor", self.model.revision)[1]
+        return f"{enc}+{proc}"
+
     # -- device placement --------------------------------------------------------------------
+    def _encoders(self) -> dict:
+        return {"vae": self._vae, "text": self._text_encoder, "image": self._image_encoder,
+                "audio": self._audio_encoder}
+
     def _activate(self, name: str) -> None:
-        """Put ``name`` ("vae" | "text") on the device; with offload_during_startup, park the other."""
-        mine = self._vae if name == "vae" else self._text_encoder
-        other = self._text_encoder if name == "vae" else self._vae
-        if self.offload_during_startup and other is not None:
-            other.to("cpu")
-        mine.to(self.device)
+        """Put ``name`` ("vae" | "text" | "image" | "audio") on the device; with offload_during_startup,
+        park the others."""
+        for other, m in self._encoders().items():
+            if self.offload_during_startup and other != name and m is not None:
+                m.to("cpu")
+        self._encoders()[name].to(self.device)
 
     def placement(self) -> dict[str, str | None]:
-        """Where each loaded encoder sits (None: not loaded)."""
+        """Where each loaded encoder sits (None: not loaded; the image and audio encoders listed once loaded)."""
         def dev(m):
             return None if m is None else str(next(m.parameters()).device)
-        return {"vae": dev(self._vae), "text_encoder": dev(self._text_encoder)}
+        out = {"vae": dev(self._vae), "text_encoder": dev(self._text_encoder)}
+        if self._image_encoder is not None:
+            out["image_encoder"] = dev(self._image_encoder)
+        if self._audio_encoder is not None:
+            out["audio_encoder"] = dev(self._audio_encoder)
+        return out
 
     @property
     def vae(self):
@@ -128,9 +155,63 @@ class Encoders:
         hidden = encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state.to(self.text_dtype)
         return [h[:n] for h, n in zip(hidden, lengths)]
 
+    @torch.no_grad()
+    def encode_image(self, images: list) -> torch.Tensor:
+        """CLIP image embeddings of PIL images exactly as ``WanImageToVideoPipeline.encode_image``:
+        the pipeline's image processor, then the penultimate hidden state (n, tokens, D). The
+        encoder runs in fp32, as diffusers' Wan I2V examples load it."""
+        if self._image_encoder is None:
+            import transformers
+
+            from ..models.wan.pipeline import pipeline_index
+
+            src, rev = self.model.resolved_path(), self.model.revision
+            cls = ((pipeline_index(self.model) or {}).get("image_processor") or [None, "CLIPImageProcessor"])[1]
+            self._image_processor = getattr(transformers, cls).from_pretrained(src, subfolder="image_processor",
+                                                                               revision=rev)
+            self._image_encoder = transformers.CLIPVisionModel.from_pretrained(
+                src, subfolder="image_encoder", dtype=torch.float32, revision=rev).eval().requires_grad_(False)
+        self._activate("image")
+        inputs = self._image_processor(images=images, return_tensors="pt").to(self.device)
+        return self._image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]
+
+    def _load_audio(self):
+        if self._audio_encoder is None:
+            from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+            kw = dict(subfolder="audio_encoder", revision=self.model.revision)
+            arch = AutoConfig.from_pretrained(self.audio_src, **kw).architectures or []
+            if "Wav2Vec2ForCTC" not in arch:
+                raise ValueError(
+                    f"{self.audio_src}/audio_encoder holds {arch or 'an unnamed architecture'}, not Wav2Vec2ForCTC: Wan "
+                    f"S2V was trained on the English CTC fine-tune of XLS-R-53 (the official checkpoint's "
+                    f"wav2vec2-large-xlsr-53-english), not the base wav2vec2-large-xlsr-53; point "
+                    f"model.audio_encoder_path at a pipeline with that model in audio_encoder/")
+            self._feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(
+                self.audio_src, subfolder="audio_processor", revision=self.model.revision)
+            self._audio_encoder = Wav2Vec2ForCTC.from_pretrained(
+                self.audio_src, dtype=DTYPES[self.model.audio_encoder_dtype], **kw).eval().requires_grad_(False)
+        self._activate("audio")
+        return self._audio_encoder, self._feature_extractor
+
+    def audio_shape(self) -> tuple[int, int]:
+        """(hidden states, width) of the audio encoder's features, from its config (no weights read)."""
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(self.audio_src, subfolder="audio_encoder", revision=self.model.revision)
+        return cfg.num_hidden_layers + 1, cfg.hidden_size
+
+    @torch.no_grad()
+    def encode_audio(self, wave: torch.Tensor) -> torch.Tensor:
+        """Mono 16 kHz samples -> all wav2vec2 hidden states (L, T50, C) in fp32."""
+        from .audio import wav2vec2_hidden_states
+
+        return wav2vec2_hidden_states(*self._load_audio(), wave)
+
     def release(self) -> None:
-        """Drop both encoders and free their memory (training needs none of it)."""
-        self._vae = self._text_encoder = self._tokenizer = None
+        """Drop every encoder and free its memory (training needs none of it)."""
+        self._vae = self._text_encoder = self._tokenizer = self._audio_encoder = self._feature_extractor = None
+        self._image_encoder = self._image_processor = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

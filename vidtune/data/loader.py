@@ -126,7 +126,9 @@ class CachedLoader:
         return self._load([self.entries[d][i] for i in idx], drop)
 
     def _load(self, entries: list[CacheEntry], drop: torch.Tensor) -> Batch:
-        loaded = [self.store.load(LATENTS, e.latent_key) for e in entries]
+        loaded = [{**self.store.load(LATENTS, e.latent_key),
+                   **{k: v for kind, key in e.cond_keys for k, v in self.store.load(kind, key).items()}}
+                  for e in entries]
         latents = torch.stack([x["latents"] for x in loaded])
         cond = {k: torch.stack([x[k] for x in loaded]) for k in loaded[0] if k != "latents"}
         embeds = [self.store.load(TEXT, self.null_text_key if dr else e.text_key)["prompt_embeds"]

@@ -1,4 +1,5 @@
-"""Discover -> bucket -> size check -> cache text embeddings and latents. Runs once per run.
+"""Discover -> bucket -> size check -> cache text embeddings and latents (and, for Wan S2V, audio
+features). Runs once per run.
 
 ``prepare_data`` is the single call the trainer makes before its loop; it returns the cache
 entries the ``CachedLoader`` draws batches from. A second run with the same data and settings
@@ -18,8 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import CacheConfig, DatasetConfig, ModelConfig
+from . import s2v
 from .buckets import Bucket
 from .cache import CacheStore, SourceIndex, settings_key
+from .conditioning import clip_condition, condition_settings, dataset_i2v, encode_condition
 from .discover import IMAGE_EXTS, VIDEO_EXTS, DataError, MediaItem, SkipLog, _short, discover_dataset
 from .encode import Encoders
 from .video import DecoderUnavailable, load_image, load_video_clip
@@ -36,6 +39,8 @@ class CacheEntry:
     bucket: Bucket  # pixel-space (width, height, frames)
     latent_key: str
     text_key: str
+    # Other cache entries whose tensors join the batch's conditioning: ((kind, key), ...).
+    cond_keys: tuple = ()
 
 
 @dataclass
@@ -49,6 +54,9 @@ class PreparedData:
     stats: dict[str, int] = field(default_factory=dict)  # encoded / reused counts
     seconds: float = 0.0  # discovery + caching time
     text_keys: dict[str, str] = field(default_factory=dict)  # extra text (validation prompts) -> cache key
+    # Image-to-video validation samples: (name, caption, caption's text key, key of their
+    # conditioning in the latent cache).
+    validation: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         used = Counter(e.dataset_id for e in self.entries)
@@ -109,10 +117,11 @@ def _repeats_needed(buckets: list[Bucket], batch_size: int, need: int) -> int:
 
 
 def latent_settings(item: MediaItem, ds: DatasetConfig, digest: str, fps: int, encoders: Encoders) -> dict:
+    window = {"start": item.start} if item.start else {}  # S2V windows after a video's first frame
     return dict(kind=item.kind, source=digest, width=item.bucket.width, height=item.bucket.height,
                 frames=item.bucket.frames, fps=fps if item.kind == "video" else None, crop=ds.crop,
                 crop_style=ds.crop_style if ds.crop else None, vae=encoders.vae_fingerprint,
-                vae_dtype=encoders.model.vae_dtype)
+                vae_dtype=encoders.model.vae_dtype, **window)
 
 
 def text_settings(caption: str, encoders: Encoders) -> dict:
@@ -133,11 +142,19 @@ def prepare_data(
     encoders: Encoders | None = None,
     release_encoders: bool = True,
     extra_texts: Sequence[str] = (),
+    inputs=None,
+    validation: tuple[DatasetConfig, int, int, int] | None = None,
 ) -> PreparedData:
     """Find every sample, fill the caches, print the data summary; return the cache entries.
 
     ``extra_texts`` (validation prompts, the negative prompt) are encoded with the captions, so
     the text encoder loads once per run; their cache keys are in ``PreparedData.text_keys``.
+
+    ``inputs`` (``vidtune.models.wan.WanInputs``; None: text-to-video) says what the model is
+    conditioned on: image-to-video datasets get their conditioning cached in each latent entry
+    (``vidtune.data.conditioning``) and buckets follow its pixel stride. ``validation`` = (image
+    dataset, width, height, frames): the conditioning of its images for image-to-video validation
+    (``PreparedData.validation``), their captions encoded with the others.
 
     ``encoders`` defaults to ``Encoders(model, device, offload_during_startup)``; with
     ``release_encoders`` they are freed once the caches are full (the training loop needs no
@@ -154,9 +171,13 @@ def prepare_data(
     skips = SkipLog()
     index = SourceIndex(Path(cache.dir) / "sources.json")
 
+    side = inputs.side_multiple if inputs is not None else 16
+    modes = {ds.id: dataset_i2v(ds, inputs) for ds in datasets}
     found: dict[str, list[MediaItem]] = {}
     for ds in datasets:
-        found[ds.id] = discover_dataset(ds, fps, skips, index)
+        found[ds.id] = discover_dataset(ds, fps, skips, index, side)
+        if model.family == "wan_s2v":  # audio source and training window of each video
+            found[ds.id] = s2v.plan(found[ds.id], ds, fps, skips, index)
     check_dataset_sizes(datasets, {d: [i.bucket for i in items] for d, items in found.items()}, skips,
                         batch_size, gradient_accumulation_steps, log)
 
@@ -165,7 +186,8 @@ def prepare_data(
     stats = Counter()
 
     # Text first: cheap, and the empty caption (caption dropout) is always needed.
-    captions = sorted({i.caption for i in items} | {""} | set(extra_texts))
+    val_items = discover_dataset(validation[0], fps, skips, index, side) if validation else []
+    captions = sorted({i.caption for i in items + val_items} | {""} | set(extra_texts))
     text_keys = {c: settings_key(**text_settings(c, encoders)) for c in captions}
     damaged: list[tuple[Path, str]] = []  # entries that fail the cheap check: re-encoded
     missing = [c for c in captions if not store.intact(TEXT, text_keys[c], damaged)]
@@ -191,8 +213,10 @@ def prepare_data(
         if isinstance(digest, OSError):
             skips.add(item.dataset_id, item.path, f"unreadable: {_short(digest)}")
             continue
-        keyed.append((item, settings_key(**latent_settings(item, by_id[item.dataset_id], digest, fps, encoders)),
-                      digest))
+        settings = latent_settings(item, by_id[item.dataset_id], digest, fps, encoders)
+        if modes[item.dataset_id]:
+            settings.update(condition_settings(modes[item.dataset_id], inputs, _image_fingerprint(encoders, inputs)))
+        keyed.append((item, settings_key(**settings), digest))
     index.save()
     todo = [(i, k, d) for i, k, d in keyed if not store.intact(LATENTS, k, damaged)]
     if damaged:
@@ -216,7 +240,8 @@ def prepare_data(
             b = item.bucket
             try:
                 if item.kind == "video":
-                    px = load_video_clip(item.path, b.frames, fps, b.width, b.height, ds.crop, ds.crop_style, digest)
+                    px = load_video_clip(item.path, b.frames, fps, b.width, b.height, ds.crop, ds.crop_style, digest,
+                                         item.start)
                 else:
                     px = load_image(item.path, b.width, b.height, ds.crop, ds.crop_style, digest)
             except DecoderUnavailable:
@@ -225,7 +250,7 @@ def prepare_data(
                 skips.add(item.dataset_id, item.path, f"decode failed: {_short(exc)}")
                 failed.add(key)
                 continue
-            out.append((key, px))
+            out.append((key, px, modes[item.dataset_id]))
         return out
 
     encoded = 0
@@ -236,21 +261,69 @@ def prepare_data(
             pending = pool.submit(decode, batches[n + 1]) if n + 1 < len(batches) else None
             if not decoded:
                 continue
-            latents = encoders.encode_video(torch.stack([px for _, px in decoded]))
-            for (key, _), lat in zip(decoded, latents):
-                store.save(LATENTS, key, {"latents": lat})
+            pixels = torch.stack([px for _, px, _ in decoded])
+            latents = encoders.encode_video(pixels)
+            conds = [{} for _ in decoded]
+            for mode in {m for _, _, m in decoded if m}:  # one batch may hold clips of several datasets
+                rows = [i for i, (_, _, m) in enumerate(decoded) if m == mode]
+                made = clip_condition(encoders, pixels[rows], mode, inputs)
+                for j, i in enumerate(rows):
+                    conds[i] = {k: v[j] for k, v in made.items()}
+            for (key, _, _), lat, extra in zip(decoded, latents, conds):
+                store.save(LATENTS, key, {"latents": lat, **extra})
                 encoded += 1
     stats["latents encoded"] = encoded
+    val = _validation_conditions(val_items, validation, index, inputs, encoders, store, skips) if validation else []
+    cond: dict[str, tuple] = {}
+    if model.family == "wan_s2v":
+        cond, counts = s2v.cache_audio([e for e in keyed if e[1] not in failed], store, encoders, index, fps, model,
+                                       skips, failed, log)
+        stats.update(counts)
     if release_encoders:
         encoders.release()
 
-    entries = [CacheEntry(i.dataset_id, i.path, i.caption, i.bucket, k, text_keys[i.caption])
+    entries = [CacheEntry(i.dataset_id, i.path, i.caption, i.bucket, k, text_keys[i.caption], cond.get(k, ()))
                for i, k, _ in keyed if k not in failed]
     prepared = PreparedData(entries, store, text_keys[""], {d.id: d.repeats for d in datasets},
                             {d.id: d.weight for d in datasets}, skips, dict(stats), time.perf_counter() - t0,
-                            {t: text_keys[t] for t in extra_texts})
+                            {t: text_keys[t] for t in extra_texts},
+                            [(name, caption, text_keys[caption], key) for name, caption, key in val])
     log(prepared.summary())
     if failed:  # decode failures may have shrunk a dataset below one optimizer step
         check_dataset_sizes(datasets, {d.id: [e.bucket for e in entries if e.dataset_id == d.id] for d in datasets},
                             skips, batch_size, gradient_accumulation_steps, lambda _: None)
     return prepared
+
+
+def _image_fingerprint(encoders: Encoders, inputs) -> str | None:
+    return encoders.image_fingerprint if inputs.image_encoder else None
+
+
+def _validation_conditions(items: list[MediaItem], validation, index: SourceIndex, inputs, encoders: Encoders,
+                           store: CacheStore, skips: SkipLog) -> list[tuple[str, str, str]]:
+    """(name, caption, latent-cache key) of each validation image's conditioning at the
+    validation size, encoded when missing."""
+    ds, width, height, frames = validation
+    if getattr(inputs, "i2v", None) is None:
+        raise DataError(f"validation.dataset = {ds.id!r}: first frames from an image dataset condition "
+                        f"image-to-video models only; this one is text-to-video (unset validation.dataset)")
+    if not items:
+        raise DataError(f"validation.dataset = {ds.id!r}: no usable image with a caption in {ds.path}")
+    out = []
+    for item in items:
+        digest = index.digest(item.path)
+        key = settings_key(kind="i2v_validation", source=digest, width=width, height=height, frames=frames,
+                           crop=ds.crop, crop_style=ds.crop_style if ds.crop else None,
+                           vae=encoders.vae_fingerprint, vae_dtype=encoders.model.vae_dtype,
+                           **condition_settings("first", inputs, _image_fingerprint(encoders, inputs)))
+        if not store.intact(LATENTS, key):
+            try:
+                px = load_image(item.path, width, height, ds.crop, ds.crop_style, digest)
+            except Exception as exc:  # an unreadable validation image is skipped like a training file
+                skips.add(item.dataset_id, item.path, f"decode failed: {_short(exc)}")
+                continue
+            cond = encode_condition(encoders, px[:, 0][None], None, frames, inputs)
+            store.save(LATENTS, key, {k: v[0] for k, v in cond.items()})
+        out.append((item.path.stem, item.caption, key))
+    index.save()
+    return out

@@ -161,8 +161,10 @@ def crop_offset(src_w: int, src_h: int, width: int, height: int, crop: bool, cro
 
 
 def load_video_clip(path: str | Path, num_frames: int, fps: int, width: int, height: int,
-                    crop: bool = False, crop_style: str = "center", seed_text: str = "") -> torch.Tensor:
-    """The first ``num_frames`` frames at ``fps``, resized/cropped, as float (C, F, H, W) in [-1, 1]."""
+                    crop: bool = False, crop_style: str = "center", seed_text: str = "",
+                    start: int = 0) -> torch.Tensor:
+    """``num_frames`` frames at ``fps`` from frame ``start`` (at that fps; 0: the first), resized/cropped,
+    as float (C, F, H, W) in [-1, 1]."""
     dec = _decoder(Path(path))
     md = dec.metadata
     begin = md.begin_stream_seconds or 0.0
@@ -170,7 +172,7 @@ def load_video_clip(path: str | Path, num_frames: int, fps: int, width: int, hei
     out = torch.empty(3, num_frames, height, width)
     for s in range(0, num_frames, DECODE_CHUNK):
         n = min(DECODE_CHUNK, num_frames - s)
-        times = [begin + (s + i) / fps for i in range(n)]
+        times = [begin + (start + s + i) / fps for i in range(n)]
         batch = dec.get_frames_played_at(times).data  # (n, C, H, W) uint8
         if batch.shape[0] != n:
             raise RuntimeError(f"decoded {batch.shape[0]} of {n} frames")

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,26 +27,24 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from vidtune.measure.counters import counting
+from vidtune.models import example_inputs
 from vidtune.runtime import dtype as runtime_dtype
 
 # UMT5-XXL encoder (Wan's text encoder, ~5.7B parameters).
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 feed_forward_proj="gated-gelu")
 TEXT_LEN = 512  # Wan pads prompts to 512 tokens
+# CLIP ViT-H/14 vision tower (Wan 2.1 I2V's image encoder, ~632M parameters).
+CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                  image_size=224, patch_size=14, projection_dim=1024)
 
 
 def local_component_config(model_cfg, component: str) -> dict | None:
     """config.json of a pipeline component (``vae``, ``text_encoder``) in a local checkpoint dir,
     so plans of small or custom checkpoints use their real sizes; None for hub ids."""
-    override = {"vae": model_cfg.vae_path, "text_encoder": model_cfg.text_encoder_path}.get(component)
-    for p in (override, model_cfg.path):
-        if not p:
-            continue
-        cand = Path(p).expanduser() / component / "config.json"
-        if cand.is_file():
-            cfg = json.loads(cand.read_text())
-            return {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return None
+    from vidtune.models.wan.pipeline import component_config
+
+    return component_config(model_cfg, component)
 
 
 def arch_key(arch) -> tuple:
@@ -153,12 +150,14 @@ def probe_step(model_cfg, adapter_cfg, arch, *, latent: tuple[int, int, int], ba
     Block 0 (unrouted, same checkpointing) stands between the head and the probed block, so the
     probed block sees what blocks 1..N-1 of the real model see: an input that needs its grad, and a
     backward that ends before any head node can run (the head's grads wait for every block)."""
-    m, a = model_cfg, adapter_cfg
+    # flash-attn and SageAttention run on CUDA only; on fake tensors they are counted as SDPA, whose
+    # footprint they share (no S x S score matrix).
+    m, a = dataclasses.replace(model_cfg, attention_backend="sdpa"), adapter_cfg
     what = (m.family, m.dtype, m.force_2_1_time_embedding, m.attention_backend,
             a.type, a.rank, a.alpha, tuple(a.target_modules), a.dropout, adapter_dtype)
     key = (arch_key(arch), what, latent, batch, autocast, ckpt, chunk, route_ratio, grad, text_len)
     if key not in _PROBES:
-        model = build_meta_model(model_cfg, adapter_cfg, arch, num_layers=2, ckpt=ckpt, chunk=chunk,
+        model = build_meta_model(m, adapter_cfg, arch, num_layers=2, ckpt=ckpt, chunk=chunk,
                                  adapter_dtype=adapter_dtype)
         _PROBES[key] = _probe_step(model, arch, latent, batch, runtime_dtype(m.dtype), autocast, route_ratio, grad,
                                    text_len)
@@ -173,11 +172,12 @@ def _probe_step(model, arch, latent, batch, dtype, autocast, route_ratio, grad, 
         target = torch.randn(batch, arch.out_channels, f, h, w, dtype=dtype)
         t = torch.full((batch,), 500.0)
         ctx = torch.randn(batch, text_len, arch.text_dim, dtype=dtype)
+        extra = example_inputs(model, x)  # a family's conditioning (Wan S2V: audio, reference, motion)
         routes = [(route_ratio, 1, 1)] if route_ratio else None
         rec = OpRecorder()
         marks: list[tuple[str, int]] = []
         fired: set = set()
-        existing = [*model.parameters(), *model.buffers(), x, target, t, ctx]
+        existing = [*model.parameters(), *model.buffers(), x, target, t, ctx, *extra.values()]
         with counting(existing) as c:
 
             def mark(label):
@@ -211,7 +211,7 @@ def _probe_step(model, arch, latent, batch, dtype, autocast, route_ratio, grad, 
                     stack.enter_context(torch.no_grad())
                 if autocast is not None:
                     stack.enter_context(torch.autocast("cpu", dtype=autocast))
-                out = model(x, t, ctx, routes=routes, generator=torch.Generator().manual_seed(0))
+                out = model(x, t, ctx, routes=routes, generator=torch.Generator().manual_seed(0), **extra)
                 stack.close()  # the loss and backward run outside autocast, as in the trainer
                 loss = (out.float() - target.float()).pow(2).mean()
                 mark("fwd")
@@ -238,7 +238,8 @@ _AUX: dict = {}
 def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decode: bool, batch: int = 1,
               config: dict | None = None):
     """(weight bytes, peak activation bytes, FLOPs) of the Wan VAE (``config``: its config.json;
-    default the Wan 2.1 VAE) encoding pixels (F, H, W) or decoding their latents, no grad,
+    default the Wan 2.1 VAE; the Wan 2.2 one strides 16) encoding pixels (F, H, W) or decoding
+    their latents, no grad,
     measured at full size on fake tensors (memoised)."""
     key = ("vae", frames, height, width, dtype, decode, batch, json.dumps(config, sort_keys=True))
     if key not in _AUX:
@@ -251,7 +252,8 @@ def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decod
         with FakeTensorMode():
             fakeify(vae).eval()
             if decode:
-                z = torch.randn(batch, vae.config.z_dim, (frames - 1) // 4 + 1, height // 8, width // 8, dtype=dtype)
+                t, sp = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+                z = torch.randn(batch, vae.config.z_dim, (frames - 1) // t + 1, height // sp, width // sp, dtype=dtype)
                 fn = lambda: vae.decode(z).sample  # noqa: E731
             else:
                 z = torch.randn(batch, 3, frames, height, width, dtype=dtype)
@@ -265,21 +267,56 @@ def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decod
 def probe_text_encoder(batch: int, dtype: torch.dtype, text_len: int = TEXT_LEN, config: dict | None = None):
     """(weight bytes, peak activation bytes, FLOPs) of the UMT5 encoder (``config``: its
     config.json; default UMT5-XXL, Wan's) on ``batch`` prompts."""
-    key = ("umt5", batch, dtype, text_len, json.dumps(config, sort_keys=True))
-    if key not in _AUX:
-        from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
+    return _probe_encoder(
+        ("umt5", batch, dtype, text_len, json.dumps(config, sort_keys=True)),
+        lambda: UMT5EncoderModel(UMT5Config(**(config or UMT5_XXL))).to(dtype),
+        lambda: (torch.zeros(batch, text_len, dtype=torch.long), torch.ones(batch, text_len, dtype=torch.long)),
+        lambda te, ids, mask: te(input_ids=ids, attention_mask=mask))
+
+
+def _probe_encoder(key, build, make_inputs, call):
+    """(weight bytes, peak activation bytes, FLOPs) of the module ``build()`` makes (on meta) when
+    ``call(module, *make_inputs())`` runs on fake tensors, without grad; memoised by ``key``."""
+    if key not in _AUX:
         with torch.device("meta"):
-            te = UMT5EncoderModel(UMT5Config(**(config or UMT5_XXL))).to(dtype)
-        weights = sum(p.numel() * p.element_size() for p in te.parameters())
+            module = build()
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
         with FakeTensorMode():
-            fakeify(te).eval()
-            ids = torch.zeros(batch, text_len, dtype=torch.long)
-            mask = torch.ones(batch, text_len, dtype=torch.long)
-            with torch.no_grad(), counting([*te.parameters(), *te.buffers(), ids, mask]) as c:
-                te(input_ids=ids, attention_mask=mask)
+            fakeify(module).eval()
+            inputs = make_inputs()
+            with torch.no_grad(), counting([*module.parameters(), *module.buffers(), *inputs]) as c:
+                call(module, *inputs)
         _AUX[key] = (weights, c.peak_live_bytes, c.flops)
     return _AUX[key]
+
+
+def image_encoder_bytes(config: dict | None = None) -> int:
+    """Weight bytes of the CLIP vision encoder (``config``: its config.json; default ViT-H/14) in
+    fp32, the dtype vidtune runs it in while caching; its activations (one image) are negligible."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with torch.device("meta"):
+        enc = CLIPVisionModel(CLIPVisionConfig(**(config or CLIP_VIT_H)))
+    return sum(p.numel() * 4 for p in enc.parameters())
+# wav2vec2-large-xlsr-53-english (Wan S2V's audio encoder, ~315M parameters), as Wav2Vec2ForCTC.
+XLSR_53_LARGE = dict(vocab_size=33, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                     intermediate_size=4096, conv_dim=(512,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
+                     conv_kernel=(10, 3, 3, 3, 3, 2, 2), feat_extract_norm="layer", do_stable_layer_norm=True,
+                     num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16)
+
+
+def probe_audio_encoder(dtype: torch.dtype, seconds: float, config: dict | None = None):
+    """(weight bytes, peak activation bytes, FLOPs) of Wan S2V's wav2vec2 (``config``: its
+    config.json; default XLS-R-53 large) on ``seconds`` of 16 kHz audio, all hidden states kept."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    return _probe_encoder(
+        ("wav2vec2", dtype, seconds, json.dumps(config, sort_keys=True, default=list)),
+        lambda: Wav2Vec2ForCTC(Wav2Vec2Config(**(config or XLSR_53_LARGE))).to(dtype),
+        lambda: (torch.zeros(1, int(seconds * 16000), dtype=dtype),),
+        lambda enc, wave: enc.wav2vec2(wave, output_hidden_states=True))
 
 
 def optimizer_peak(shapes_dtypes: list[tuple[tuple, torch.dtype]], foreach: bool) -> int:

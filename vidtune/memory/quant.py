@@ -1,6 +1,7 @@
 """int8 weight-only quantization of the frozen base with torchao (Int8WeightOnlyConfig).
 
-All nn.Linear layers inside ``model.blocks`` (attention projections and FFN) become
+All nn.Linear layers inside ``model.blocks`` (attention projections and FFN) and the modules a
+family names in ``model.quantize_also`` become
 ``Int8Tensor`` weights: int8 data + per-row scales, dequantized in the matmul; backward reaches
 the input, so LoRA (peft) trains on top. Apply order: quantize -> adapters -> offload ->
 checkpointing. NF4/INT4 are refused for Wan: the guides say Wan is too sensitive to 4-bit.
@@ -49,7 +50,8 @@ def apply_quantization(model: nn.Module, cfg: QuantConfig, device="cpu", family:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     count = 0
-    for block in model.blocks:
+    # Families with frozen Linears outside the blocks name them in quantize_also (Wan S2V's injector).
+    for block in [*model.blocks, *(model.get_submodule(n) for n in getattr(model, "quantize_also", ()))]:
         n = sum(isinstance(m, nn.Linear) and type(m.weight) in (torch.Tensor, nn.Parameter) for m in block.modules())
         if not n:
             continue

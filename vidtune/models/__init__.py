@@ -3,14 +3,17 @@
 Each family is a package (``vidtune.models.<family>``) that exposes what the rest of vidtune needs
 to know about it: ``CLASS_NAMES`` (the diffusers ``_class_name`` values it loads), ``CONFIG_CLASS``,
 ``MODEL_CLASS``, ``KEEP_FP32`` (parameters kept in fp32 whatever the dtype),
-``flavour_config(flavour)`` (full-size architecture) and ``transformer_subfolder(flavour)``.
+``flavour_config(flavour)`` (full-size architecture) and ``transformer_subfolder(flavour, expert)``;
+optionally ``model_inputs(arch, model_cfg)`` (the conditioning the transformer takes),
+``checkpoint_key(key)`` (a checkpoint's key in another layout -> our parameter name) and
+``example_inputs(config, hidden_states)`` (the extra model inputs probes and benchmarks pass).
 Family rules live there, never in the trainer.
 """
 from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("wan",)
+FAMILIES = ("wan", "wan_s2v")
 
 
 def family(name: str):
@@ -28,6 +31,13 @@ def family_of_class(class_name: str | None) -> str | None:
     return None
 
 
+def example_inputs(model, hidden_states) -> dict:
+    """Keyword inputs besides (latents, timestep, text) that ``model``'s family needs, with shapes
+    for ``hidden_states`` (the family's ``example_inputs``; probes and benchmarks)."""
+    fn = getattr(family(model.family), "example_inputs", None)
+    return fn(model.config, hidden_states) if fn is not None else {}
+
+
 from .load import from_pretrained, save_pretrained  # noqa: E402  (load uses the registry above)
 
-__all__ = ["FAMILIES", "family", "family_of_class", "from_pretrained", "save_pretrained"]
+__all__ = ["FAMILIES", "example_inputs", "family", "family_of_class", "from_pretrained", "save_pretrained"]

@@ -15,9 +15,9 @@ _INSTALL = {
 }
 
 
-def _sdpa(q, k, v):
+def _sdpa(q, k, v, mask=None):
     # SDPA wants (B, H, S, Dh); the transposes are views, as in diffusers' native backend.
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
 
@@ -45,5 +45,11 @@ def check_backend(name: str) -> None:
         raise ValueError(f"attention_backend={name!r} is not one of {', '.join(BACKENDS)}")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    return _FNS[backend](q, k, v)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``mask`` (bool, broadcastable to (B, H, Sq, Sk), True = attend) needs the sdpa backend."""
+    if mask is None:
+        return _FNS[backend](q, k, v)
+    if backend != "sdpa":
+        raise ValueError(f"masked attention runs on the sdpa backend, not {backend!r}")
+    return _sdpa(q, k, v, mask)

@@ -75,8 +75,10 @@ def apply_dtype_policy(model: torch.nn.Module, torch_dtype: torch.dtype, keep_fp
     return model
 
 
-def load_weights(model: torch.nn.Module, files: list[Path], torch_dtype, keep_fp32, device="cpu") -> None:
-    """Assign tensors from ``files`` to a (meta) ``model``; error listing unknown/missing keys."""
+def load_weights(model: torch.nn.Module, files: list[Path], torch_dtype, keep_fp32, device="cpu",
+                 rename=None) -> None:
+    """Assign tensors from ``files`` to a (meta) ``model``; error listing unknown/missing keys.
+    ``rename`` maps a checkpoint key of another layout to the model's parameter name."""
     expected = dict(model.state_dict(keep_vars=True))
     seen, unknown = set(), []
     for f in files:
@@ -87,12 +89,13 @@ def load_weights(model: torch.nn.Module, files: list[Path], torch_dtype, keep_fp
             raise ModelLoadError(f"{f}: cannot read these weights ({exc}); the file is damaged or incomplete: "
                                  f"copy or download it again") from exc
         with fh:
-            for key in fh.keys():
+            for name in fh.keys():
+                key = rename(name) if rename is not None else name
                 if key not in expected:
                     if not any(part in IGNORED_KEYS for part in key.split(".")):
-                        unknown.append(key)
+                        unknown.append(name)
                     continue
-                t = fh.get_tensor(key)
+                t = fh.get_tensor(name)
                 if t.shape != expected[key].shape:
                     raise ValueError(
                         f"{f}: {key} has shape {tuple(t.shape)}, the model expects {tuple(expected[key].shape)} "
@@ -168,7 +171,7 @@ def from_pretrained(
     cfg = fam.CONFIG_CLASS.from_dict(cfg_dict)
     with torch.device("meta"):
         model = fam.MODEL_CLASS(cfg, **model_kwargs)
-    load_weights(model, files, torch_dtype, fam.KEEP_FP32, device=device)
+    load_weights(model, files, torch_dtype, fam.KEEP_FP32, device=device, rename=getattr(fam, "checkpoint_key", None))
     return model
 
 

@@ -11,6 +11,13 @@ test_sampler.py checks it against the real pipeline for UniPC and flow-match Eul
   latents cast to the transformer dtype, ``uncond + guidance * (cond - uncond)``, then
   ``scheduler.step`` on the fp32 latents.
 
+Two experts (Wan 2.2 A14B) switch like ``WanPipeline`` with ``transformer_2``: steps with
+``t >= boundary_ratio * num_train_timesteps`` run ``transformer`` (high noise), the others
+``transformer_2``. Image-to-video inputs follow ``WanImageToVideoPipeline``: ``condition`` (mask +
+first-frame latents) is concatenated to the latents; ``image_embeds`` is the CLIP context; with
+``expand_timesteps`` (TI2V-5B) every token gets its own timestep and ``first_frame`` (the clean
+first latent frame) replaces latent frame 0 at t = 0, before every step and in the result.
+
 Skip-layer guidance (SLG) follows diffusers' StableDiffusion3Pipeline: on steps ``i`` with
 ``skip_layers_start <= i / steps <= skip_layers_stop`` one more conditional forward runs with
 ``skip_layers=...`` and ``noise_pred += (cond - cond_skip) * skip_layers_scale`` (SimpleTuner's
@@ -199,6 +206,14 @@ def sample(
     output_type: str = "latent",
     latents: torch.Tensor | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    transformer_2=None,
+    boundary_ratio: float | None = None,
+    condition: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
+    first_frame: torch.Tensor | None = None,
+    expand_timesteps: bool = False,
+    extra: dict | None = None,
+    extra_uncond: dict | None = None,
 ):
     """Sample videos for ``prompt_embeds`` (B, L, D) (padded like ``WanPipeline.encode_prompt``).
 
@@ -208,6 +223,11 @@ def sample(
     (default: the transformer's first parameter's device). ``callback(i, latents)`` after each
     step (streaming previews). ``output_type``: "latent" returns the fp32 latents (B, C, F', H', W')
     before decoding; "video" decodes with ``vae`` and returns uint8 frames (B, F, 3, H, W).
+    ``transformer_2`` + ``boundary_ratio``: the low-noise expert and where it takes over.
+    ``condition`` (B, 4 + C, F', H', W'), ``image_embeds`` (B, tokens, D), ``first_frame``
+    (B, C, 1, H', W') and ``expand_timesteps``: the image-to-video inputs (module docstring).
+    ``extra`` / ``extra_uncond``: keyword inputs of the conditional / unconditional forward (Wan S2V's
+    audio and reference latents; the unconditional pass takes ``extra`` when not given its own).
     """
     if output_type not in ("latent", "video"):
         raise ValueError(f"output_type {output_type!r}: choose 'latent' or 'video'")
@@ -228,7 +248,13 @@ def sample(
     batch = cond.shape[0]
     if uncond is not None and uncond.shape[0] != batch:
         uncond = uncond.expand(batch, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
-    channels = transformer.config.in_channels
+    channels = transformer.config.out_channels  # the latents' (in_channels also counts I2V conditioning)
+    if (transformer_2 is None) != (boundary_ratio is None):
+        raise ValueError("two experts need both transformer_2 and boundary_ratio")
+    if condition is not None:
+        condition = condition.to(device, torch.float32)
+    if image_embeds is not None:
+        image_embeds = image_embeds.to(device, dtype)
 
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
@@ -240,25 +266,52 @@ def sample(
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
 
-    was_training = transformer.training
-    transformer.eval()  # no TREAD routes, no dropout while sampling
+    extra = extra or {}
+    extra_uncond = extra if extra_uncond is None else extra_uncond
+    if image_embeds is not None:  # Wan 2.1 I2V's CLIP context goes to both passes, like the pipeline
+        extra = {**extra, "encoder_hidden_states_image": image_embeds}
+        extra_uncond = {**extra_uncond, "encoder_hidden_states_image": image_embeds}
+    mask = None
+    if expand_timesteps:  # per-token timesteps; 0 where the clean first frame conditions
+        mask = torch.ones(1, 1, *latents.shape[2:], device=device)
+        if first_frame is not None:
+            first_frame = first_frame.to(device, torch.float32)
+            mask[:, :, 0] = 0
+    boundary_t = None if boundary_ratio is None else boundary_ratio * scheduler.config.num_train_timesteps
+    models = [m for m in (transformer, transformer_2) if m is not None]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()  # no TREAD routes, no dropout while sampling
+    patch = transformer.config.patch_size
     try:
         for i, t in enumerate(timesteps):
-            x = latents.to(dtype)
-            timestep = t.expand(batch)
-            noise_pred = transformer(x, timestep, cond)
+            model = transformer if boundary_t is None or t >= boundary_t else transformer_2
+            x = latents
+            if mask is not None:
+                if first_frame is not None:
+                    x = (1 - mask) * first_frame + mask * latents
+                timestep = (mask[0, 0][:, ::patch[1], ::patch[2]] * t).flatten().unsqueeze(0).expand(batch, -1)
+            else:
+                timestep = t.expand(batch)
+            if condition is not None:
+                x = torch.cat([latents, condition], dim=1)
+            x = x.to(dtype)
+            noise_pred = model(x, timestep, cond, **extra)
             cond_pred = noise_pred
             if cfg_on:
-                noise_uncond = transformer(x, timestep, uncond)
+                noise_uncond = model(x, timestep, uncond, **extra_uncond)
                 noise_pred = noise_uncond + guidance * (noise_pred - noise_uncond)
             if skip_layers and skip_layers_start <= i / steps <= skip_layers_stop:
-                cond_skip = transformer(x, timestep, cond, skip_layers=tuple(skip_layers))
+                cond_skip = model(x, timestep, cond, skip_layers=tuple(skip_layers), **extra)
                 noise_pred = noise_pred + (cond_pred - cond_skip) * skip_layers_scale
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if callback is not None:
                 callback(i, latents)
     finally:
-        transformer.train(was_training)
+        for m, training in zip(models, was_training):
+            m.train(training)
+    if first_frame is not None and mask is not None:
+        latents = (1 - mask) * first_frame + mask * latents
     if output_type == "latent":
         return latents
     return decode(vae, latents)
@@ -281,9 +334,11 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Writing results.
 
-def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
+def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16, audio: torch.Tensor | None = None,
+               sample_rate: int = 16000) -> Path:
     """Write uint8 frames (F, 3, H, W) as an H.264 mp4 (yuv420p; odd sizes are padded by one
-    pixel, which yuv420p needs). torchcodec encodes; ffmpeg through a pipe if it is missing."""
+    pixel, which yuv420p needs). torchcodec encodes; ffmpeg through a pipe if it is missing.
+    ``audio``: mono samples at ``sample_rate``, muxed in as the soundtrack (AAC; torchcodec)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = frames.to("cpu", torch.uint8).contiguous()
@@ -295,11 +350,25 @@ def save_video(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
     except ImportError:
         VideoEncoder = None
     with atomic_path(path) as tmp:
-        if VideoEncoder is not None:
+        if audio is not None:
+            _encode_with_audio(frames, audio, tmp, fps, sample_rate)
+        elif VideoEncoder is not None:
             VideoEncoder(frames, frame_rate=fps).to_file(tmp, codec="libx264", pixel_format="yuv420p")
         else:
             _ffmpeg_encode(frames, tmp, fps)
     return path
+
+
+def _encode_with_audio(frames: torch.Tensor, audio: torch.Tensor, path: Path, fps: int, sample_rate: int) -> None:
+    from torchcodec.encoders import Encoder
+
+    enc = Encoder()
+    video = enc.add_video(height=frames.shape[2], width=frames.shape[3], frame_rate=fps, codec="libx264",
+                          pixel_format="yuv420p")
+    sound = enc.add_audio(sample_rate=sample_rate, num_channels=1)
+    with enc.open_file(path):
+        video.add_frames(frames)
+        sound.add_samples(audio.reshape(1, -1).float().cpu())
 
 
 def _ffmpeg_encode(frames: torch.Tensor, path: Path, fps: int) -> None:
@@ -340,10 +409,10 @@ def _save_png(image, path: str | Path) -> Path:
 
 
 def save_outputs(frames: torch.Tensor, out_dir: str | Path, name: str, fps: int = 16,
-                 title: Sequence[str] = ()) -> tuple[Path, Path]:
-    """``<out_dir>/<name>.mp4`` and ``<out_dir>/<name>.png`` (contact sheet under ``title``) for
-    one video (F, 3, H, W uint8)."""
+                 title: Sequence[str] = (), audio: torch.Tensor | None = None) -> tuple[Path, Path]:
+    """``<out_dir>/<name>.mp4`` (with ``audio``, 16 kHz mono, as its soundtrack) and
+    ``<out_dir>/<name>.png`` (contact sheet under ``title``) for one video (F, 3, H, W uint8)."""
     out_dir = Path(out_dir)
     stem = safe_name(name)
-    return (save_video(frames, out_dir / f"{stem}.mp4", fps),
+    return (save_video(frames, out_dir / f"{stem}.mp4", fps, audio),
             save_contact_sheet(frames, out_dir / f"{stem}.png", title=title))

@@ -17,13 +17,58 @@ from .flow import noisy_input
 
 
 def wan_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator):
-    """Wan text-to-video: denoise the whole clip."""
+    """Wan: text-to-video denoises the whole clip; image-to-video adds the conditioning cached
+    beside the latents (``vidtune.data.conditioning``), as WanImageToVideoPipeline feeds it."""
     x_t, target, timestep = noisy_input(batch.latents, noise, sigma)
-    pred = model(x_t, timestep, batch.prompt_embeds, routes=routes, generator=generator)
+    x_in, timestep, weight, keep = i2v_model_input(x_t, timestep, batch.cond, model.config.patch_size)
+    image = batch.cond.get("image_embeds")
+    if image is not None:  # (B, images, tokens, D): one CLIP context per conditioning image
+        image = image.flatten(0, 1)
+    pred = model(x_in, timestep, batch.prompt_embeds, image, routes=routes, force_keep=keep, generator=generator)
+    return pred, target, weight
+
+
+def i2v_model_input(x_t: torch.Tensor, timestep: torch.Tensor, cond: dict, patch):
+    """(model input, timestep, loss weight, tokens TREAD must keep) of noisy latents ``x_t``.
+
+    ``condition`` (Wan I2V: mask + first-frame latents) is concatenated on channels.
+    ``first_frame`` (TI2V-5B, diffusers' expand_timesteps) replaces latent frame 0 by the clean
+    first-frame latent, whose tokens get t = 0 and stay out of the loss; TREAD keeps them, so
+    every routed block still sees the conditioning."""
+    if "condition" in cond:
+        return torch.cat([x_t, cond["condition"].to(x_t.dtype)], dim=1), timestep, None, None
+    if "first_frame" not in cond:
+        return x_t, timestep, None, None
+    mask = torch.ones_like(x_t[:, :1])
+    mask[:, :, 0] = 0
+    x_in = (1 - mask) * cond["first_frame"].to(x_t.dtype) + mask * x_t
+    tokens = mask[:, 0, :, ::patch[1], ::patch[2]].flatten(1)  # (B, F' x H'/2 x W'/2) in the model's order
+    per_token = tokens * timestep.view(-1, 1).to(tokens.dtype)
+    return x_in, per_token.float(), mask, tokens == 0
+
+
+def wan_s2v_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator):
+    """Wan S2V (the inputs inference implies; ``vidtune.data.s2v``): the window's first latent is
+    its reference frame (clean, at t = 0, outside the loss); a continuation window's first 19 latents
+    are its motion frames; the latents after them are denoised with the audio features of their
+    frames (``batch.cond["audio"]``, (B, 4F, L, C)), zeroed where the caption was dropped: the
+    unconditional branch of CFG drops both. No pose video: the pose embedder adds its bias."""
+    from ..models.wan_s2v import MOTION_FRAMES
+
+    latents, audio = batch.latents, batch.cond["audio"]
+    lead = latents.shape[2] - audio.shape[1] // 4
+    if lead not in (1, MOTION_FRAMES[1]):
+        raise ValueError(f"S2V batch: {latents.shape[2]} latents for {audio.shape[1]} audio frames; expected the "
+                         f"reference latent (+ {MOTION_FRAMES[1] - 1} motion latents) and 1 latent per 4 frames")
+    x_t, target, timestep = noisy_input(latents[:, :, lead:], noise[:, :, lead:], sigma)
+    audio = audio * (~batch.dropped).to(audio.dtype).view(-1, 1, 1, 1)
+    pred = model(x_t, timestep, batch.prompt_embeds, audio=audio.permute(0, 2, 3, 1),
+                 ref_latents=latents[:, :, :1], motion_latents=latents[:, :, :lead] if lead > 1 else None,
+                 routes=routes, generator=generator)
     return pred, target, None
 
 
-FORWARDS: dict[str, Callable] = {"wan": wan_forward}
+FORWARDS: dict[str, Callable] = {"wan": wan_forward, "wan_s2v": wan_s2v_forward}
 
 
 def training_forward(family: str) -> Callable:

@@ -155,3 +155,18 @@ def clip_gradients(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_value_(params, cfg.max_grad_norm)
     return norm
+
+
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device) -> None:
+    """Move an optimizer's per-parameter state tensors (and master weights) to ``device`` (an idle
+    expert's state waits in host RAM). Step counters (0-dim) stay where the optimizer keeps them; bitsandbytes' paged
+    optimizers page their states themselves and are left alone."""
+    if getattr(optimizer, "is_paged", False):
+        return
+    for m in getattr(optimizer, "masters", ()):  # MasterWeights' fp32 copies (their state is keyed by them)
+        if m.device != torch.device(device):
+            m.data = m.data.to(device)
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.device != torch.device(device):
+                state[k] = v.to(device)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.export import export_adapter_files
-from ..build import adapter_master_weights, build_from_config
+from ..build import adapter_master_weights, build_from_config, expert_boundary, model_inputs
 from ..config import Config, ConfigError
 from ..data import CachedLoader, PreparedData
 from ..data.cache import CacheEntryError
@@ -37,7 +37,7 @@ from ..models import save_pretrained
 from ..runtime import DTYPES, resolve_device, seed_for
 from .checkpoint import resume_checkpoint, save_checkpoint
 from .ema import Ema
-from .flow import flow_loss, sample_sigmas
+from .flow import expert_sigma_range, flow_loss, sample_sigmas
 from .forward import training_forward
 from .log import StepLog, loss_values, memory_bytes, write_plots, write_summary
 from .optim import (RESUMED_FROM_CONFIG, build_optimizer, build_scheduler, clip_gradients, optimizer_hparams,
@@ -58,18 +58,35 @@ def prepare(cfg: Config, log=print) -> PreparedData:
     from .validate import validation_texts
 
     encoders = Encoders(cfg.model, resolve_device(cfg.train.device), cfg.memory.offload_during_startup)
+    v = cfg.validation
+    inputs = model_inputs(cfg.model)
+    val = None
+    if v.every > 0:
+        w, h = (int(x) for x in v.resolution.lower().split("x"))
+        side = getattr(inputs, "side_multiple", 16)  # VAE stride x patch: 32 for the Wan 2.2 VAE
+        if w % side or h % side:
+            raise ConfigError(f"validation.resolution = {v.resolution!r}: this model needs sides in multiples of "
+                              f"{side}; use e.g. \"{max(side, w // side * side)}x{max(side, h // side * side)}\"")
+        if v.dataset:  # image-to-video validation: first frames from an image dataset
+            val = (next(d for d in cfg.dataset if d.id == v.dataset), w, h, v.num_frames)
     return prepare_data(
         cfg.datasets, cfg.cache, cfg.model,
         batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         encoders=encoders, log=log,
         extra_texts=validation_texts(cfg.validation) if cfg.validation.every > 0 else (),
+        inputs=inputs, validation=val,
     )
 
 
 def train(cfg: Config, prepared: PreparedData, log=print) -> int:
     """Train; returns 0 when done, 128 + signal number when stopped by SIGTERM/SIGINT (after a
     checkpoint). Raises TrainingStopped after ``max_consecutive_nonfinite`` bad steps in a row."""
-    run = Run(cfg, prepared, log)
+    if cfg.model.experts == "both":
+        from .experts import ExpertsRun
+
+        run = ExpertsRun(cfg, prepared, log)
+    else:
+        run = Run(cfg, prepared, log)
     run.resume()
     rc = run.loop()
     if rc:
@@ -136,6 +153,13 @@ class Run:
         self.trainable = built.trainable
         self.routes = cfg.tread.resolve(len(self.model.blocks))
         self.forward = training_forward(cfg.model.family)
+        # A two-expert checkpoint: each expert trains only on the noise levels it denoises.
+        self.boundary = expert_boundary(cfg.model, log) if cfg.model.experts else None
+        self.sigma_range = None
+        if cfg.model.experts in ("high", "low"):
+            self.sigma_range = expert_sigma_range(cfg.model.experts, self.boundary)
+            log(f"experts: training the {cfg.model.experts}-noise expert on noise levels "
+                f"[{self.sigma_range[0]:g}, {self.sigma_range[1]:g}) (boundary {self.boundary:g})")
         n_all = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.trainable.values())
         log(f"model: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trained ({cfg.adapter.type}) on "
@@ -204,9 +228,13 @@ class Run:
         for key, value in hparams(t).items():
             if key in saved and saved[key] != value:
                 self.log(f"resume: train.{key} {_show(value)} (checkpoint had {_show(saved[key])})")
-        optimizer_hparams(self.optimizer, t)
-        self.scheduler = build_scheduler(self.optimizer, t, step=self.step)
+        self.apply_hparams()
         self.log(f"resumed from {ckpt} at step {self.step}")
+
+    def apply_hparams(self) -> None:
+        """The config's optimizer settings, and the schedule rebuilt at the current step."""
+        optimizer_hparams(self.optimizer, self.cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, step=self.step)
 
     # -- one optimizer step -------------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -227,9 +255,7 @@ class Run:
             tokens += b * (f // patch[0]) * (h // patch[1]) * (w // patch[2])
             # Noise and timesteps come from the CPU generator: the same draws on any device.
             noise = torch.randn(x0.shape, generator=self.flow_gen).to(self.device, x0.dtype)
-            sigma = sample_sigmas(b, t.timestep_sampling, self.flow_gen, logit_mean=t.logit_mean,
-                                  logit_std=t.logit_std, shift=t.flow_shift,
-                                  tokens_per_frame=(h // patch[1]) * (w // patch[2])).to(self.device)
+            sigma = self.draw_sigmas(b, (h // patch[1]) * (w // patch[2])).to(self.device)
             with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
                 pred, target, weight = self.forward(self.model, batch, noise, sigma, routes=self.routes,
                                                     generator=self.tread_gen)
@@ -254,6 +280,14 @@ class Run:
         if self.ema is not None and not bad:
             self.ema.maybe_update(self.step)
         return StepResult(loss_val, norm_val, tokens, time.perf_counter() - t0, bad, reason)
+
+    def draw_sigmas(self, batch: int, tokens_per_frame: int) -> torch.Tensor:
+        """Noise levels of one micro-batch, from the flow generator (an expert's own range when a
+        two-expert checkpoint trains one expert)."""
+        t = self.cfg.train
+        return sample_sigmas(batch, t.timestep_sampling, self.flow_gen, logit_mean=t.logit_mean,
+                             logit_std=t.logit_std, shift=t.flow_shift, tokens_per_frame=tokens_per_frame,
+                             sigma_range=self.sigma_range)
 
     # -- the loop -------------------------------------------------------------------------------------
     def loop(self) -> int:
@@ -368,12 +402,7 @@ class Run:
     # -- the run's end: exports, plots, summary ---------------------------------------------------------
     def finish(self) -> list[Path]:
         problem = self.weights_problem()
-        files = []
-        if not problem:
-            files = export_final(self.cfg, self.model, self.run_dir, self.step, self.log)
-            if self.ema is not None:
-                with self.ema.swapped_in():
-                    files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step, self.log)
+        files = [] if problem else self.exports()
         write_plots(self.run_dir)
         write_summary(self.run_dir, self.summary())
         losses = [x for x in loss_values(self.run_dir) if math.isfinite(x)]
@@ -391,6 +420,14 @@ class Run:
         self.log(f"done: {self.step} steps ({self.skipped} skipped); saved {', '.join(str(f) for f in files)}")
         return files
 
+    def exports(self) -> list[Path]:
+        """The run's products: the trained weights (and the EMA's)."""
+        files = export_final(self.cfg, self.model, self.run_dir, self.step, self.log)
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step, self.log)
+        return files
+
 
 def hparams(t) -> dict:
     """The train settings a resume takes from the config (JSON values, as stored in meta.json)."""
@@ -402,8 +439,10 @@ def _show(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def export_final(cfg: Config, model, run_dir: Path, step: int, log=print) -> list[Path]:
-    """The run's product: the adapter file(s), or the full transformer in the diffusers layout."""
+def export_final(cfg: Config, model, run_dir: Path, step: int, log=print, expert: str | None = None) -> list[Path]:
+    """The run's product: the adapter file(s), or the full transformer in the diffusers layout.
+    ``expert`` (a run training both experts): files named for it (``*_high_noise`` /
+    ``*_low_noise``; a full fine-tune's low-noise expert is ``transformer_2/``, as in the pipeline)."""
     if cfg.adapter.type == "full":
-        return [save_pretrained(model, run_dir / "transformer")]
-    return export_adapter_files(cfg, model, run_dir, step, log)
+        return [save_pretrained(model, run_dir / ("transformer_2" if expert == "low" else "transformer"))]
+    return export_adapter_files(cfg, model, run_dir, step, log, expert=expert)

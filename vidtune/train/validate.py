@@ -7,7 +7,16 @@ Sampling is ``vidtune.sample.sample`` (WanPipeline's loop): the model in eval mo
 TREAD routing and no dropout. Outputs per prompt: ``<run>/validation/step_XXXXXX/<name>.mp4``
 and ``<name>.png`` (contact sheet titled with the prompt and step, frames numbered), ``<name>`` the
 prompt's library nickname or a slug of its text; with EMA, the EMA weights' are ``<name>_ema.*``.
-Per step, ``<run>/validation/step_XXXXXX.png`` puts every prompt (and variant) side by side.
+Per step, ``<run>/validation/step_XXXXXX.png`` puts every prompt (and variant) side by side. Wan
+S2V clips are driven by ``validation.reference_media`` (reference frame + audio), whose audio
+becomes the mp4's soundtrack (``vidtune.sample.s2v``).
+
+Image-to-video: ``validation.dataset`` names an image dataset; each image (with its caption as
+the prompt) is the first frame of one video, its conditioning cached by the data preparation
+like a training clip's (WanImageToVideoPipeline's inputs). Two-expert checkpoints: a run training
+both experts samples with both; ``load_other_stage`` loads the expert not trained (frozen,
+through the build path, sharing the trained one's offload streamer) and switches to it at the
+boundary, as WanPipeline does with ``transformer_2``.
 """
 from __future__ import annotations
 
@@ -16,11 +25,13 @@ from pathlib import Path
 
 import torch
 
+from ..build import expert_boundary, model_inputs
 from ..config import Config, ConfigError, ValidationConfig
 from ..data.cache import pad_prompt_embeds
-from ..data.prepare import TEXT
+from ..data.prepare import LATENTS, TEXT
 from ..runtime import DTYPES
 from ..sample import load_prompts, load_scheduler_config, sample, save_comparison_sheet, save_outputs
+from ..sample.s2v import sample_s2v
 from ..sample.sampler import safe_name
 from ..sample.sheets import frame_indices
 
@@ -30,9 +41,9 @@ def validation_prompts(v: ValidationConfig) -> list[tuple[str, str]]:
         prompts = load_prompts(v.prompts, v.prompt_library or None)  # "" (from --set): no library
     except (OSError, ValueError) as exc:
         raise ConfigError(f"validation.prompt_library: {exc}") from None
-    if v.every > 0 and not prompts:
+    if v.every > 0 and not prompts and not v.dataset:
         raise ConfigError("validation.every > 0 needs validation.prompts or validation.prompt_library "
-                          "(or set validation.every = 0)")
+                          "(or validation.dataset for image-to-video; or set validation.every = 0)")
     return prompts
 
 
@@ -59,13 +70,62 @@ class Validator:
                               f"{missing[0]!r}; prepare the data with this config's validation section")
         embed = {t: pad_prompt_embeds([store.load(TEXT, keys[t])["prompt_embeds"]])
                  for t in validation_texts(self.v)}
-        self.prompts = [(name, text, embed[text]) for name, text in validation_prompts(self.v)]
+        self.cfg = cfg
+        self.inputs = model_inputs(cfg.model)
+        i2v = getattr(self.inputs, "i2v", None)
+        # (name, prompt text, prompt embeddings, image-to-video conditioning)
+        self.prompts = [(name, text, embed[text], {}) for name, text in validation_prompts(self.v)]
+        if i2v == "concat" and not self.v.dataset:
+            raise ConfigError("validation: this image-to-video model renders from first frames: set "
+                              "validation.dataset to an image [[dataset]] (its captions are the prompts)")
+        if i2v == "concat" and self.prompts:
+            log(f"validation: {len(self.prompts)} prompt(s) without a first frame are not rendered by this "
+                f"image-to-video model; the captions of validation.dataset are its prompts")
+            self.prompts = []
+        self.prompts += [(name, caption, pad_prompt_embeds([store.load(TEXT, tkey)["prompt_embeds"]]),
+                          store.load(LATENTS, lkey)) for name, caption, tkey, lkey in prepared.validation]
+        self.expand = i2v == "first_frame"
         self.negative = embed[self.v.negative_prompt]
         m = cfg.model
+        self.boundary = expert_boundary(m, log) if m.experts else None
+        self.model_2 = None  # the low-noise expert, set by a run that trains both
+        self._other = None  # the expert not trained, with load_other_stage
         self.vae = AutoencoderKLWan.from_pretrained(m.vae_path or m.resolved_path(), subfolder="vae",
                                                     torch_dtype=DTYPES[m.vae_dtype], revision=m.revision)
         self.vae.eval().requires_grad_(False)
         self.scheduler_config = load_scheduler_config(m.resolved_path())
+        self.s2v = self._s2v_inputs(cfg, device) if m.family == "wan_s2v" else None
+
+    def _s2v_inputs(self, cfg: Config, device):
+        """Per prompt, the reference latents, audio features and soundtrack of its reference_media."""
+        from ..data import Encoders
+        from ..sample.s2v import s2v_inputs
+
+        media = self.v.reference_media
+        if len(media) != len(self.prompts):
+            raise ConfigError(f"validation.reference_media: Wan S2V validation needs one image or video per prompt "
+                              f"({len(self.prompts)} prompt(s), {len(media)} given); its first frame is the "
+                              f"reference and its audio (or the audio file of the same stem) drives the clip")
+        missing = [m for m in media if not Path(m).is_file()]
+        if missing:
+            raise ConfigError(f"validation.reference_media: no such file {missing[0]!r}")
+        encoders = Encoders(cfg.model, device)
+        try:
+            return [s2v_inputs(m, self.width, self.height, self.v.num_frames, self.fps, encoders) for m in media]
+        finally:
+            encoders.release()
+
+    def sample_inputs(self, transformer_2, cond: dict) -> dict:
+        """``sample``'s two-expert and image-to-video arguments for one validation sample."""
+        kw = dict(transformer_2=transformer_2, boundary_ratio=self.boundary if transformer_2 is not None else None,
+                  expand_timesteps=self.expand)
+        if "condition" in cond:
+            kw["condition"] = cond["condition"][None]
+        if "image_embeds" in cond:
+            kw["image_embeds"] = cond["image_embeds"]  # (images, tokens, D): batch 1
+        if "first_frame" in cond:
+            kw["first_frame"] = cond["first_frame"][None]
+        return kw
 
     def due(self, step: int) -> bool:
         return self.v.every > 0 and step % self.v.every == 0
@@ -77,32 +137,66 @@ class Validator:
         mode = ema.cfg.validation
         return {"ema_only": [("_ema", ema)], "both": [("", None), ("_ema", ema)], "none": [("", None)]}[mode]
 
+    def experts(self, model):
+        """(transformer, transformer_2 or None): who samples above and below the boundary."""
+        if self.model_2 is not None:
+            return model, self.model_2
+        if not self.v.load_other_stage:
+            return model, None
+        from ..build import build_frozen_model, expert_config
+        from ..memory.offload import place_resident
+
+        trained = self.cfg.model.experts
+        if self._other is None:
+            other = "low" if trained == "high" else "high"
+            self.log(f"validation: loading the {other}-noise expert (frozen) for the steps it denoises")
+            self._other = build_frozen_model(expert_config(self.cfg.model, other), self.cfg.memory, self.device,
+                                             offload_share=getattr(model, "_vidtune_group_offload", None))
+        else:
+            place_resident(self._other, self.device)
+        return (model, self._other) if trained == "high" else (self._other, model)
+
     @torch.no_grad()
     def run(self, model, step: int, ema=None) -> dict[str, tuple[Path, Path]]:
         """Sample every prompt (per variant); returns tag -> (mp4, png)."""
         out_dir = self.root / f"step_{step:06d}"
-        v, outputs, shown = self.v, {}, []
-        numbers = frame_indices(v.num_frames)
+        v, outputs, shown, numbers = self.v, {}, [], []
+        transformer, transformer_2 = self.experts(model)
         self.vae.to(self.device)
         try:
             for suffix, e in self.variants(ema):
                 weights = " (EMA weights)" if suffix else ""
                 with e.swapped_in() if e is not None else contextlib.nullcontext():
-                    for name, text, pe in self.prompts:
-                        frames = sample(model, prompt_embeds=pe, negative_prompt_embeds=self.negative,
-                                        num_frames=v.num_frames, height=self.height, width=self.width,
-                                        steps=v.steps, guidance=v.guidance, seed=v.seed, scheduler=v.scheduler,
-                                        scheduler_config=self.scheduler_config, skip_layers=v.skip_layers,
-                                        skip_layers_start=v.skip_layers_start, skip_layers_stop=v.skip_layers_stop,
-                                        skip_layers_scale=v.skip_layers_scale, device=self.device, vae=self.vae,
-                                        output_type="video")
+                    for n, (name, text, pe, cond) in enumerate(self.prompts):
+                        kw = dict(prompt_embeds=pe, negative_prompt_embeds=self.negative, num_frames=v.num_frames,
+                                  height=self.height, width=self.width, steps=v.steps, guidance=v.guidance,
+                                  seed=v.seed, scheduler=v.scheduler, scheduler_config=self.scheduler_config,
+                                  skip_layers=v.skip_layers, skip_layers_start=v.skip_layers_start,
+                                  skip_layers_stop=v.skip_layers_stop, skip_layers_scale=v.skip_layers_scale,
+                                  device=self.device, vae=self.vae)
                         tag = safe_name(name) + suffix
                         title = [f"{name}: {text}", f"step {step}{weights}, seed {v.seed}, {v.steps} sampling steps"]
-                        outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps, title)
+                        if self.s2v is not None:  # driven by its audio, which becomes the soundtrack
+                            frames = sample_s2v(transformer, self.s2v[n], **kw)
+                            outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps, title,
+                                                        audio=self.s2v[n].soundtrack)
+                        else:
+                            frames = sample(transformer, output_type="video", **kw,
+                                            **self.sample_inputs(transformer_2, cond))
+                            outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps, title)
                         # the sheet's frames only, not the whole video, until the step's comparison
+                        # (every prompt has as many frames; S2V's are num_frames - 1, past the reference)
+                        numbers = frame_indices(frames.shape[1])
                         shown.append((f"{name}{weights}", frames[0][numbers]))
         finally:
             self.vae.to("cpu")
+            if self._other is not None:
+                from ..memory.offload import place_resident
+
+                place_resident(self._other, "cpu")  # waits in host RAM until the next validation
+        if not shown:  # every first frame of validation.dataset was skipped
+            self.log(f"validation: step {step}: nothing to render")
+            return outputs
         save_comparison_sheet(shown, numbers, self.root / f"{out_dir.name}.png",
                               [f"validation at step {step}: {len(shown)} video(s), seed {v.seed}"])
         self.log(f"validation: step {step}: {len(outputs)} video(s) in {out_dir}, side by side in "

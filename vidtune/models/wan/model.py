@@ -15,6 +15,7 @@ functions; ``forward`` stays a plain loop over ``self.blocks``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -185,11 +186,12 @@ class WanAttention(nn.Module):
         v = self._heads(self.to_v(x))
         return self._out(attention(q, k, v, self.backend).type_as(q))
 
-    def cross_attention(self, x, context, context_image=None):
+    def cross_attention(self, x, context, context_image=None, mask=None):
+        """``mask``: bool (B, 1, Sq, Sk), True where a query may attend (torch SDPA)."""
         q = self._heads(K.rms_norm(self.to_q(x), self.norm_q.weight, self.eps))
         k = self._heads(K.rms_norm(self.to_k(context), self.norm_k.weight, self.eps))
         v = self._heads(self.to_v(context))
-        out = attention(q, k, v, self.backend).type_as(q)
+        out = attention(q, k, v, self.backend if mask is None else "sdpa", mask).type_as(q)
         if context_image is not None:
             k_img = K.rms_norm(self.add_k_proj(context_image), self.norm_added_k.weight, self.eps)
             k_img = self._heads(k_img)
@@ -198,11 +200,29 @@ class WanAttention(nn.Module):
         return self._out(out)
 
 
-class WanBlock(nn.Module):
-    """One Wan transformer block. Called as ``block(x, context, temb, rope, context_image)``.
+def _segmented(fn, lens, tokens, rows, *args):
+    """``fn`` over each group of consecutive tokens (``lens`` per group), group g given row g of
+    every (B, G, D) tensor in ``rows``: per-segment modulation without a per-token table."""
+    splits = [t.split(lens, dim=1) for t in tokens]
+    return torch.cat([fn(*(s[g] for s in splits), *(r[:, g:g + 1] for r in rows), *args)
+                      for g in range(len(lens))], dim=1)
 
-    temb is the block's (B, 6, D) or per-token (B, S, 6, D) modulation input; rope is the
-    (cos, sin) pair of compact fp32 tables, shared (S, Dh/2) or per sample (B, S, Dh/2).
+
+def _segmented_modulate(lens, x, shift, scale, eps):
+    return _segmented(K.modulate, lens, (x,), (shift, scale), eps)
+
+
+def _segmented_residual(lens, x, y, gate):
+    return _segmented(K.gated_residual, lens, (x, y), (gate,))
+
+
+class WanBlock(nn.Module):
+    """One Wan transformer block. Called as ``block(x, context, temb, rope, context_image, segments)``.
+
+    temb is the block's (B, 6, D) or per-token (B, S, 6, D) modulation input, or with ``segments``
+    (token counts of consecutive groups, e.g. Wan S2V's video tokens then its clean reference and
+    motion tokens) one row per group, (B, G, 6, D); rope is the (cos, sin) pair of compact fp32
+    tables, shared (S, Dh/2) or per sample (B, S, Dh/2).
     """
 
     def __init__(self, cfg: WanConfig):
@@ -215,21 +235,25 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, context, temb, rope, context_image=None):
-        if temb.ndim == 4:  # per-token modulation: (B, S, 6, D)
+    def forward(self, x, context, temb, rope, context_image=None, segments=None):
+        if temb.ndim == 4:  # per-token (B, S, 6, D) or per-segment (B, G, 6, D) modulation
             mod = (self.scale_shift_table.unsqueeze(0) + temb.float()).unbind(2)
         else:
             mod = (self.scale_shift_table + temb.float()).split(1, dim=1)
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = mod
+        modulate, residual = K.modulate, K.gated_residual
+        if segments is not None:
+            modulate = functools.partial(_segmented_modulate, segments)
+            residual = functools.partial(_segmented_residual, segments)
 
-        h = K.modulate(x, shift_msa, scale_msa, self.eps)
-        x = K.gated_residual(x, self.attn1.self_attention(h, rope), gate_msa)
+        h = modulate(x, shift_msa, scale_msa, self.eps)
+        x = residual(x, self.attn1.self_attention(h, rope), gate_msa)
 
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2.cross_attention(h, context, context_image)
 
-        h = K.modulate(x, c_shift, c_scale, self.eps)
-        return K.gated_residual(x, self.ffn(h), c_gate)
+        h = modulate(x, c_shift, c_scale, self.eps)
+        return residual(x, self.ffn(h), c_gate)
 
 
 class ImageEmbedding(nn.Module):
@@ -260,9 +284,12 @@ class ConditionEmbedder(nn.Module):
             ImageEmbedding(cfg.image_dim, dim, cfg.pos_embed_seq_len) if cfg.image_dim is not None else None
         )
 
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(t, self.freq_dim)
+
     def forward(self, timestep, context, context_image, dtype):
         """timestep (B,) or (B, S) -> temb (B[, S], D) and timestep_proj (B[, S], 6D)."""
-        t = timestep_embedding(timestep.flatten(), self.freq_dim).unflatten(0, timestep.shape)
+        t = self.sinusoid(timestep.flatten()).unflatten(0, timestep.shape)
         w = self.time_embedder.linear_1.weight
         if w.dtype != torch.int8:
             t = t.to(w.dtype)
@@ -286,6 +313,8 @@ class WanTransformer(nn.Module):
     """Wan T2V / I2V transformer. ``forward`` takes diffusers' arguments and returns a tensor."""
 
     family = "wan"
+    block_class = WanBlock  # families built on Wan (S2V) swap in their own block and embedder
+    embedder_class = ConditionEmbedder
 
     def __init__(self, cfg: WanConfig, *, force_2_1_time_embedding: bool = False):
         super().__init__()
@@ -293,8 +322,8 @@ class WanTransformer(nn.Module):
         self.force_2_1_time_embedding = force_2_1_time_embedding
         dim = cfg.inner_dim
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.condition_embedder = ConditionEmbedder(cfg)
-        self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
+        self.condition_embedder = self.embedder_class(cfg)
+        self.blocks = nn.ModuleList([self.block_class(cfg) for _ in range(cfg.num_layers)])
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
@@ -383,12 +412,19 @@ class WanTransformer(nn.Module):
             if i in want:
                 captured[i] = K.tread_scatter(saved[0], x, saved[3]) if saved is not None else x
 
+        out = self.head(x, temb, (f, h, w))
+        return (out, captured) if capture_hidden else out
+
+    def head(self, x: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Output norm, modulation by temb (B, D) or per-token (B, S, D), projection, unpatchify
+        the (F', H', W') token grid to latents (B, C, F, H, W)."""
+        cfg = self.config
         if temb.ndim == 3:  # per-token: (B, S, D)
             shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)
         else:
             shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).split(1, dim=1)
         x = self.proj_out(K.modulate(x, shift, scale, cfg.eps))
 
-        x = x.reshape(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-        return (out, captured) if capture_hidden else out
+        pt, ph, pw = cfg.patch_size
+        x = x.reshape(x.shape[0], *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
