@@ -1,6 +1,6 @@
 """The one path from config sections to the model we train.
 
-    load -> quantize -> adapter -> offload -> checkpointing -> compile
+    load -> quantize -> adapter -> offload -> checkpointing -> compile -> parallel
 
 The trainer, the planner's probes, ``vidtune-bench`` and ``benchmarks/*.py`` all build through
 :func:`build_training_model`, so what we measure is what we train. Each ``apply_*`` step takes
@@ -13,6 +13,8 @@ knows nothing of them. The order matters:
   and reloads its group;
 - compile last, around everything a block's forward does (torchtitan compiles after activation
   checkpointing too): the checkpoint becomes part of the compiled graph.
+- parallel (under torchrun) after compile, as torchtitan orders it: sequence parallelism splits
+  the tokens the compiled blocks see, and DDP or FSDP2 wrap the model whose blocks are compiled.
 
 Where the weights come from is the only choice a caller makes (``init``):
 ``"pretrained"`` loads the checkpoint the model section names; ``"random"`` builds the same
@@ -35,6 +37,7 @@ from torch import nn
 
 from .adapters import apply_lora, check_adapter, load_lora_into
 from .config import AdapterConfig, CompileConfig, Config, ConfigError, MemoryConfig, ModelConfig
+from .distributed import Parallel, apply_data_parallel, apply_sequence_parallel, mixed_precision
 from .memory.checkpointing import apply_activation_checkpointing
 from .memory.offload import GroupOffload, apply_group_offload
 from .memory.quant import QuantConfig
@@ -56,6 +59,8 @@ class TrainingModel:
     offload: GroupOffload | None = None
     compiled: int = 0  # blocks compiled
     skipped: list[str] = field(default_factory=list)  # steps a meta build could not apply
+    parallel: Parallel | None = None
+    step_model: nn.Module | None = None  # what the training step calls: the DDP wrapper, else ``model``
 
     @property
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -248,6 +253,16 @@ def _compiled(fn, kw):
     return forward
 
 
+def apply_parallel(model: nn.Module, par: Parallel | None, model_cfg: ModelConfig, mixed: str = "no") -> nn.Module:
+    """Under torchrun: sequence parallelism (``parallel.sequence``), then DDP or FSDP2 (``parallel.data``)
+    over every rank. Returns the module the training step calls (the model itself without ``par``)."""
+    if par is None:
+        return model
+    apply_sequence_parallel(model, par)
+    policy = mixed_precision(model_cfg, mixed, par.device) if par.shards_model else None
+    return apply_data_parallel(model, par, policy)
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole path
 
@@ -276,8 +291,11 @@ def build_training_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, mem
                          compile_cfg: CompileConfig, device, *, adapter_dtype: torch.dtype = torch.float32,
                          seed: int | None = None, init: str = "pretrained", arch=None,
                          num_layers: int | None = None, offload_share: GroupOffload | None = None,
+                         parallel: Parallel | None = None, mixed_precision: str = "no",
                          log=print) -> TrainingModel:
-    """Load the transformer and apply quantize -> adapter -> offload -> checkpointing -> compile.
+    """Load the transformer and apply quantize -> adapter -> offload -> checkpointing -> compile
+    -> parallel (``parallel``: this rank's place in a torchrun launch; ``mixed_precision``: the
+    autocast dtype name, for FSDP2's policy).
 
     ``seed`` seeds torch's global RNG before the adapter is made (LoRA init draws from it).
     ``offload_share``: the offload of a model built before whose streamer this one shares."""
@@ -299,10 +317,11 @@ def build_training_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, mem
     else:
         offload = apply_offload(model, memory_cfg, device, offload_share)
     apply_checkpointing(model, memory_cfg)
-    compiled = 0 if init == "meta" else apply_compile(model, compile_cfg, device, quantized=model_cfg.base_precision == "int8",
-                                                      offloaded=offload is not None)
+    compiled = 0 if init == "meta" else apply_compile(
+        model, compile_cfg, device, quantized=model_cfg.base_precision == "int8", offloaded=offload is not None)
     model.train()
-    return TrainingModel(model, params, device, offload, compiled, skipped)
+    step_model = apply_parallel(model, parallel, model_cfg, mixed_precision) if init != "meta" else model
+    return TrainingModel(model, params, device, offload, compiled, skipped, parallel, step_model)
 
 
 def build_frozen_model(model_cfg: ModelConfig, memory_cfg: MemoryConfig, device, *,
@@ -323,4 +342,5 @@ def build_from_config(cfg: Config, device, **kw) -> TrainingModel:
     """:func:`build_training_model` with the sections of one run config, seeded like the trainer.
     Everything that builds "the model this config trains" calls this."""
     return build_training_model(cfg.model, cfg.adapter, cfg.memory, cfg.compile, device,
-                                adapter_dtype=adapter_dtype(cfg), seed=cfg.train.seed, **kw)
+                                adapter_dtype=adapter_dtype(cfg), seed=cfg.train.seed,
+                                mixed_precision=cfg.train.mixed_precision, **kw)

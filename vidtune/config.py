@@ -232,6 +232,24 @@ class CompileConfig:
 
 
 @dataclass
+class ParallelConfig:
+    data: Literal["ddp", "fsdp"] = opt(
+        "ddp", "Under torchrun with several ranks: ddp (each rank holds the whole model, gradients averaged) or "
+        "fsdp (FSDP2: parameters, gradients and optimizer state sharded across ranks, block by block).")
+    sequence: int = opt(
+        1, "Ulysses sequence parallelism: groups of this many ranks split each clip's video tokens and swap "
+        "them for attention heads around self-attention (1: off). Divides the world size and the head count.")
+    backend: Literal["auto", "nccl", "gloo"] = opt(
+        "auto", "Collective backend: auto is nccl on GPUs (rccl on ROCm; CPU tensors over gloo) and gloo on CPU.")
+    timeout_s: float = opt(
+        600.0, "Seconds a collective of the training step waits for the other ranks before the run stops with "
+        "an error (a rank died or hangs).")
+    wait_timeout_s: float = opt(
+        7200.0, "Seconds ranks wait for work done by one rank or in shares (caching, checkpoint writes, "
+        "validation, exports) before the run stops with an error.")
+
+
+@dataclass
 class TreadRoute:
     selection_ratio: float = opt(help="Fraction of video tokens routed around the layers (0 <= r < 1).")
     start_layer: int = opt(help="First routed layer (negative counts from the end).")
@@ -370,6 +388,8 @@ class Config:
     memory: MemoryConfig = opt(help="Memory features.", factory=MemoryConfig)
     tread: TreadConfig = opt(help="TREAD token routing (training only).", factory=TreadConfig)
     compile: CompileConfig = opt(help="torch.compile of the transformer blocks.", factory=CompileConfig)
+    parallel: ParallelConfig = opt(help="Several GPUs or machines (torchrun): DDP, FSDP2, sequence parallelism.",
+                                   factory=ParallelConfig)
     cache: CacheConfig = opt(help="Latent and text-embedding caches.", factory=CacheConfig)
     logging: LoggingConfig = opt(help="Metrics and progress.", factory=LoggingConfig)
     validation: ValidationConfig = opt(help="Sampling during training.", factory=ValidationConfig)
@@ -559,6 +579,12 @@ def validate(cfg: Config) -> list[str]:
             e.append(f"tread.routes[{i}]: starts at layer {r.start_layer}, not after the previous route's "
                      f"end {prev.end_layer}; routes must be sorted and non-overlapping")
         prev = r
+    par = cfg.parallel
+    if par.sequence < 1:
+        e.append(f"parallel.sequence: must be >= 1 (1: off), got {par.sequence}")
+    for key in ("timeout_s", "wait_timeout_s"):
+        if getattr(par, key) <= 0:
+            e.append(f"parallel.{key}: must be > 0 seconds, got {getattr(par, key)}")
     for key in ("vae_batch_size", "text_batch_size"):
         if getattr(cfg.cache, key) < 1:
             e.append(f"cache.{key}: must be >= 1, got {getattr(cfg.cache, key)}")

@@ -500,6 +500,10 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
         materialized_bytes=sim["materialized"], step_peak_bytes=step_peak, act_peak_bytes=sim["peak"],
         offload_bytes=sum(groups[g] for _, g in loads), offload_loads=len(loads),
         group_bytes=groups, trainable_params=sum(p.numel() for p in trainable),
+        # The step's parts, for the per-rank plans of several GPUs (plan_parallel).
+        parts=dict(resident=resident, slots=slots, trained=train_bytes, state=state, ema=ema, inputs=inputs,
+                   activations=sim["peak"], dequant=dequant, optimizer=opt_phase,
+                   full=full, blocks=arch.num_layers, heads=arch.num_attention_heads),
     )
     if cfg.memory.model_cpu_offload:
         notes.append("model_cpu_offload moves whole models between phases; it does not lower the step peak")
@@ -628,6 +632,13 @@ def check_plan(cfg: Config, gpu: str | None = None, *, search: bool = True,
     """The planner's verdict for a run: (fits, report). ``gpu`` names a device class; default:
     the training device, or with ``memory`` (bytes) a GPU of that size. ``search`` adds the
     option combinations that would fit."""
+    p = plan_on(cfg, gpu, search=search, memory=memory)
+    return p.fits, p.report()
+
+
+def plan_on(cfg: Config, gpu: str | None, *, search: bool = True, memory: int | None = None) -> Plan:
+    """:func:`plan` on device class ``gpu``, default: the training device, or with ``memory``
+    (bytes) a GPU of that size (of class ``gpu`` when given)."""
     if gpu:
         dev = D.device(gpu)
     elif memory is None:
@@ -636,5 +647,65 @@ def check_plan(cfg: Config, gpu: str | None = None, *, search: bool = True,
         dev = None
     if memory is not None:
         dev = D.with_memory(memory, dev)
-    p = plan(cfg, dev.name, device=dev, search=search)
-    return p.fits, p.report()
+    return plan(cfg, dev.name, device=dev, search=search)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several GPUs (torchrun): per-rank peaks of DDP, FSDP2 and sequence parallelism
+
+def rank_peak(parts: dict, data: str, sequence: int, world: int) -> int:
+    """Projected training-step peak of one rank: ``data`` = "ddp" (every rank holds the model) or
+    "fsdp" (weights, gradients, optimizer state and EMA sharded over ``world``, plus two blocks
+    gathered whole: the one running and the prefetched next), and ``sequence`` = K: each rank
+    holds 1/K of the tokens' activations (Ulysses: the all-to-all buffers are per-rank shares too).
+    A projection from the one-GPU plan's parts, not a measurement."""
+    acts = parts["activations"] // sequence + parts["dequant"]
+    weights = parts["resident"] + parts["slots"] + (parts["trained"] if parts["full"] else 0)
+    kept = parts["state"] + parts["ema"] + (0 if parts["full"] else parts["trained"])
+    opt = parts["optimizer"]
+    if data == "fsdp":
+        per_block = (parts["resident"] + (parts["trained"] if parts["full"] else 0)) // max(1, parts["blocks"])
+        weights = weights // world + 2 * per_block
+        kept, opt = kept // world, opt // world
+    return weights + kept + parts["inputs"] + max(acts, opt)
+
+
+def layouts(world: int, heads: int) -> list[tuple[str, int]]:
+    """(data, sequence) layouts of ``world`` ranks: sequence divides the world and the heads."""
+    return [(d, k) for k in range(1, world + 1) if world % k == 0 and heads % k == 0 for d in ("ddp", "fsdp")]
+
+
+def plan_parallel(cfg: Config, gpu: str | None, nproc: int, *, memory: int | None = None) -> tuple[bool, str]:
+    """``vidtune-train --plan --nproc N``: the projected per-rank step peak of every layout of N
+    ranks (DDP / FSDP2 x sequence parallel), and the smallest setup that fits (fewest GPUs, then
+    DDP before FSDP2, then the smallest sequence group). Returns (some layout of N fits, report)."""
+    p = plan_on(cfg, gpu, search=False, memory=memory)
+    parts, usable = p.counters["parts"], p.device.usable_bytes
+    out = [p.report(), "", f"per-rank training-step peak on {nproc} x {p.device.name} (projected from the one-GPU "
+                           f"parts above; caching and validation phases as on one GPU):"]
+    from .distributed import parallel_problems
+
+    refused = {}
+    for data in ("ddp", "fsdp"):
+        c = copy.deepcopy(cfg)
+        c.parallel.data = data
+        refused[data] = (parallel_problems(c) or [""])[0]
+    fits_n = False
+    for data, k in layouts(nproc, parts["heads"]):
+        if refused[data]:
+            out.append(f"  data = {data:<4} sequence = {k:<2} refused: {refused[data]}")
+            continue
+        peak = rank_peak(parts, data, k, nproc)
+        fits_n |= peak <= usable
+        out.append(f"  data = {data:<4} sequence = {k:<2} {gib(peak)}  {'fits' if peak <= usable else 'DOES NOT FIT'}"
+                   f"  [--set parallel.data='\"{data}\"' --set parallel.sequence={k}]")
+    best = next(((n, d, k) for n in range(1, nproc + 1) for d, k in layouts(n, parts["heads"])
+                 if not refused[d] and rank_peak(parts, d, k, n) <= usable), None)
+    if best is None:
+        out.append(f"no layout of up to {nproc} x {p.device.name} fits: lower the memory of one rank first "
+                   f"(vidtune-train --plan without --nproc lists the options)")
+    else:
+        n, d, k = best
+        how = "no torchrun" if n == 1 else f"torchrun --nproc_per_node={n} with parallel.data = \"{d}\", sequence = {k}"
+        out.append(f"smallest setup that fits: {n} x {p.device.name} ({how}); usable {gib(usable).strip()} per GPU")
+    return fits_n, "\n".join(out)

@@ -459,3 +459,34 @@ if __name__ == "__main__":
         demo_setup(sys.argv[2])
     else:
         sys.exit(0 if demo_check(sys.argv[2]) else 1)
+
+
+def torchrun_exe() -> str:
+    """The torchrun of this Python's environment."""
+    import os
+    import sys
+
+    return shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+
+
+def run_torchrun(script_and_args: list[str], nproc: int, timeout: float, cwd=None, env=None):
+    """Run ``torchrun --standalone --nproc_per_node=nproc ...``; returns (returncode, stdout, stderr).
+    The launch is its own process group, killed whole if it outlives ``timeout`` (a hung rank
+    never outlives a test)."""
+    import os
+    import signal
+
+    proc = subprocess.Popen([torchrun_exe(), "--standalone", f"--nproc_per_node={nproc}", *script_and_args], cwd=cwd,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n(killed after {timeout:g} s)"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out, err

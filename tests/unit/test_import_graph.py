@@ -17,6 +17,7 @@ ROOT = Path(vidtune.__file__).parent
 LAYERS = [
     {"runtime", "fsutil", "integrity", "native", "quiet"},
     {"config"},
+    {"distributed"},
     {"models"},
     {"memory", "data", "adapters", "sample"},
     {"build"},

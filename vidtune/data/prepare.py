@@ -144,6 +144,7 @@ def prepare_data(
     extra_texts: Sequence[str] = (),
     inputs=None,
     validation: tuple[DatasetConfig, int, int, int] | None = None,
+    share=None,
 ) -> PreparedData:
     """Find every sample, fill the caches, print the data summary; return the cache entries.
 
@@ -155,6 +156,10 @@ def prepare_data(
     (``vidtune.data.conditioning``) and buckets follow its pixel stride. ``validation`` = (image
     dataset, width, height, frames): the conditioning of its images for image-to-video validation
     (``PreparedData.validation``), their captions encoded with the others.
+
+    ``share`` (a ``vidtune.distributed.Parallel``, under torchrun): the ranks split the entries to
+    encode, rank 0's list of what is missing deciding for all; each entry is written (atomically)
+    by one rank, and every rank waits for all before it reads any.
 
     ``encoders`` defaults to ``Encoders(model, device, offload_during_startup)``; with
     ``release_encoders`` they are freed once the caches are full (the training loop needs no
@@ -191,9 +196,13 @@ def prepare_data(
     text_keys = {c: settings_key(**text_settings(c, encoders)) for c in captions}
     damaged: list[tuple[Path, str]] = []  # entries that fail the cheap check: re-encoded
     missing = [c for c in captions if not store.intact(TEXT, text_keys[c], damaged)]
+    rank, world = (share.rank, share.world) if share is not None else (0, 1)
+    if share is not None:  # rank 0 decides (a faster rank's writes must not change another's list)
+        missing = share.broadcast_object(missing, "the text cache check")
     stats["text reused"] = len(captions) - len(missing)
-    for s in range(0, len(missing), cache.text_batch_size):
-        chunk = missing[s:s + cache.text_batch_size]
+    mine = missing[rank::world]
+    for s in range(0, len(mine), cache.text_batch_size):
+        chunk = mine[s:s + cache.text_batch_size]
         for caption, emb in zip(chunk, encoders.encode_text(chunk)):
             store.save(TEXT, text_keys[caption], {"prompt_embeds": emb}, {"caption": caption})
     stats["text encoded"] = len(missing)
@@ -217,21 +226,29 @@ def prepare_data(
         if modes[item.dataset_id]:
             settings.update(condition_settings(modes[item.dataset_id], inputs, _image_fingerprint(encoders, inputs)))
         keyed.append((item, settings_key(**settings), digest))
-    index.save()
+    if rank == 0:
+        index.save()
     todo = [(i, k, d) for i, k, d in keyed if not store.intact(LATENTS, k, damaged)]
+    if share is not None:
+        keys = set(share.broadcast_object([k for _, k, _ in todo], "the latent cache check"))
+        todo = [e for e in keyed if e[1] in keys]
     if damaged:
         stats["damaged, re-encoded"] = len(damaged)
         log(f"cache: {len(damaged)} damaged entr{'y' if len(damaged) == 1 else 'ies'}, re-encoding: "
             + ", ".join(f"{p} ({why})" for p, why in damaged[:3]) + (", ..." if len(damaged) > 3 else ""))
     stats["latents reused"] = len(keyed) - len(todo)
+    share_of = len(todo)
+    todo = todo[rank::world]
     failed: set[str] = set()
+    lost: list[tuple[str, Path, str, str]] = []  # decode failures: (dataset, path, reason, key)
     groups = defaultdict(list)
     for entry in todo:
         groups[entry[0].bucket].append(entry)
     batches = [g[s:s + cache.vae_batch_size] for g in groups.values()
                for s in range(0, len(g), cache.vae_batch_size)]
     if batches:
-        log(f"Encoding {len(todo)} clip(s) with the VAE in {len(batches)} batch(es)...")
+        log(f"Encoding {share_of} clip(s) with the VAE in {len(batches)} batch(es)"
+            + (f" on this rank, {world} ranks sharing them..." if world > 1 else "..."))
 
     def decode(batch):
         out = []
@@ -247,8 +264,7 @@ def prepare_data(
             except DecoderUnavailable:
                 raise
             except Exception as exc:  # a file that probes fine but fails mid-decode is skipped
-                skips.add(item.dataset_id, item.path, f"decode failed: {_short(exc)}")
-                failed.add(key)
+                lost.append((item.dataset_id, item.path, f"decode failed: {_short(exc)}", key))
                 continue
             out.append((key, px, modes[item.dataset_id]))
         return out
@@ -272,6 +288,12 @@ def prepare_data(
             for (key, _, _), lat, extra in zip(decoded, latents, conds):
                 store.save(LATENTS, key, {"latents": lat, **extra})
                 encoded += 1
+    if share is not None:  # every rank learns what the others encoded or lost, once all have written
+        done = share.gather_objects((encoded, lost), "the shared caching")
+        encoded, lost = sum(n for n, _ in done), [x for _, fails in done for x in fails]
+    for dataset_id, path, reason, key in lost:
+        skips.add(dataset_id, path, reason)
+        failed.add(key)
     stats["latents encoded"] = encoded
     val = _validation_conditions(val_items, validation, index, inputs, encoders, store, skips) if validation else []
     cond: dict[str, tuple] = {}

@@ -157,6 +157,7 @@ class ExpertsRun(Run):
         if e.ema is not None:
             e.ema.to(self.device)
         self.active, self.model = e, e.model
+        self.step_model = e.model  # one process (no torchrun): the step calls the model itself
 
     def draw_sigmas(self, batch: int, tokens_per_frame: int) -> torch.Tensor:
         t = self.cfg.train
@@ -193,7 +194,7 @@ class ExpertsRun(Run):
                 if e is not self.active:
                     place_resident(e.model, CPU)
 
-    def exports(self) -> list[Path]:
+    def exports(self, state_dict: dict | None = None) -> list[Path]:  # one process: nothing sharded
         files = []
         for e in self.experts.values():
             files += export_final(self.cfg, e.model, self.run_dir, self.step, self.log, expert=e.name)

@@ -33,6 +33,8 @@ from ..build import adapter_master_weights, build_from_config, expert_boundary, 
 from ..config import Config, ConfigError
 from ..data import CachedLoader, PreparedData
 from ..data.cache import CacheEntryError
+from ..distributed import (Parallel, gathered, load_optimizer_state, load_weights, model_state, no_sync,
+                           optimizer_state, weights_peak, whole_sequence)
 from ..models import save_pretrained
 from ..runtime import DTYPES, resolve_device, seed_for
 from .checkpoint import resume_checkpoint, save_checkpoint
@@ -51,13 +53,15 @@ class TrainingStopped(RuntimeError):
     """The run stopped on a condition the user must look at (message says which and what to do)."""
 
 
-def prepare(cfg: Config, log=print) -> PreparedData:
+def prepare(cfg: Config, log=print, par: Parallel | None = None) -> PreparedData:
     """Discover the datasets and fill the caches (each component gets its own section). The
-    validation prompts are encoded with the captions, while the text encoder is loaded anyway."""
+    validation prompts are encoded with the captions, while the text encoder is loaded anyway.
+    Under torchrun the ranks share the encoding (``par``)."""
     from ..data import Encoders, prepare_data
     from .validate import validation_texts
 
-    encoders = Encoders(cfg.model, resolve_device(cfg.train.device), cfg.memory.offload_during_startup)
+    device = par.device if par is not None else resolve_device(cfg.train.device)
+    encoders = Encoders(cfg.model, device, cfg.memory.offload_during_startup)
     v = cfg.validation
     inputs = model_inputs(cfg.model)
     val = None
@@ -72,21 +76,25 @@ def prepare(cfg: Config, log=print) -> PreparedData:
     return prepare_data(
         cfg.datasets, cfg.cache, cfg.model,
         batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        encoders=encoders, log=log,
+        encoders=encoders, log=log, share=par,
         extra_texts=validation_texts(cfg.validation) if cfg.validation.every > 0 else (),
         inputs=inputs, validation=val,
     )
 
 
-def train(cfg: Config, prepared: PreparedData, log=print) -> int:
+def train(cfg: Config, prepared: PreparedData, log=print, par: Parallel | None = None) -> int:
     """Train; returns 0 when done, 128 + signal number when stopped by SIGTERM/SIGINT (after a
-    checkpoint). Raises TrainingStopped after ``max_consecutive_nonfinite`` bad steps in a row."""
+    checkpoint). Raises TrainingStopped after ``max_consecutive_nonfinite`` bad steps in a row.
+    ``par``: this rank's place in a torchrun launch (rank 0 logs, checkpoints and exports)."""
     if cfg.model.experts == "both":
+        if par is not None:
+            raise ConfigError("model.experts = \"both\" does not run under torchrun yet: train each expert in "
+                              "a run of its own (model.experts = \"high\", then \"low\"), or launch one process")
         from .experts import ExpertsRun
 
         run = ExpertsRun(cfg, prepared, log)
     else:
-        run = Run(cfg, prepared, log)
+        run = Run(cfg, prepared, log, par)
     run.resume()
     rc = run.loop()
     if rc:
@@ -95,9 +103,9 @@ def train(cfg: Config, prepared: PreparedData, log=print) -> int:
     return 0
 
 
-def training_model(cfg: Config, device, log=print):
+def training_model(cfg: Config, device, log=print, par: Parallel | None = None):
     """The model a run trains: ``vidtune.build`` from the run config, weights from the checkpoint."""
-    return build_from_config(cfg, device, log=log)
+    return build_from_config(cfg, device, log=log, parallel=par)
 
 
 class _StopFlag:
@@ -123,6 +131,19 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def _quiet(*args) -> None:
+    """The log of a rank other than 0 (rank 0 speaks for the run)."""
+
+
+class _NoLog:
+    """The step log of a rank other than 0: rank 0 writes the run's logs."""
+
+    def step(self, *args) -> None: ...
+    def images(self, *args) -> None: ...
+    def write(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -136,20 +157,24 @@ class StepResult:
 class Run:
     """One training run's state: the model and what trains it, the RNGs, the counters."""
 
-    def __init__(self, cfg: Config, prepared: PreparedData, log=print):
+    def __init__(self, cfg: Config, prepared: PreparedData, log=print, par: Parallel | None = None):
         t = cfg.train
+        self.par, self.main = par, par is None or par.is_main
+        if not self.main:
+            log = _quiet
         self.cfg, self.prepared, self.log = cfg, prepared, log
         self.run_dir = Path(t.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.device = resolve_device(t.device)
+        self.device = par.device if par is not None else resolve_device(t.device)
         self.dtype = DTYPES[cfg.model.dtype]
         self.autocast = DTYPES.get(t.mixed_precision) if self.device.type == "cuda" else None
         if self.device.type == "cpu" and t.mixed_precision != "no":
             log(f"train.mixed_precision = {t.mixed_precision!r} is ignored on CPU (no fast bf16 matmul): "
                 f"computing in the weights' dtype {cfg.model.dtype}")
 
-        built = training_model(cfg, self.device, log)
+        built = training_model(cfg, self.device, log, par)
         self.model = built.model
+        self.step_model = built.step_model  # the DDP wrapper, or the model (FSDP2 shards it in place)
         self.trainable = built.trainable
         self.routes = cfg.tread.resolve(len(self.model.blocks))
         self.forward = training_forward(cfg.model.family)
@@ -173,12 +198,18 @@ class Run:
         self.scheduler = build_scheduler(self.optimizer, t)
         self.ema = Ema(self.trainable.values(), cfg.ema) if cfg.ema.enabled else None
         self.validator = None
-        if cfg.validation.every > 0:
+        if cfg.validation.every > 0 and self.main:
             from .validate import Validator
 
             self.validator = Validator(cfg, prepared, self.device, self.run_dir, log)
+        dp, dp_rank = (par.dp, par.dp_rank) if par is not None else (1, 0)
         self.loader = CachedLoader(prepared, t.batch_size, seed=t.seed, caption_dropout=t.caption_dropout,
-                                   gradient_accumulation_steps=t.gradient_accumulation_steps)
+                                   gradient_accumulation_steps=t.gradient_accumulation_steps,
+                                   rank=dp_rank, world_size=dp)
+        if par is not None:
+            log(f"{par.world} ranks: {dp} data-parallel ({cfg.parallel.data}) x {par.sp} sequence-parallel; global "
+                f"batch {t.batch_size * dp * t.gradient_accumulation_steps} = {t.batch_size} per rank x {dp} x "
+                f"{t.gradient_accumulation_steps} accumulation steps")
         self.flow_gen = torch.Generator("cpu").manual_seed(seed_for(t.seed, "flow"))
         self.tread_gen = torch.Generator(self.device).manual_seed(seed_for(t.seed, "tread"))
         self.step = self.skipped = self.consecutive = 0
@@ -186,6 +217,7 @@ class Run:
         self.seconds = {"caching": prepared.seconds, "training": 0.0, "validation": 0.0, "checkpointing": 0.0}
         self.logger: StepLog | None = None
         self.last_checkpoint: Path | None = None
+        self.last_batch = None  # stands in for a damaged one under torchrun (every rank must step)
 
     # -- resume: weights, optimizer moments, every RNG and the data position; settings from the config
     def resume(self) -> None:
@@ -204,10 +236,8 @@ class Run:
         if saved.get("optimizer", t.optimizer) != t.optimizer:
             raise ConfigError(f"train.optimizer = {t.optimizer!r}: {ckpt} holds the state of {saved['optimizer']!r}; "
                               f"resume with train.optimizer = {saved['optimizer']!r}")
-        with torch.no_grad():
-            for n, p in self.trainable.items():
-                p.copy_(weights[n])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_weights(self.trainable, weights)
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.par)
         self.loader.load_state_dict(state["loader"])
         if self.ema is not None:
             if "ema" not in state:
@@ -244,24 +274,41 @@ class Run:
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         reason = ""
-        for _ in range(t.gradient_accumulation_steps):
+        par = self.par
+        for k in range(t.gradient_accumulation_steps):
+            scale = 1.0
             try:
                 batch = next(self.loader).to(self.device, self.dtype)
+                self.last_batch = batch
             except CacheEntryError as exc:  # damaged on disk since setup: this step is skipped
                 reason = str(exc)
-                continue
+                if par is None or self.last_batch is None:
+                    continue
+                # The other ranks' collectives wait for this one: step on the last good batch at weight 0.
+                batch, scale = self.last_batch, 0.0
+            # Noise, timesteps and routing are drawn per batch of the shared data order: the same on
+            # any number of ranks, and the same on every rank of a sequence group.
+            self.flow_gen.manual_seed(seed_for(t.seed, "flow", self.loader.index))
+            self.tread_gen.manual_seed(seed_for(t.seed, "tread", self.loader.index))
             x0 = batch.latents
             b, _, f, h, w = x0.shape
             tokens += b * (f // patch[0]) * (h // patch[1]) * (w // patch[2])
             # Noise and timesteps come from the CPU generator: the same draws on any device.
             noise = torch.randn(x0.shape, generator=self.flow_gen).to(self.device, x0.dtype)
             sigma = self.draw_sigmas(b, (h // patch[1]) * (w // patch[2])).to(self.device)
-            with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
-                pred, target, weight = self.forward(self.model, batch, noise, sigma, routes=self.routes,
-                                                    generator=self.tread_gen)
-            loss = flow_loss(pred, target, weight) / t.gradient_accumulation_steps
-            loss.backward()
+            with no_sync(self.step_model, k == t.gradient_accumulation_steps - 1):
+                with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
+                    pred, target, weight = self.forward(self.step_model, batch, noise, sigma, routes=self.routes,
+                                                        generator=self.tread_gen)
+                loss = flow_loss(pred, target, weight) * (scale / t.gradient_accumulation_steps)
+                loss.backward()
             loss_sum += loss.detach()
+        if par is not None:  # the logged loss is the global batch's; a damaged batch anywhere skips the step
+            both = torch.stack([loss_sum.float(), torch.tensor(float(bool(reason)), device=self.device)])
+            par.data_mean_(both)
+            loss_sum = both[0]
+            if both[1] > 0 and not reason:
+                reason = "a damaged cache entry on another rank"
         grad_norm = clip_gradients(list(self.trainable.values()), t)
         # Host sync (the one per step): the loss and norm decide whether this step is applied.
         loss_val, norm_val = (loss_sum.item(), float(grad_norm)) if not reason else (math.nan, math.nan)
@@ -293,16 +340,19 @@ class Run:
     def loop(self) -> int:
         """Steps until ``max_train_steps``; returns 0, or 128 + signal number when stopped by one."""
         t = self.cfg.train
-        self.logger = StepLog(self.cfg.logging, self.run_dir, self.step, t.max_train_steps, self.device)
+        self.logger = (StepLog(self.cfg.logging, self.run_dir, self.step, t.max_train_steps, self.device)
+                       if self.main else _NoLog())
+        every = self.cfg.validation.every  # every rank knows when rank 0 validates (they wait for it)
         saved_at = self.step
         due = False  # a periodic checkpoint waits for a good step
         try:
             with _StopFlag() as stop:
-                if self.validator is not None and self.step == 0 and self.cfg.validation.baseline:
+                if every > 0 and self.step == 0 and self.cfg.validation.baseline:
                     self.validate()
                 while self.step < t.max_train_steps:
                     lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-                    r = self.train_step()
+                    with self.par.guard(f"step {self.step + 1}") if self.par else contextlib.nullcontext():
+                        r = self.train_step()
                     self.seconds["training"] += r.seconds
                     self.logger.step(self.step, r.loss, lr, r.grad_norm, r.seconds, r.tokens,
                                      memory_bytes(self.device), r.skipped)
@@ -317,7 +367,7 @@ class Run:
                             f"train.max_grad_norm > 0, check the data (a corrupt cache entry: delete "
                             f"{self.cfg.cache.dir}), then resume from the last checkpoint "
                             f"({self.last_checkpoint or 'none yet'}) with train.resume = \"latest\"")
-                    if self.validator is not None and self.validator.due(self.step):
+                    if every > 0 and self.step % every == 0:
                         self.validate()
                     due = due or bool(t.checkpoint_every and self.step % t.checkpoint_every == 0)
                     if due and not r.skipped:
@@ -339,9 +389,16 @@ class Run:
 
     def validate(self) -> None:
         t1 = time.perf_counter()
-        outputs = self.validator.run(self.model, self.step, self.ema)
-        self.logger.images(self.step, outputs)
+        if self.validator is not None:  # rank 0 samples the whole sequence alone; the others wait
+            with whole_sequence(self.model):
+                outputs = self.validator.run(self.model, self.step, self.ema)
+            self.logger.images(self.step, outputs)
+        self.wait("validation")
         self.seconds["validation"] += time.perf_counter() - t1
+
+    def wait(self, what: str) -> None:
+        if self.par is not None:
+            self.par.wait(what)
 
     def checkpoint(self) -> None:
         """Save the run's state, unless the weights are broken (then say so and keep the last one)."""
@@ -351,18 +408,27 @@ class Run:
                               f"{self.last_checkpoint or '(none)'}")
             return
         t1 = time.perf_counter()
+        sharded = self.par is not None and self.par.shards_model
+        with gathered(self.model, self.par):  # whole weights on every rank under FSDP2, copied out by rank 0
+            weights = {n: p.detach().to("cpu", copy=True) if sharded else p.detach()
+                       for n, p in self.model.named_parameters() if p.requires_grad and self.main}
+        optimizer = optimizer_state(self.model, self.optimizer, self.par)
+        if self.main:
+            self._save(weights, optimizer, t1)
+        self.wait("the checkpoint write")
+
+    def _save(self, weights: dict, optimizer: dict, t1: float) -> None:
         rng = {"flow": self.flow_gen.get_state(), "tread": self.tread_gen.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+        state = {"optimizer": optimizer, "loader": self.loader.state_dict(),
                  "skipped": self.skipped, "consecutive": self.consecutive, "start_max_abs": self.start_max_abs,
                  "seconds": dict(self.seconds), "rng": rng}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         meta = {"adapter": self.cfg.adapter.type, "seed": self.cfg.train.seed,
                 "hparams": {"optimizer": self.cfg.train.optimizer, **hparams(self.cfg.train)}}
-        path = save_checkpoint(self.ckpt_root, self.step, {n: p.detach() for n, p in self.trainable.items()},
-                               state, meta, keep=self.cfg.train.keep_checkpoints)
+        path = save_checkpoint(self.ckpt_root, self.step, weights, state, meta, keep=self.cfg.train.keep_checkpoints)
         self.last_checkpoint = path
         write_plots(self.run_dir)
         self.seconds["checkpointing"] += time.perf_counter() - t1
@@ -373,8 +439,7 @@ class Run:
     @torch.no_grad()
     def max_abs(self) -> float:
         """Largest |w| over the trained weights (nan/inf when any is non-finite). One host sync."""
-        peaks = [p.detach().abs().amax().float() for p in self.trainable.values() if p.numel()]
-        return float(torch.stack([x.to(peaks[0].device) for x in peaks]).amax()) if peaks else 0.0
+        return float(weights_peak(self.trainable.values(), self.par))
 
     def weights_problem(self) -> str:
         """Why the trained weights must not be saved ("" when they are healthy)."""
@@ -388,7 +453,8 @@ class Run:
 
     def summary(self) -> dict:
         t = self.cfg.train
-        out = {"steps": self.step, "samples_seen": self.step * t.batch_size * t.gradient_accumulation_steps,
+        dp = self.par.dp if self.par is not None else 1
+        out = {"steps": self.step, "samples_seen": self.step * t.batch_size * dp * t.gradient_accumulation_steps,
                "skipped_files": len(self.prepared.skips.entries), "skipped_steps": self.skipped,
                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
         if self.skipped:
@@ -402,7 +468,18 @@ class Run:
     # -- the run's end: exports, plots, summary ---------------------------------------------------------
     def finish(self) -> list[Path]:
         problem = self.weights_problem()
-        files = [] if problem else self.exports()
+        files = []
+        if not problem:
+            # Rank 0 exports the whole weights; the others wait. A full model under FSDP2 is
+            # gathered as a state dict, an adapter by unsharding the blocks.
+            full = self.cfg.adapter.type == "full"
+            whole = model_state(self.model, self.par) if full else None
+            with contextlib.nullcontext() if full else gathered(self.model, self.par):
+                if self.main:
+                    files = self.exports(whole)
+            self.wait("the export")
+        if not self.main:
+            return files
         write_plots(self.run_dir)
         write_summary(self.run_dir, self.summary())
         losses = [x for x in loss_values(self.run_dir) if math.isfinite(x)]
@@ -420,9 +497,10 @@ class Run:
         self.log(f"done: {self.step} steps ({self.skipped} skipped); saved {', '.join(str(f) for f in files)}")
         return files
 
-    def exports(self) -> list[Path]:
-        """The run's products: the trained weights (and the EMA's)."""
-        files = export_final(self.cfg, self.model, self.run_dir, self.step, self.log)
+    def exports(self, state_dict: dict | None = None) -> list[Path]:
+        """The run's products: the trained weights (and the EMA's); ``state_dict``: the whole
+        weights gathered from FSDP2 shards (None: the model's own)."""
+        files = export_final(self.cfg, self.model, self.run_dir, self.step, self.log, state_dict=state_dict)
         if self.ema is not None:
             with self.ema.swapped_in():
                 files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step, self.log)
@@ -439,10 +517,12 @@ def _show(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def export_final(cfg: Config, model, run_dir: Path, step: int, log=print, expert: str | None = None) -> list[Path]:
-    """The run's product: the adapter file(s), or the full transformer in the diffusers layout.
-    ``expert`` (a run training both experts): files named for it (``*_high_noise`` /
-    ``*_low_noise``; a full fine-tune's low-noise expert is ``transformer_2/``, as in the pipeline)."""
+def export_final(cfg: Config, model, run_dir: Path, step: int, log=print, expert: str | None = None,
+                 state_dict: dict | None = None) -> list[Path]:
+    """The run's product: the adapter file(s), or the full transformer in the diffusers layout
+    (``state_dict``: its weights gathered from FSDP2 shards). ``expert`` (a run training both
+    experts): files named for it (``*_high_noise`` / ``*_low_noise``; a full fine-tune's low-noise
+    expert is ``transformer_2/``, as in the pipeline)."""
     if cfg.adapter.type == "full":
-        return [save_pretrained(model, run_dir / ("transformer_2" if expert == "low" else "transformer"))]
+        return [save_pretrained(model, run_dir / ("transformer_2" if expert == "low" else "transformer"), state_dict)]
     return export_adapter_files(cfg, model, run_dir, step, log, expert=expert)
