@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import apply_lora, load_lora_into
-from .config import AdapterConfig, CompileConfig, Config, ConfigError, MemoryConfig, ModelConfig, TrainConfig
+from .adapters import apply_lora, check_adapter, load_lora_into
+from .config import AdapterConfig, CompileConfig, Config, ConfigError, MemoryConfig, ModelConfig
 from .distributed import Parallel, apply_data_parallel, apply_sequence_parallel, mixed_precision
 from .memory.checkpointing import apply_activation_checkpointing
 from .memory.offload import GroupOffload, apply_group_offload
@@ -150,21 +150,21 @@ def apply_quantization(model: nn.Module, model_cfg: ModelConfig, device) -> int:
 
 
 def apply_adapter(model: nn.Module, adapter_cfg: AdapterConfig, *, dtype: torch.dtype = torch.float32,
-                  log=print) -> list[nn.Parameter]:
-    """Freeze the base and add the adapter (or train everything for ``type = "full"``); returns
-    the trained parameters. Adapter weights are cast to ``dtype`` (their optimizer states follow).
-    lora_A's init draws from torch's global RNG: seed it first."""
+                  family: str = "wan", log=print) -> list[nn.Parameter]:
+    """Freeze the base and add the LoRA or LoKr (or train everything for ``type = "full"``);
+    returns the trained parameters. Adapter weights are cast to ``dtype`` (their optimizer states
+    follow). The adapter init draws from torch's global RNG: seed it first."""
     if adapter_cfg.type == "full":
         model.requires_grad_(True)
         return list(model.parameters())
-    if adapter_cfg.type != "lora":
-        raise ConfigError(f"adapter.type = {adapter_cfg.type!r} is not trainable in this build; use \"lora\" "
-                          f"or \"full\"")
+    problems = check_adapter(adapter_cfg, family)
+    if problems:
+        raise ConfigError("; ".join(problems))
     params = apply_lora(model, adapter_cfg)
     for p in params:
         p.data = p.data.to(dtype)
     if adapter_cfg.init_from:
-        n = load_lora_into(model, adapter_cfg.init_from, log=log)
+        n = load_lora_into(model, adapter_cfg.init_from, log=log, family=family)
         log(f"adapter: started from {adapter_cfg.init_from} ({n} modules)")
     return params
 
@@ -266,10 +266,25 @@ def apply_parallel(model: nn.Module, par: Parallel | None, model_cfg: ModelConfi
 # ---------------------------------------------------------------------------------------------
 # the whole path
 
-def adapter_dtype(train_cfg: TrainConfig) -> torch.dtype:
-    """Adapter weights (and so their optimizer states) in fp32; in bf16 for adamw_bf16, whose
-    Kahan summation keeps the bits a bf16 update would round away."""
-    return torch.bfloat16 if train_cfg.optimizer == "adamw_bf16" else torch.float32
+def adapter_dtype(cfg: Config) -> torch.dtype:
+    """The adapter weights' dtype (``adapter.dtype``). auto: bf16 on a bf16 model, so peft keeps no
+    fp32 copies of the bf16 activations it multiplies, and for adamw_bf16 (its Kahan summation is
+    for bf16 weights); fp32 otherwise. The optimizer keeps bf16 updates exact (``train.optim``)."""
+    if cfg.adapter.dtype != "auto":
+        return to_dtype(cfg.adapter.dtype)
+    bf16 = cfg.model.dtype == "bf16" or cfg.train.optimizer == "adamw_bf16"
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+# torch-optimi's optimizers: Kahan summation keeps the bits a bf16 weight update would round away.
+KAHAN_OPTIMIZERS = ("adamw_bf16", "lion")
+
+
+def adapter_master_weights(cfg: Config) -> bool:
+    """Whether the optimizer steps fp32 master copies of the adapter: bf16 adapter weights with an
+    optimizer that has no Kahan summation (torch AdamW, bitsandbytes' 8-bit ones)."""
+    return (cfg.adapter.type != "full" and adapter_dtype(cfg) != torch.float32
+            and cfg.train.optimizer not in KAHAN_OPTIMIZERS)
 
 
 def build_training_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, memory_cfg: MemoryConfig,
@@ -295,7 +310,7 @@ def build_training_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, mem
         apply_quantization(model, model_cfg, device)
     if seed is not None:
         torch.manual_seed(seed)
-    params = apply_adapter(model, adapter_cfg, dtype=adapter_dtype, log=log)
+    params = apply_adapter(model, adapter_cfg, dtype=adapter_dtype, family=model_cfg.family, log=log)
     offload = None
     if init == "meta":
         skipped += ["offload"] if memory_cfg.offload.type != "none" else []
@@ -327,5 +342,5 @@ def build_from_config(cfg: Config, device, **kw) -> TrainingModel:
     """:func:`build_training_model` with the sections of one run config, seeded like the trainer.
     Everything that builds "the model this config trains" calls this."""
     return build_training_model(cfg.model, cfg.adapter, cfg.memory, cfg.compile, device,
-                                adapter_dtype=adapter_dtype(cfg.train), seed=cfg.train.seed,
+                                adapter_dtype=adapter_dtype(cfg), seed=cfg.train.seed,
                                 mixed_precision=cfg.train.mixed_precision, **kw)

@@ -122,9 +122,15 @@ class AdapterConfig:
     target_modules: list[str] = opt(
         help="Module name suffixes the adapter wraps.", factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     lokr_decompose_factor: int = opt(-1, "LoKr Kronecker factor (-1: as square as possible).")
+    lokr_decompose_both: bool = opt(False, "LoKr: factor the small Kronecker matrix into rank-r factors too.")
+    dtype: Literal["auto", "bf16", "fp32"] = opt(
+        "auto", "Adapter weights' dtype. auto: bf16 on a bf16 model (fp32 update precision kept by the optimizer: "
+        "Kahan summation for adamw_bf16/lion, fp32 master copies for adamw and the 8-bit ones), else fp32.")
     init_from: Optional[str] = opt(None, "Start from an existing adapter (.safetensors, any supported key layout).")
-    export_format: Literal["diffusers", "wan", "both"] = opt(
-        "diffusers", "Final LoRA key layout: diffusers/peft (load_lora_weights), original Wan/ComfyUI, or both.")
+    export_format: Literal["auto", "wan", "diffusers", "both"] = opt(
+        "auto", "Final adapter key layout. auto/wan: original Wan keys, one file ComfyUI and diffusers both load "
+        "(plus a diffusers file when diffusers cannot read a module from it, e.g. patch_embedding); diffusers: "
+        "peft keys for load_lora_weights; both. auto is diffusers for families without an original layout.")
 
 
 @dataclass

@@ -68,8 +68,8 @@ NOTED = {
                               "waits for the next epoch's shuffle",
     "vae_cache_ondemand": "vidtune always fills the caches before training (resumable)",
     "text_encoder_2_precision": "Wan and Sana Video have a single text encoder",
-    "lycoris_config": "the LyCORIS JSON is not read: lora_type=lycoris becomes adapter.type = \"lokr\" "
-                      "(adapter.rank, adapter.lokr_decompose_factor); with lora_type=standard it is unused",
+    "lycoris_config": "unused with lora_type=standard (with lora_type=lycoris the JSON is read: algo lokr -> "
+                      "adapter.type = \"lokr\", see docs/convert.md)",
     "validation_preview_steps": "carried as validation.preview_every only when validation_preview is true",
     "minimum_image_size": "vidtune resizes every clip to its bucket (resolution, resolution_type) and has no "
                           "minimum-size filter; smaller clips are upscaled instead of skipped",
@@ -247,6 +247,9 @@ def _adapter(c: _Converter, cfg: dict, used: set) -> None:
     mt = cfg.get("model_type", "lora")
     lt = cfg.get("lora_type", "standard")
     used.update(("model_type", "lora_type"))
+    # LyCORIS's JSON (below) has its own rank and alpha: the lora_* keys come first so it wins.
+    _copy(c, cfg, used, (("lora_rank", "adapter.rank", int), ("lora_alpha", "adapter.alpha", float),
+                         ("lora_dropout", "adapter.dropout", float), ("init_lora", "adapter.init_from", str)))
     if mt == "full":
         c.set("adapter.type", "full")
     elif mt == "lora":
@@ -254,12 +257,77 @@ def _adapter(c: _Converter, cfg: dict, used: set) -> None:
             c.set("adapter.type", "lora")
         elif lt == "lycoris":
             c.set("adapter.type", "lokr")
+            used.add("lycoris_config")
+            lyc = cfg.get("lycoris_config")
+            if isinstance(lyc, dict):
+                _lycoris(c, lyc)
+            elif lyc:
+                c.note("lycoris_config", f"{lyc} was not found, so vidtune's LoKr defaults apply; convert with the "
+                                         f"file beside config.json (or at that path from the working directory)")
         else:
             c.unmap("lora_type", lt, "expected standard or lycoris")
     else:
         c.unmap("model_type", mt, "expected lora or full")
-    _copy(c, cfg, used, (("lora_rank", "adapter.rank", int), ("lora_alpha", "adapter.alpha", float),
-                         ("lora_dropout", "adapter.dropout", float), ("init_lora", "adapter.init_from", str)))
+
+
+# LyCORIS makes both Kronecker factors full matrices for any linear_dim this large (or with
+# full_matrix), and then scales by 1 whatever linear_alpha says; peft scales by alpha / r, so the
+# same adapter needs alpha = rank there.
+LYCORIS_FULL_RANK = 10000
+LYCORIS_TARGETS = {"Attention": ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"],
+                   "FeedForward": ["net.0.proj", "net.2"]}
+LYCORIS_TARGETS["WanAttention"] = LYCORIS_TARGETS["Attention"]
+
+
+def _lycoris(c: _Converter, lyc: dict) -> None:
+    """SimpleTuner's ``lycoris_config.json`` (LyCORIS ``create_lycoris`` arguments) -> adapter keys."""
+    lyc = dict(lyc)
+    algo = lyc.pop("algo", "lora")
+    if algo != "lokr":
+        c.unmap("lycoris_config.algo", algo, "vidtune trains LoKr among LyCORIS's algorithms (lora_type=standard "
+                                             "for a LoRA)")
+        return
+    dim, alpha = int(lyc.pop("linear_dim", 4)), float(lyc.pop("linear_alpha", 1.0))
+    full = _truthy(lyc.pop("full_matrix", False))
+    if full or dim >= LYCORIS_FULL_RANK:
+        rank = max(dim, LYCORIS_FULL_RANK)
+        c.set("adapter.rank", rank)
+        c.set("adapter.alpha", float(rank))
+        c.note("lycoris_config.linear_alpha",
+               f"linear_dim {dim}{' with full_matrix' if full else ''}: LyCORIS uses full Kronecker factors and "
+               f"scales them by 1 whatever linear_alpha ({alpha:g}) says; peft scales by alpha / rank, so "
+               f"adapter.rank = adapter.alpha = {rank} (full factors, scale 1)")
+    else:
+        c.set("adapter.rank", dim)
+        c.set("adapter.alpha", alpha)
+    if "factor" in lyc:
+        c.set("adapter.lokr_decompose_factor", int(lyc.pop("factor")))
+    if "decompose_both" in lyc:
+        c.set("adapter.lokr_decompose_both", _truthy(lyc.pop("decompose_both")))
+    if "module_dropout" in lyc:
+        c.set("adapter.dropout", float(lyc.pop("module_dropout")))
+    if float(lyc.get("multiplier", 1.0)) == 1.0:
+        lyc.pop("multiplier", None)
+    preset = lyc.pop("apply_preset", None) or {}
+    targets = []
+    for cls in preset.get("target_module", []):
+        if cls in LYCORIS_TARGETS:
+            targets += [t for t in LYCORIS_TARGETS[cls] if t not in targets]
+        else:
+            c.unmap("lycoris_config.apply_preset.target_module", cls,
+                    f"vidtune maps the classes {sorted(LYCORIS_TARGETS)} to adapter.target_modules")
+    if targets:
+        c.set("adapter.target_modules", targets)
+    factors = {cls: int(m["factor"]) for cls, m in preset.get("module_algo_map", {}).items() if "factor" in m}
+    if len(set(factors.values())) > 1 or set(factors.values()) - {c.get("adapter.lokr_decompose_factor")}:
+        c.note("lycoris_config.module_algo_map",
+               f"per-class factors {factors}: vidtune has one adapter.lokr_decompose_factor "
+               f"({c.get('adapter.lokr_decompose_factor', -1)}, the top-level factor)")
+    for k in set(preset) - {"target_module", "module_algo_map"}:
+        c.unmap(f"lycoris_config.apply_preset.{k}", preset[k], "vidtune targets modules by adapter.target_modules")
+    for k, v in lyc.items():
+        c.unmap(f"lycoris_config.{k}", v, "not a LoKr setting vidtune has (rank, alpha, factor, decompose_both, "
+                                          "module_dropout, the target classes)")
 
 
 def _train(c: _Converter, cfg: dict, used: set, family: str) -> None:
@@ -733,6 +801,15 @@ def read_simpletuner(config_path: str | Path, backend_path: str | Path | None = 
                     break
             else:
                 msgs.append(f"dataloader: {ref} not found; pass it as the second argument to convert the datasets")
+    for key in ("lycoris_config", "--lycoris_config"):
+        ref = cfg.get(key)
+        if not isinstance(ref, str) or _strip(cfg).get("lora_type") != "lycoris":
+            continue
+        for cand in (Path(ref), config_path.parent / ref, config_path.parent / Path(ref).name):
+            if cand.is_file():
+                cfg[key] = _load_json(cand)  # the converter maps its contents
+                msgs.append(f"lycoris: {cand} (from lycoris_config)")
+                break
     backends = None
     if backend_path is not None:
         backends = _load_json(Path(backend_path))

@@ -31,7 +31,9 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from vidtune.build import adapter_dtype, architecture, model_inputs
+import torch
+
+from vidtune.build import KAHAN_OPTIMIZERS, adapter_dtype, adapter_master_weights, architecture, model_inputs
 from vidtune.config import Config, ConfigError, override
 from vidtune.measure import devices as D
 from vidtune.measure import probes as P
@@ -169,7 +171,9 @@ class Plan:
                f"  training sample {self.shape} -> latents {'x'.join(map(str, self.shape.latent))} -> "
                f"{self.tokens:,} tokens, batch {self.config.train.batch_size}",
                f"  device memory {gib(dev.memory_bytes).strip()}, usable {gib(dev.usable_bytes).strip()} "
-               f"(runtime reserve {gib(dev.reserve_bytes).strip()}, 5% allocator headroom)", ""]
+               f"(runtime reserve {gib(dev.reserve_bytes).strip()}, 5% allocator headroom)",
+               "  columns: what holds device memory in that phase | its bytes at the phase's peak | where the "
+               "number comes from or what it leaves out", ""]
         for ph in self.phases:
             verdict = "fits" if ph.fits else "DOES NOT FIT"
             out.append(f"[{ph.name}] peak {gib(ph.peak).strip()} — {verdict}" + (f"  ({ph.note})" if ph.note else ""))
@@ -183,8 +187,10 @@ class Plan:
             out.append("")
         c = self.counters
         out.append(f"per step: forward {c['fwd_flops'] / 1e12:.1f} TFLOP, backward {c['bwd_flops'] / 1e12:.1f} TFLOP, "
-                   f"optimizer {c['opt_flops'] / 1e9:.2f} GFLOP (analytic); materialised "
-                   f"{c['materialized_bytes'] / GiB:.1f} GiB; offload moves {c['offload_bytes'] / GiB:.2f} GiB")
+                   f"optimizer {c['opt_flops'] / 1e9:.2f} GFLOP (analytic); offload moves "
+                   f"{c['offload_bytes'] / GiB:.2f} GiB host -> device")
+        out.append(f"  materialised {c['materialized_bytes'] / GiB:.1f} GiB: every tensor the step allocates, summed "
+                   f"(memory traffic that fused kernels cut, not memory held at once)")
         for n in self.notes:
             out.append(f"note: {n}")
         out.append("")
@@ -265,11 +271,20 @@ def offload_loads(num_groups: int, depth: int, *, backward: bool = True) -> list
     return loads
 
 
-_STATE_BYTES = {  # optimizer state bytes per trainable parameter, by the parameter's element size
-    "adamw": lambda e: 2 * e, "adamw_bf16": lambda e: 3 * 2, "lion": lambda e: e,
+_STATE_BYTES = {  # optimizer state bytes per trained parameter, by the element size it steps in
+    "adamw": lambda e: 2 * e, "adamw_bf16": lambda e: 2 * e, "lion": lambda e: e,
     "adamw_8bit": lambda e: 2 * 1 + 2 * 4 / 256, "paged_adamw_8bit": lambda e: 2 * 1 + 2 * 4 / 256,
     "lion_8bit": lambda e: 1 + 4 / 256, "paged_lion_8bit": lambda e: 1 + 4 / 256,
 }
+
+
+def _state_bytes(optimizer: str, elsize: int, masters: bool) -> float:
+    """Per trained parameter: the optimizer's states, plus an fp32 master copy (whose dtype the
+    states then take) or optimi's Kahan compensation buffer for bf16 weights."""
+    if masters:
+        return 4 + _STATE_BYTES[optimizer](4)
+    kahan = elsize < 4 and optimizer in KAHAN_OPTIMIZERS
+    return _STATE_BYTES[optimizer](elsize) + (elsize if kahan else 0)
 _OPT_FLOPS = {"adamw": 12, "adamw_bf16": 14, "lion": 7}  # elementwise FLOPs per parameter per step
 
 
@@ -288,7 +303,7 @@ def _classes(cfg: Config, nblocks: int):
 def _probe_kwargs(cfg: Config, arch, shape: Shape, batch: int):
     mp = cfg.train.mixed_precision
     return dict(latent=shape.latent, batch=batch, autocast=None if mp == "no" else _dtype(mp),
-                adapter_dtype=adapter_dtype(cfg.train), text_len=family(cfg.model.family).TEXT_LEN,
+                adapter_dtype=adapter_dtype(cfg), text_len=family(cfg.model.family).TEXT_LEN,
                 chunk=cfg.memory.chunked_ff.chunk_size if cfg.memory.chunked_ff.enabled else None)
 
 
@@ -406,7 +421,7 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
     tokens = shape.tokens(arch.patch_size)
     cfg = config
     notes = []
-    model = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg.train))
+    model = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg))
     two_stage = cfg.model.experts == "both" or (cfg.validation.load_other_stage and cfg.validation.every > 0)
     resident, groups, trainable, biggest = _weights(model, cfg)
     full = cfg.adapter.type == "full"
@@ -416,7 +431,9 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
         resident += sum(groups)  # on a CPU the "host" copies live in the same RAM
         notes.append("on the CPU, offloaded groups stay in the same RAM: offload cannot lower its peak")
     train_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    state = int(sum(p.numel() * _STATE_BYTES[cfg.train.optimizer](p.element_size()) for p in trainable))
+    masters = adapter_master_weights(cfg)
+    kahan = cfg.train.optimizer in KAHAN_OPTIMIZERS and any(p.element_size() < 4 for p in trainable)
+    state = int(sum(p.numel() * _state_bytes(cfg.train.optimizer, p.element_size(), masters) for p in trainable))
     ema = train_bytes if cfg.ema.enabled and cfg.ema.device == "same" else 0  # ema.device = "cpu": host RAM
     dequant = biggest if int8 else 0  # torchao int8 weight-only dequantises one weight per matmul
     b = cfg.train.batch_size
@@ -425,12 +442,14 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
     inputs = b * (2 * arch.in_channels * f * h * w + text_len * arch.text_dim) * _dtype(cfg.model.dtype).itemsize
 
     sim = simulate_step(cfg, arch, shape)
-    grads = train_bytes  # grads in the parameters' dtype
+    # grads in the parameters' dtype; with master copies, fp32 copies of them too while stepping
+    grads = train_bytes + (4 * sum(p.numel() for p in trainable) if masters else 0)
     if cfg.train.optimizer in ("adamw", "adamw_bf16"):
         # Measured: a first torch AdamW step on fake parameters (state creation + temporaries);
         # torch defaults to foreach on accelerators and a per-parameter loop on CPU.
-        opt_peak = P.optimizer_peak([(tuple(p.shape), p.dtype) for p in trainable], dev.name != "cpu")
-        opt_transient = max(0, opt_peak - 2 * train_bytes)
+        stepped = [(tuple(p.shape), torch.float32 if masters else p.dtype) for p in trainable]
+        opt_peak = P.optimizer_peak(stepped, dev.name != "cpu")
+        opt_transient = max(0, opt_peak - 2 * sum(math.prod(s) * dt.itemsize for s, dt in stepped))
     else:
         opt_transient = 0  # 8-bit / Lion: state counted above, temporaries are per-parameter
     static = resident + slots + train_bytes + state + ema + inputs
@@ -445,7 +464,8 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
              f"{sum(groups) / GiB:.1f} GiB of blocks in host RAM" if groups else ""),
         Item(f"adapter weights ({cfg.adapter.type})" if not full else "adapter weights (none: full)",
              0 if full else train_bytes),
-        Item(f"optimizer state ({cfg.train.optimizer})", state),
+        Item(f"optimizer state ({cfg.train.optimizer})", state,
+             "with fp32 master copies" if masters else "with Kahan buffers" if kahan else ""),
         Item("EMA", ema, "" if cfg.ema.enabled else "off"),
         Item("inputs (latents, target, text embeddings)", inputs),
         Item("activations + gradients, fwd/bwd peak", sim["peak"],
@@ -624,18 +644,26 @@ def device_budget(device) -> D.Device:
     return dataclasses.replace(known, name="local", label=props.name, memory_bytes=props.total_memory)
 
 
-def check_plan(cfg: Config, gpu: str | None = None, *, search: bool = True) -> tuple[bool, str]:
+def check_plan(cfg: Config, gpu: str | None = None, *, search: bool = True,
+               memory: int | None = None) -> tuple[bool, str]:
     """The planner's verdict for a run: (fits, report). ``gpu`` names a device class; default:
-    the training device. ``search`` adds the option combinations that would fit."""
-    p = plan_on(cfg, gpu, search=search)
+    the training device, or with ``memory`` (bytes) a GPU of that size. ``search`` adds the
+    option combinations that would fit."""
+    p = plan_on(cfg, gpu, search=search, memory=memory)
     return p.fits, p.report()
 
 
-def plan_on(cfg: Config, gpu: str | None, *, search: bool = True) -> Plan:
-    """:func:`plan` on device class ``gpu``, default: the training device."""
+def plan_on(cfg: Config, gpu: str | None, *, search: bool = True, memory: int | None = None) -> Plan:
+    """:func:`plan` on device class ``gpu``, default: the training device, or with ``memory``
+    (bytes) a GPU of that size (of class ``gpu`` when given)."""
     if gpu:
-        return plan(cfg, gpu, search=search)
-    dev = device_budget(resolve_device(cfg.train.device))
+        dev = D.device(gpu)
+    elif memory is None:
+        dev = device_budget(resolve_device(cfg.train.device))
+    else:
+        dev = None
+    if memory is not None:
+        dev = D.with_memory(memory, dev)
     return plan(cfg, dev.name, device=dev, search=search)
 
 
@@ -664,11 +692,11 @@ def layouts(world: int, heads: int) -> list[tuple[str, int]]:
     return [(d, k) for k in range(1, world + 1) if world % k == 0 and heads % k == 0 for d in ("ddp", "fsdp")]
 
 
-def plan_parallel(cfg: Config, gpu: str | None, nproc: int) -> tuple[bool, str]:
+def plan_parallel(cfg: Config, gpu: str | None, nproc: int, *, memory: int | None = None) -> tuple[bool, str]:
     """``vidtune-train --plan --nproc N``: the projected per-rank step peak of every layout of N
     ranks (DDP / FSDP2 x sequence parallel), and the smallest setup that fits (fewest GPUs, then
     DDP before FSDP2, then the smallest sequence group). Returns (some layout of N fits, report)."""
-    p = plan_on(cfg, gpu, search=False)
+    p = plan_on(cfg, gpu, search=False, memory=memory)
     parts, usable = p.counters["parts"], p.device.usable_bytes
     out = [p.report(), "", f"per-rank training-step peak on {nproc} x {p.device.name} (projected from the one-GPU "
                            f"parts above; caching and validation phases as on one GPU):"]

@@ -387,7 +387,8 @@ def demo_setup(root: str | Path) -> Path:
 
 
 def demo_check(run_dir: str | Path) -> bool:
-    """Print and check the demo's learning criterion: last-10 mean loss < half the first-10 mean."""
+    """Print and check the demo's learning criterion (last-10 mean loss < half the first-10 mean)
+    and that both loaders take its LoRA (``check_loaders``)."""
     from .train.log import loss_values
 
     losses = loss_values(run_dir)
@@ -398,7 +399,122 @@ def demo_check(run_dir: str | Path) -> bool:
     ok = last < first / 2
     print(f"learning check: mean loss of the first 10 steps {first:.4f}, of the last 10 {last:.4f} "
           f"(ratio {last / first:.2f}, need < 0.50): {'PASS' if ok else 'FAIL'}")
+    return check_loaders(run_dir) and ok
+
+
+def comfyui_merged(model, tensors: dict):
+    """``model`` (a vidtune Wan or Wan S2V) with an original-layout adapter folded in by ComfyUI's rules."""
+    from .adapters.names import original_name
+
+    family = getattr(model, "family", "wan")
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            orig = isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)) and original_name(name, family)
+            for prefix in ((f"diffusion_model.{orig}", f"lora_unet_{orig.replace('.', '_')}") if orig else ()):
+                if any(k.startswith(prefix + ".") for k in tensors):
+                    m.weight += comfyui_delta(tensors, prefix, m.weight.shape).to(m.weight.dtype)
+    return model
+
+
+def check_loaders(run_dir: str | Path, tol: float = 1e-4) -> bool:
+    """The run's original-layout LoRA in both loaders: every key is one ComfyUI maps onto the
+    model, and diffusers' ``load_lora_weights`` (on that file, or on the diffusers file written
+    beside it when diffusers cannot read it) gives the transformer ComfyUI's rules make."""
+    from diffusers import WanPipeline
+    from safetensors.torch import load_file
+
+    from .adapters.lora import DIFFUSERS_FILE, WAN_FILE
+    from .config import load_config
+    from .models import from_pretrained
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.resolved.toml")
+    model_dir = cfg.model.resolved_path()
+    wan = load_file(run_dir / WAN_FILE)
+    model = from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    stray = sorted(set(wan) - comfyui_lora_keys(original_weight_keys(model)))
+    for_diffusers = run_dir / DIFFUSERS_FILE if (run_dir / DIFFUSERS_FILE).is_file() else run_dir / WAN_FILE
+    pipe = WanPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    pipe.load_lora_weights(str(for_diffusers))
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c.in_channels, 3, 4, 4, generator=g)
+    t, ctx = torch.tensor([700.0]), torch.randn(1, 512, c.text_dim, generator=g)
+    with torch.no_grad():
+        base = model(x, t, ctx)
+        comfy = comfyui_merged(model, wan)(x, t, ctx)
+        theirs = pipe.transformer(x, t, ctx, return_dict=False)[0]
+    err = ((theirs - comfy).norm() / comfy.norm()).item()
+    moved = ((comfy - base).norm() / comfy.norm()).item()
+    ok = not stray and err <= tol and moved > 10 * tol
+    print(f"loader check: {len(wan)} keys of {WAN_FILE}, {len(stray)} outside ComfyUI's key map{f' (e.g. {stray[0]})' if stray else ''}; "
+          f"diffusers with {for_diffusers.name} vs ComfyUI's merge: relative difference {err:.1e} (need <= {tol:.0e}; "
+          f"the LoRA moves the output by {moved:.1e}): {'PASS' if ok else 'FAIL'}")
     return ok
+
+
+# ComfyUI's rule for Wan LoRA keys (comfy/lora.py, ``model_lora_keys_unet``): for every key
+# ``diffusion_model.<path>.weight`` of the loaded model it maps the prefixes ``diffusion_model.<path>``
+# and ``lora_unet_<path, dots as _>``; ``load_lora`` and comfy/weight_adapter/{lora,lokr}.py read these
+# suffixes after a prefix (the LoRA and LoKr ones; LoHa, GLoRA and diff keys are left out).
+COMFYUI_SUFFIXES = (".alpha", ".dora_scale", ".lora_up.weight", ".lora_down.weight", ".lora_mid.weight",
+                    ".lora_B.weight", ".lora_A.weight", ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b",
+                    ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")
+
+
+def original_weight_keys(model) -> set[str]:
+    """``diffusion_model.<original path>.weight`` of every Linear and Conv3d of a vidtune Wan model
+    (without adapters):
+    the keys ComfyUI's Wan model has for them. Each name is checked against diffusers' own
+    converter of original checkpoints (``convert_wan_transformer_to_diffusers``): it must map the
+    original key back to the module's diffusers key. Raises if a module has no original name."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    from .adapters.names import original_name
+
+    keys = set()
+    for name, m in model.named_modules():
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)):
+            continue
+        orig = original_name(name)
+        if orig is None:
+            raise AssertionError(f"{name}: a trainable module without an original Wan name")
+        back = convert_wan_transformer_to_diffusers({f"{orig}.weight": torch.zeros(1)})
+        if set(back) != {f"{name}.weight"}:
+            raise AssertionError(f"{name} -> {orig}: diffusers converts it back to {sorted(back)}")
+        keys.add(f"diffusion_model.{orig}.weight")
+    return keys
+
+
+def comfyui_lora_keys(weight_keys) -> set[str]:
+    """Every adapter key ComfyUI loads for a model with these ``diffusion_model.*.weight`` keys."""
+    out = set()
+    for k in weight_keys:
+        path = k[len("diffusion_model."):-len(".weight")]
+        for prefix in (f"diffusion_model.{path}", f"lora_unet_{path.replace('.', '_')}"):
+            out.update(prefix + s for s in COMFYUI_SUFFIXES)
+    return out
+
+
+def comfyui_delta(tensors: dict, prefix: str, shape) -> torch.Tensor:
+    """The weight delta ComfyUI applies for the adapter keys under ``prefix`` at strength 1
+    (comfy/weight_adapter/lora.py: up @ down x alpha / rank; lokr.py: kron(w1, w2) x alpha / dim,
+    dim the rank of the factored part, scale 1 without alpha or without a factored part)."""
+    t = {k[len(prefix) + 1:]: v.float() for k, v in tensors.items() if k.startswith(prefix + ".")}
+    alpha = t["alpha"].item() if "alpha" in t else None
+    if "lora_up.weight" in t:
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        scale = alpha / down.shape[0] if alpha is not None else 1.0
+        return (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+    dim = None
+    w1 = t.get("lokr_w1")
+    if w1 is None:
+        dim, w1 = t["lokr_w1_b"].shape[0], t["lokr_w1_a"] @ t["lokr_w1_b"]
+    w2 = t.get("lokr_w2")
+    if w2 is None:
+        dim, w2 = t["lokr_w2_b"].shape[0], t["lokr_w2_a"] @ t["lokr_w2_b"]
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return torch.kron(w1, w2).reshape(shape) * scale
 
 
 if __name__ == "__main__":

@@ -109,3 +109,37 @@ def test_sana_video_example_plan_gives_a_verdict(capsys):
     out = capsys.readouterr().out
     assert "sana_video/2b-480p full" in out and "18,837 tokens" in out and "Gemma2" in out
     assert rc == 0 and "verdict: FITS on rtx4090" in out
+
+
+def test_14b_example_fits_24gb_at_480p_81_frames_without_tread():
+    # bf16 adapter weights (adapter.dtype) are what make the int8 + offload recipe fit (planner).
+    from vidtune.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "wan21_14b_lora_rtx4090.toml")
+    p = plan(cfg, "rtx4090", search=False)
+    assert str(p.shape) == "832x480x81" and p.tokens == 32760 and not cfg.tread.routes
+    assert p.fits and p.phase("training step").peak < p.device.usable_bytes
+
+
+def test_gpu_classes_and_any_gpu_by_its_memory(tmp_path, capsys):
+    from vidtune.measure import devices as D
+
+    for name in ("rtx3090", "RTX5090", "l40s", "a100-40gb", "A100_80GB", "h100", "h200", "mi300x"):
+        assert D.device(name).memory_bytes >= 24 * 2**30
+    assert D.parse_memory("24GiB") == 24 * 2**30 and D.parse_memory("48 GB") == 48 * 10**9
+    assert D.parse_memory("81920MiB") == D.parse_memory("80") == 80 * 2**30
+    with pytest.raises(ValueError, match="e.g. 24GiB"):
+        D.parse_memory("lots")
+    import tomli_w
+
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps({"dataset": [{"id": "d", "path": "/nonexistent", "resolution": 64,
+                                                "resolution_type": "pixel", "num_frames": 5}]}))
+    assert train_main([str(path), "--plan", "--gpu", "rtx3090"]) in (0, 1)
+    assert "on NVIDIA GeForce RTX 3090 (rtx3090)" in capsys.readouterr().out
+    assert train_main([str(path), "--plan", "--gpu-memory", "12GiB"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "on a GPU with 12.0 GiB (custom)" in out and "device memory 12.00 GiB" in out
+    assert "columns: what holds device memory" in out and "materialised" in out
+    assert train_main([str(path), "--plan", "--gpu", "rtx9999"]) == 2
+    assert "--gpu-memory" in capsys.readouterr().err

@@ -262,8 +262,8 @@ def test_two_expert_single_runs_and_timestep_ranges(root, pipes, clips, capsys):
                   validation={"every": 2, "prompts": ["a red cat"], "steps": 2, "load_other_stage": True,
                               "resolution": "32x32", "baseline": False}, adapter={"init_from": str(lora21)})
     assert cli_main([str(write(root, "a14b-low", base))]) == 0
-    assert "4 image cross-attention module(s) (k_img / v_img) left out" in capsys.readouterr().out
-    meta = safe_open(root / "a14b-low" / DIFFUSERS_FILE, "pt").metadata()
+    assert "4 image-branch module(s) (cross-attention k_img / v_img, img_emb) left out" in capsys.readouterr().out
+    meta = safe_open(root / "a14b-low" / WAN_FILE, "pt").metadata()  # the default: one file, original keys
     assert meta["vidtune.expert"] == "low"
     for expert in ("high", "low"):
         cfg, prepared = prepared_for({**base, "model": {**base["model"], "experts": expert}, "validation": {},
@@ -287,7 +287,7 @@ def test_ti2v_trains_text_and_image_to_video(root, pipes, clips, frames):
     assert cli_main([str(write(root, "ti2v", cfg))]) == 0
     out = root / "ti2v"
     assert len(loss_values(out)) == 3
-    assert sorted(p.name for p in (out / "validation" / "step_000003").glob("*.mp4")) == ["cat.mp4", "prompt0.mp4"]
+    assert sorted(p.name for p in (out / "validation" / "step_000003").glob("*.mp4")) == ["a_blue_dog.mp4", "cat.mp4"]
     # The loader (as the trainer seeds it) drew both datasets: a text-to-video and an image-to-video step.
     from vidtune.data import CachedLoader
 

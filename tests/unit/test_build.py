@@ -29,7 +29,7 @@ def build_inputs(example: Path):
          if k not in ("flavour", "path", "transformer_path", "experts", "vae_path", "text_encoder_path", "fps")}
     a = {k: v for k, v in dataclasses.asdict(cfg.adapter).items() if k not in ("export_format", "init_from")}
     return repr((P.arch_key(architecture(cfg.model)), m, a, dataclasses.asdict(cfg.memory),
-                 dataclasses.asdict(cfg.compile), adapter_dtype(cfg.train)))
+                 dataclasses.asdict(cfg.compile), adapter_dtype(cfg)))
 
 
 # The full-width real builds cost up to a minute each (int8 14B blocks on CPU): one per distinct
@@ -83,14 +83,14 @@ def test_trainer_and_planner_meta_builds_agree_at_full_depth(example):
     cfg = load_config(example)
     arch = architecture(cfg.model)
     trained = build_from_config(cfg, "cpu", init="meta")
-    planned = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg.train))
+    planned = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg))
     assert len(trained.model.blocks) == arch.num_layers
     assert signature(trained.model) == signature(planned)
     assert all(p.device.type == "meta" for p in trained.model.parameters())
     assert trained.skipped == (["quantize"] if cfg.model.base_precision == "int8" else []) + (
         ["offload"] if cfg.memory.offload.type != "none" else [])
     # The probe's two blocks are the trainer's model cut to two blocks.
-    probe = P.build_meta_model(cfg.model, cfg.adapter, arch, num_layers=2, adapter_dtype=adapter_dtype(cfg.train))
+    probe = P.build_meta_model(cfg.model, cfg.adapter, arch, num_layers=2, adapter_dtype=adapter_dtype(cfg))
     cut = build_from_config(cfg, "cpu", init="meta", num_layers=2)
     assert signature(probe) == signature(cut.model)
 

@@ -196,6 +196,38 @@ def test_docs_list_every_exception():
         assert f"`{key}" in DOCS, key
 
 
+# SimpleTuner's documented LoKr preset (its LYCORIS guide) and a factored variant.
+LOKR_PRESET = {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 16,
+               "apply_preset": {"target_module": ["Attention", "FeedForward"],
+                                "module_algo_map": {"Attention": {"factor": 16}, "FeedForward": {"factor": 8}}}}
+
+
+@pytest.mark.parametrize("lyc, rank, alpha, factor, both", [
+    (LOKR_PRESET, 10000, 10000.0, 16, False),
+    ({"algo": "lokr", "linear_dim": 8, "linear_alpha": 4, "factor": 4, "decompose_both": True}, 8, 4.0, 4, True),
+])
+def test_lycoris_config_maps_to_lokr(tmp_path, lyc, rank, alpha, factor, both):
+    cfg = json.loads((FIX / "wan" / "config.json").read_text())
+    cfg.update(lora_type="lycoris", lycoris_config="config/wan/lycoris_config.json")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "lycoris_config.json").write_text(json.dumps(lyc))  # found beside config.json
+    config, backends, msgs = read_simpletuner(tmp_path / "config.json", FIX / "wan" / "multidatabackend.json")
+    assert any("lycoris:" in m for m in msgs)
+    text, unmapped, notes = convert_simpletuner(config, backends)
+    assert not unmapped, unmapped
+    (tmp_path / "out.toml").write_text(text)
+    a = load_config(tmp_path / "out.toml").adapter
+    assert (a.type, a.rank, a.alpha, a.lokr_decompose_factor, a.lokr_decompose_both) == ("lokr", rank, alpha, factor, both)
+    if lyc is LOKR_PRESET:
+        assert a.target_modules == ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "net.0.proj", "net.2"]
+        assert any(n.startswith("lycoris_config.linear_alpha") for n in notes)
+        assert any(n.startswith("lycoris_config.module_algo_map") for n in notes)
+    for n in (n for n in notes if n.startswith("lycoris")):
+        assert f"`{n.split(':', 1)[0].split('.')[-1]}`" in DOCS, n
+    bad = convert_simpletuner({**config, "lycoris_config": {"algo": "loha"}}, backends)[1]
+    assert any(u.startswith("lycoris_config.algo") for u in bad)
+
+
 def test_s2v_audio_block_and_separate_audio_dataset(tmp_path):
     """The S2V guide's two dataloaders: the audio block (auto_split), and s2v_datasets naming an
     audio backend (its folder, matched by stem)."""

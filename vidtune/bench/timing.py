@@ -26,37 +26,12 @@ def _quantiles(xs):
 
 
 def cpu_vs_diffusers(spec: dict, repeats: int | None = None) -> dict:
-    from diffusers import WanTransformer3DModel
-    from peft import inject_adapter_in_model
-
-    from vidtune.adapters.lora import lora_config
-    from vidtune.build import build_training_model
-    from vidtune.config import AdapterConfig, CompileConfig, MemoryConfig, ModelConfig
+    from vidtune.bench.real_step import lora_pair
     from vidtune.measure.devices import measure_cpu_fp32_flops
-    from vidtune.models.wan import WanConfig
 
-    arch = dict(patch_size=(1, 2, 2), num_attention_heads=spec["num_attention_heads"],
-                attention_head_dim=spec["attention_head_dim"], in_channels=16, out_channels=16,
-                text_dim=spec["text_dim"], freq_dim=spec["freq_dim"], ffn_dim=spec["ffn_dim"],
-                num_layers=spec["num_layers"], cross_attn_norm=True)
     repeats = repeats or spec.get("repeats", 7)
-    adapter = AdapterConfig(rank=spec["lora_rank"], alpha=float(spec["lora_rank"]))
-    # vidtune: the trainer's build path (fp32, no checkpointing: diffusers trains without it here).
-    ours = build_training_model(ModelConfig(dtype="fp32"), adapter, MemoryConfig(gradient_checkpointing=False),
-                                CompileConfig(enabled="off"), "cpu", init="random", arch=WanConfig(**arch)).model
-    torch.manual_seed(0)
-    ref = WanTransformer3DModel(**arch)
-    ref.requires_grad_(False)
-    lora = lora_config(adapter)
-    lora.init_lora_weights = "gaussian"  # non-zero B too, so the adapter path does real work
-    inject_adapter_in_model(lora, ref)
-    ref.train()
-    ours.load_state_dict(ref.state_dict(), strict=True)  # same base and adapter weights
+    ours, ref, (x, target, t, ctx) = lora_pair(spec)
     f, h, w = spec["latent"]
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 16, f, h, w, generator=g)
-    target = torch.randn(1, 16, f, h, w, generator=g)
-    t, ctx = torch.tensor([500.0]), torch.randn(1, spec["text_len"], spec["text_dim"], generator=g)
 
     def step_ref():
         out = ref(x, t, ctx, return_dict=False)[0]

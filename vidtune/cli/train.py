@@ -2,7 +2,7 @@
 
     vidtune-train config.toml [--set section.key=value ...] [--print-config] [--prepare-only]
     vidtune-train --from-simpletuner config.json [--backend multidatabackend.json] [--set ...]
-    vidtune-train --plan config.toml [--gpu rtx4090|a6000|mi300x|h100|cpu] [--nproc N]
+    vidtune-train --plan config.toml [--gpu CLASS] [--gpu-memory 24GiB] [--nproc N]
     vidtune-train --help-config
     torchrun --nproc_per_node=N [--nnodes=M --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT] -m vidtune.train config.toml
 
@@ -19,7 +19,10 @@ import sys
 import types
 from pathlib import Path
 
+from ..adapters.names import check_adapter
 from ..config import ConfigError, dump_config, load_config, render_config_docs, save_resolved_config
+from ..measure.devices import names as device_names
+from ..measure.devices import parse_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true",
                    help="print the predicted peak memory per phase and the fit verdict, then exit (1 if it does not fit)")
     p.add_argument("--gpu", metavar="CLASS",
-                   help="with --plan: rtx4090, a6000, mi300x, h100 or cpu (default: the training device)")
+                   help="with --plan: a GPU class (" + ", ".join(device_names()) + "; default: the training device)")
+    p.add_argument("--gpu-memory", metavar="SIZE",
+                   help="with --plan: the memory of a GPU no class lists (e.g. 24GiB, 48GB), or another size for --gpu")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="with --plan: the per-rank peak of each layout of N GPUs (DDP, FSDP2, sequence parallel) "
                         "and the smallest setup that fits")
@@ -114,6 +119,10 @@ def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
                                       log=(lambda m: None) if later else None)
         else:
             cfg = load_config(args.config, args.overrides)
+        # Targets and export layouts against the model family: before any model, cache or plan.
+        problems = check_adapter(cfg.adapter, cfg.model.family)
+        if problems:
+            raise ConfigError(f"{args.config or '<defaults>'}: invalid config:\n  " + "\n  ".join(problems))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -133,7 +142,9 @@ def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
 
     if args.plan:
         try:
-            fits, report = plan_parallel(cfg, args.gpu, args.nproc) if args.nproc else check_plan(cfg, args.gpu)
+            memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+            fits, report = (plan_parallel(cfg, args.gpu, args.nproc, memory=memory) if args.nproc
+                            else check_plan(cfg, args.gpu, memory=memory))
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

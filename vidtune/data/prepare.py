@@ -56,9 +56,9 @@ class PreparedData:
     seconds: float = 0.0  # discovery + caching time
     text_keys: dict[str, str] = field(default_factory=dict)  # extra text (validation prompts) -> cache key
     negative_keys: dict[str, str] = field(default_factory=dict)  # negative prompt -> cache key
-    # Image-to-video validation samples: (name, caption's text key, key of their conditioning in the
-    # latent cache).
-    validation: list[tuple[str, str, str]] = field(default_factory=list)
+    # Image-to-video validation samples: (name, caption, caption's text key, key of their
+    # conditioning in the latent cache).
+    validation: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         used = Counter(e.dataset_id for e in self.entries)
@@ -378,7 +378,7 @@ def prepare_data(
     prepared = PreparedData(entries, store, text_keys[""], {d.id: d.repeats for d in datasets},
                             {d.id: d.weight for d in datasets}, skips, dict(stats), time.perf_counter() - t0,
                             {t: text_keys[t] for t in extra_texts}, negative_keys,
-                            [(name, text_keys[caption], key) for name, caption, key in val])
+                            [(name, caption, text_keys[caption], key) for name, caption, key in val])
     log(prepared.summary())
     if failed:  # decode failures and missing masks may have shrunk a dataset below one optimizer step
         check_dataset_sizes(datasets, {d.id: [e.bucket for e in entries if e.dataset_id == d.id] for d in datasets},

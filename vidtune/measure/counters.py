@@ -140,13 +140,17 @@ class _StorageTracker(TorchDispatchMode):
 @dataclass
 class Mark:
     """State at a ``Counts.mark`` call: live bytes now, peak since the previous mark (or the start),
-    and cumulative FLOPs and bytes materialised."""
+    cumulative FLOPs and bytes materialised, and the live bytes by the op that allocated them
+    and by (op, shape). Marked after a forward, the live bytes are what it keeps for backward
+    (plus its output)."""
 
     label: str
     live_bytes: int
     peak_since_prev: int
     flops: int
     materialized_bytes: int
+    live_by_op: dict = field(default_factory=dict, repr=False)
+    live_by_shape: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -167,7 +171,12 @@ class Counts:
         if live is None:
             raise RuntimeError("Counts.mark() is only valid inside its counting() region")
         tracker, flop_mode = live
-        m = Mark(label, tracker.live, tracker.window_peak, int(flop_mode.get_total_flops()), tracker.materialized)
+        by_op, by_shape = Counter(), Counter()
+        for n, op, shape in tracker._owner.values():
+            by_op[op] += n
+            by_shape[(op, shape)] += n
+        m = Mark(label, tracker.live, tracker.window_peak, int(flop_mode.get_total_flops()), tracker.materialized,
+                 dict(by_op), dict(by_shape))
         tracker.window_peak = tracker.live
         self.marks.append(m)
         return m

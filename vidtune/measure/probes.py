@@ -252,7 +252,8 @@ def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decod
         from diffusers import AutoencoderKLWan
 
         with torch.device("meta"):
-            vae = AutoencoderKLWan(**(config or {})).to(dtype)
+            # nn.Module.to: diffusers' own .to(dtype) warns about fp32-kept modules, and this VAE has none.
+            vae = nn.Module.to(AutoencoderKLWan(**(config or {})), dtype)
         weights = sum(p.numel() * p.element_size() for p in vae.parameters())
         with FakeTensorMode():
             fakeify(vae).eval()

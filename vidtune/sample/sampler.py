@@ -28,14 +28,14 @@ CFG terms untouched.
 
 Decoding un-normalises like WanPipeline (``latents / (1/std) + mean``) and returns uint8 frames.
 ``save_video`` writes mp4 with torchcodec's encoder (ffmpeg through a pipe when torchcodec cannot
-be imported) and ``save_contact_sheet`` a PNG grid; both write atomically.
+be imported), ``save_contact_sheet`` a PNG of labelled frames and ``save_comparison_sheet`` one
+that compares videos row by row (``vidtune.sample.sheets``); all write atomically.
 """
 from __future__ import annotations
 
 import inspect
 import json
 import logging
-import math
 import re
 import shutil
 import subprocess
@@ -61,10 +61,26 @@ SCHEDULERS = ("unipc", "euler")
 # ---------------------------------------------------------------------------------------------
 # Prompts.
 
+def prompt_slug(text: str, max_chars: int = 48) -> str:
+    """A file name from a prompt: its first words (any script), lower case, joined by ``_``."""
+    words = re.findall(r"\w+", text.lower())
+    slug = ""
+    for w in words:
+        if slug and len(slug) + 1 + len(w) > max_chars:
+            break
+        slug = f"{slug}_{w}" if slug else w[:max_chars]
+    return slug
+
+
 def load_prompts(prompts: Sequence[str] = (), library: str | Path | dict | None = None) -> list[tuple[str, str]]:
-    """[(name, prompt)]: the listed prompts as ``prompt0, prompt1...`` then the library's
-    ``{nickname: prompt}`` entries (a JSON file or a dict) in file order."""
-    out = [(f"prompt{i}", p) for i, p in enumerate(prompts)]
+    """[(name, prompt)]: the listed prompts named by a slug of their text (``a_red_cat``; a second
+    prompt with the same slug gets ``_2``...), then the library's ``{nickname: prompt}`` entries
+    (a JSON file or a dict) in file order."""
+    out, used = [], {}
+    for i, p in enumerate(prompts):
+        slug = prompt_slug(p) or f"prompt{i}"
+        used[slug] = used.get(slug, 0) + 1
+        out.append((slug if used[slug] == 1 else f"{slug}_{used[slug]}", p))
     if library is not None:
         where = "prompt library" if isinstance(library, dict) else str(library)
         if not isinstance(library, dict):
@@ -87,8 +103,8 @@ def load_prompts(prompts: Sequence[str] = (), library: str | Path | dict | None 
 
 
 def safe_name(name: str) -> str:
-    """A file-system-safe version of a prompt nickname."""
-    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9._-]", "_", name)).strip("._") or "prompt"
+    """A file-system-safe version of a prompt nickname (letters of any script, digits, ``._-``)."""
+    return re.sub(r"_+", "_", re.sub(r"[^\w.-]", "_", name)).strip("._") or "prompt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,32 +390,36 @@ def _ffmpeg_encode(frames: torch.Tensor, path: Path, fps: int) -> None:
                     str(path)], input=raw, check=True)
 
 
-def save_contact_sheet(frames: torch.Tensor, path: str | Path, max_frames: int = 8, columns: int = 4) -> Path:
-    """A PNG grid of up to ``max_frames`` evenly spaced frames (F, 3, H, W uint8), first and last
-    included, ``columns`` per row."""
-    from PIL import Image
+def save_contact_sheet(frames: torch.Tensor, path: str | Path, max_frames: int = 8, columns: int = 4,
+                       title: Sequence[str] = ()) -> Path:
+    """A PNG of up to ``max_frames`` evenly spaced frames (F, 3, H, W uint8), first and last
+    included, ``columns`` per row, each labelled with its frame number, under ``title`` lines."""
+    from .sheets import contact_sheet
 
+    return _save_png(contact_sheet(frames, title, max_frames, columns), path)
+
+
+def save_comparison_sheet(videos: Sequence[tuple[str, torch.Tensor]], numbers: Sequence[int], path: str | Path,
+                          title: Sequence[str] = ()) -> Path:
+    """A PNG comparing videos (label, frames numbered ``numbers``): one labelled row each."""
+    from .sheets import comparison_sheet
+
+    return _save_png(comparison_sheet(videos, numbers, title), path)
+
+
+def _save_png(image, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f, _, h, w = frames.shape
-    n = min(f, max_frames)
-    idx = sorted({round(i * (f - 1) / max(n - 1, 1)) for i in range(n)})
-    cols = min(columns, len(idx))
-    rows = math.ceil(len(idx) / cols)
-    sheet = Image.new("RGB", (cols * w, rows * h))
-    for k, i in enumerate(idx):
-        tile = Image.fromarray(frames[i].permute(1, 2, 0).cpu().numpy())
-        sheet.paste(tile, ((k % cols) * w, (k // cols) * h))
     with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
+        image.save(tmp, format="PNG")
     return path
 
 
 def save_outputs(frames: torch.Tensor, out_dir: str | Path, name: str, fps: int = 16,
-                 audio: torch.Tensor | None = None) -> tuple[Path, Path]:
+                 title: Sequence[str] = (), audio: torch.Tensor | None = None) -> tuple[Path, Path]:
     """``<out_dir>/<name>.mp4`` (with ``audio``, 16 kHz mono, as its soundtrack) and
-    ``<out_dir>/<name>.png`` for one video (F, 3, H, W uint8)."""
+    ``<out_dir>/<name>.png`` (contact sheet under ``title``) for one video (F, 3, H, W uint8)."""
     out_dir = Path(out_dir)
     stem = safe_name(name)
     return (save_video(frames, out_dir / f"{stem}.mp4", fps, audio),
-            save_contact_sheet(frames, out_dir / f"{stem}.png"))
+            save_contact_sheet(frames, out_dir / f"{stem}.png", title=title))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..build import build_from_config, expert_config
+from ..build import adapter_master_weights, build_from_config, expert_config
 from ..config import Config
 from ..memory.offload import place_resident
 from .ema import Ema
@@ -124,7 +124,8 @@ class ExpertsRun(Run):
         off = getattr(self.model, "_vidtune_group_offload", None)
         built = build_from_config(dataclasses.replace(cfg, model=expert_config(cfg.model, "low")), self.device,
                                   offload_share=off, log=log)
-        low_opt = build_optimizer(built.trainable.values(), t, self.device, log)
+        low_opt = build_optimizer(built.trainable.values(), t, self.device, log,
+                                  master_weights=adapter_master_weights(cfg))
         second = Expert("low", built.model, built.trainable, low_opt, build_scheduler(low_opt, t),
                         Ema(built.trainable.values(), cfg.ema) if cfg.ema.enabled else None,
                         expert_sigma_range("low", self.boundary))
@@ -196,8 +197,8 @@ class ExpertsRun(Run):
     def exports(self, state_dict: dict | None = None) -> list[Path]:  # one process: nothing sharded
         files = []
         for e in self.experts.values():
-            files += export_final(self.cfg, e.model, self.run_dir, self.step, expert=e.name)
+            files += export_final(self.cfg, e.model, self.run_dir, self.step, self.log, expert=e.name)
             if e.ema is not None:
                 with e.ema.swapped_in():
-                    files += export_final(self.cfg, e.model, self.run_dir / "ema", self.step, expert=e.name)
+                    files += export_final(self.cfg, e.model, self.run_dir / "ema", self.step, self.log, expert=e.name)
         return files

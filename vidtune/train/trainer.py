@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import DIFFUSERS_FILE, WAN_FILE, export_lora
-from ..build import build_from_config, expert_boundary, model_inputs
+from ..adapters.export import export_adapter_files
+from ..build import adapter_master_weights, build_from_config, expert_boundary, model_inputs
 from ..config import Config, ConfigError
 from ..data import CachedLoader, PreparedData
 from ..data.cache import CacheEntryError
@@ -195,7 +195,8 @@ class Run:
             log(f"train.optimizer = \"adamw_bf16\" with model.dtype = {cfg.model.dtype!r}: weights stay "
                 f"{cfg.model.dtype}, so Kahan summation is off (it applies to bf16 weights)")
 
-        self.optimizer = build_optimizer(self.trainable.values(), t, self.device, log)
+        self.optimizer = build_optimizer(self.trainable.values(), t, self.device, log,
+                                         master_weights=adapter_master_weights(cfg))
         self.scheduler = build_scheduler(self.optimizer, t)
         self.ema = Ema(self.trainable.values(), cfg.ema) if cfg.ema.enabled else None
         self.validator = None
@@ -347,7 +348,8 @@ class Run:
     def loop(self) -> int:
         """Steps until ``max_train_steps``; returns 0, or 128 + signal number when stopped by one."""
         t = self.cfg.train
-        self.logger = StepLog(self.cfg.logging, self.run_dir, self.step, t.max_train_steps) if self.main else _NoLog()
+        self.logger = (StepLog(self.cfg.logging, self.run_dir, self.step, t.max_train_steps, self.device)
+                       if self.main else _NoLog())
         every = self.cfg.validation.every  # every rank knows when rank 0 validates (they wait for it)
         saved_at = self.step
         due = False  # a periodic checkpoint waits for a good step
@@ -506,10 +508,10 @@ class Run:
     def exports(self, state_dict: dict | None = None) -> list[Path]:
         """The run's products: the trained weights (and the EMA's); ``state_dict``: the whole
         weights gathered from FSDP2 shards (None: the model's own)."""
-        files = export_final(self.cfg, self.model, self.run_dir, self.step, state_dict=state_dict)
+        files = export_final(self.cfg, self.model, self.run_dir, self.step, self.log, state_dict=state_dict)
         if self.ema is not None:
             with self.ema.swapped_in():
-                files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step)
+                files += export_final(self.cfg, self.model, self.run_dir / "ema", self.step, self.log)
         return files
 
 
@@ -523,28 +525,12 @@ def _show(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _trigger_words(cfg: Config) -> str:
-    return ", ".join(sorted({d.caption_prefix.strip() for d in cfg.datasets if d.caption_prefix.strip()}))
-
-
-def export_final(cfg: Config, model, run_dir: Path, step: int, expert: str | None = None,
+def export_final(cfg: Config, model, run_dir: Path, step: int, log=print, expert: str | None = None,
                  state_dict: dict | None = None) -> list[Path]:
-    """The run's product: the LoRA file(s), or the full transformer in the diffusers layout
+    """The run's product: the adapter file(s), or the full transformer in the diffusers layout
     (``state_dict``: its weights gathered from FSDP2 shards). ``expert`` (a run training both
     experts): files named for it (``*_high_noise`` / ``*_low_noise``; a full fine-tune's low-noise
     expert is ``transformer_2/``, as in the pipeline)."""
     if cfg.adapter.type == "full":
         return [save_pretrained(model, run_dir / ("transformer_2" if expert == "low" else "transformer"), state_dict)]
-    meta = {"base_model": cfg.model.transformer_path or cfg.model.resolved_path(), "family": cfg.model.family,
-            "flavour": cfg.model.flavour, "trigger_word": _trigger_words(cfg), "steps": step}
-    if expert or cfg.model.experts:
-        meta["expert"] = expert or cfg.model.experts
-    fmt = cfg.adapter.export_format
-    dtype = DTYPES[cfg.model.dtype]  # the LoRA is saved in the dtype the model trained in
-    files = []
-    for layout, name in (("diffusers", DIFFUSERS_FILE), ("wan", WAN_FILE)):
-        if fmt in (layout, "both"):
-            if expert:
-                name = name.replace(".safetensors", f"_{expert}_noise.safetensors")
-            files.append(export_lora(model, run_dir / name, cfg.adapter, layout, meta, dtype))
-    return files
+    return export_adapter_files(cfg, model, run_dir, step, log, expert=expert)

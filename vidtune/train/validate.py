@@ -7,9 +7,11 @@ Sampling is ``vidtune.sample.sample`` (WanPipeline's loop) or, for Sana Video,
 ``vidtune.sample.sample_sana`` (SanaVideoPipeline's loop with the pipeline's own scheduler; I2V
 flavours condition on the first training clip's first frame): the model in eval mode, so no TREAD
 routing and no dropout. Outputs per prompt: ``<run>/validation/step_XXXXXX/<name>.mp4``
-and ``<name>.png`` (contact sheet); with EMA, the EMA weights' are ``<name>_ema.*``. Wan S2V clips
-are driven by ``validation.reference_media`` (reference frame + audio), whose audio becomes the
-mp4's soundtrack (``vidtune.sample.s2v``).
+and ``<name>.png`` (contact sheet titled with the prompt and step, frames numbered), ``<name>`` the
+prompt's library nickname or a slug of its text; with EMA, the EMA weights' are ``<name>_ema.*``.
+Per step, ``<run>/validation/step_XXXXXX.png`` puts every prompt (and variant) side by side. Wan
+S2V clips are driven by ``validation.reference_media`` (reference frame + audio), whose audio
+becomes the mp4's soundtrack (``vidtune.sample.s2v``).
 
 Image-to-video (Wan): ``validation.dataset`` names an image dataset; each image (with its caption as
 the prompt) is the first frame of one video, its conditioning cached by the data preparation
@@ -31,9 +33,10 @@ from ..data.cache import pad_prompt_embeds
 from ..data.prepare import LATENTS, TEXT
 from ..models import family
 from ..runtime import DTYPES
-from ..sample import load_prompts, load_scheduler_config, sample, sample_sana, save_outputs
+from ..sample import load_prompts, load_scheduler_config, sample, sample_sana, save_comparison_sheet, save_outputs
 from ..sample.s2v import sample_s2v
 from ..sample.sampler import safe_name
+from ..sample.sheets import frame_indices
 
 
 def validation_prompts(v: ValidationConfig) -> list[tuple[str, str]]:
@@ -80,8 +83,8 @@ class Validator:
         embed = {t: text(keys[t]) for t in validation_texts(self.v)}
         self.inputs = model_inputs(m)
         i2v = getattr(self.inputs, "i2v", None)
-        # (name, (prompt embeddings, mask or None), image-to-video conditioning)
-        self.prompts = [(name, embed[t], {}) for name, t in validation_prompts(self.v)]
+        # (name, prompt text, (prompt embeddings, mask or None), image-to-video conditioning)
+        self.prompts = [(name, t, embed[t], {}) for name, t in validation_prompts(self.v)]
         if i2v == "concat" and not self.v.dataset:
             raise ConfigError("validation: this image-to-video model renders from first frames: set "
                               "validation.dataset to an image [[dataset]] (its captions are the prompts)")
@@ -89,7 +92,8 @@ class Validator:
             log(f"validation: {len(self.prompts)} prompt(s) without a first frame are not rendered by this "
                 f"image-to-video model; the captions of validation.dataset are its prompts")
             self.prompts = []
-        self.prompts += [(name, text(tkey), store.load(LATENTS, lkey)) for name, tkey, lkey in prepared.validation]
+        self.prompts += [(name, caption, text(tkey), store.load(LATENTS, lkey))
+                         for name, caption, tkey, lkey in prepared.validation]
         self.expand = i2v == "first_frame"
         neg = self.v.negative_prompt
         self.negative = text(prepared.negative_keys[neg]) if neg in prepared.negative_keys else embed[neg]
@@ -171,14 +175,16 @@ class Validator:
     def run(self, model, step: int, ema=None) -> dict[str, tuple[Path, Path]]:
         """Sample every prompt (per variant); returns tag -> (mp4, png)."""
         out_dir = self.root / f"step_{step:06d}"
-        v, outputs = self.v, {}
+        v, outputs, shown, numbers = self.v, {}, [], []
         transformer, transformer_2 = self.experts(model)
         self.vae.to(self.device)
         try:
             for suffix, e in self.variants(ema):
+                weights = " (EMA weights)" if suffix else ""
                 with e.swapped_in() if e is not None else contextlib.nullcontext():
-                    for n, (name, (pe, mask), cond) in enumerate(self.prompts):
+                    for n, (name, prompt, (pe, mask), cond) in enumerate(self.prompts):
                         tag = safe_name(name) + suffix
+                        title = [f"{name}: {prompt}", f"step {step}{weights}, seed {v.seed}, {v.steps} sampling steps"]
                         if self.family == "sana_video":  # the pipeline's own scheduler
                             frames = sample_sana(transformer, prompt_embeds=pe, prompt_mask=mask,
                                                  negative_prompt_embeds=self.negative[0],
@@ -187,26 +193,37 @@ class Validator:
                                                  steps=v.steps, guidance=v.guidance, seed=v.seed,
                                                  scheduler_config=self.scheduler_config, device=self.device,
                                                  vae=self.vae, output_type="video")
-                            outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps)
-                            continue
-                        kw = dict(prompt_embeds=pe, negative_prompt_embeds=self.negative[0], num_frames=v.num_frames,
-                                  height=self.height, width=self.width, steps=v.steps, guidance=v.guidance,
-                                  seed=v.seed, scheduler=v.scheduler, scheduler_config=self.scheduler_config,
-                                  skip_layers=v.skip_layers, skip_layers_start=v.skip_layers_start,
-                                  skip_layers_stop=v.skip_layers_stop, skip_layers_scale=v.skip_layers_scale,
-                                  device=self.device, vae=self.vae)
-                        if self.s2v is not None:  # driven by its audio, which becomes the soundtrack
-                            frames = sample_s2v(transformer, self.s2v[n], **kw)
-                            outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps, self.s2v[n].soundtrack)
+                            outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps, title)
                         else:
-                            frames = sample(transformer, output_type="video", **kw,
-                                            **self.sample_inputs(transformer_2, cond))
-                            outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps)
+                            kw = dict(prompt_embeds=pe, negative_prompt_embeds=self.negative[0],
+                                      num_frames=v.num_frames, height=self.height, width=self.width, steps=v.steps,
+                                      guidance=v.guidance, seed=v.seed, scheduler=v.scheduler,
+                                      scheduler_config=self.scheduler_config, skip_layers=v.skip_layers,
+                                      skip_layers_start=v.skip_layers_start, skip_layers_stop=v.skip_layers_stop,
+                                      skip_layers_scale=v.skip_layers_scale, device=self.device, vae=self.vae)
+                            if self.s2v is not None:  # driven by its audio, which becomes the soundtrack
+                                frames = sample_s2v(transformer, self.s2v[n], **kw)
+                                outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps, title,
+                                                            audio=self.s2v[n].soundtrack)
+                            else:
+                                frames = sample(transformer, output_type="video", **kw,
+                                                **self.sample_inputs(transformer_2, cond))
+                                outputs[tag] = save_outputs(frames[0], out_dir, tag, self.fps, title)
+                        # the sheet's frames only, not the whole video, until the step's comparison
+                        # (every prompt has as many frames; S2V's are num_frames - 1, past the reference)
+                        numbers = frame_indices(frames.shape[1])
+                        shown.append((f"{name}{weights}", frames[0][numbers]))
         finally:
             self.vae.to("cpu")
             if self._other is not None:
                 from ..memory.offload import place_resident
 
                 place_resident(self._other, "cpu")  # waits in host RAM until the next validation
-        self.log(f"validation: step {step}: {len(outputs)} video(s) in {out_dir}")
+        if not shown:  # every first frame of validation.dataset was skipped
+            self.log(f"validation: step {step}: nothing to render")
+            return outputs
+        save_comparison_sheet(shown, numbers, self.root / f"{out_dir.name}.png",
+                              [f"validation at step {step}: {len(shown)} video(s), seed {v.seed}"])
+        self.log(f"validation: step {step}: {len(outputs)} video(s) in {out_dir}, side by side in "
+                 f"{out_dir.name}.png")
         return outputs

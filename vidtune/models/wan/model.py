@@ -106,9 +106,11 @@ class GELUProj(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
         self.approximate = approximate
 
-    def forward(self, x):
-        x = self.proj(x)
+    def activate(self, x):
         return K.gelu_tanh(x) if self.approximate == "tanh" else F.gelu(x)
+
+    def forward(self, x):
+        return self.activate(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -126,9 +128,13 @@ class FeedForward(nn.Module):
         self.chunk_size: int | None = None
 
     def _ff(self, x):
-        for m in self.net:
-            x = m(x)
-        return x
+        act = self.net[0]
+        pre = act.proj(x)
+        h = act.activate(pre)
+        # net.2 keeps its input for its weight's (or its LoRA's) gradient: the activation's input
+        # is kept anyway, so backward recomputes the tokens x ffn_dim activation from it.
+        with K.recomputed_when_saved(h, lambda: act.activate(pre)):
+            return self.net[2](self.net[1](h))
 
     def forward(self, x):
         return K.chunked_feed_forward(self._ff, x, self.chunk_size)
