@@ -15,20 +15,26 @@ two full baselines), and for compiled variants the compile seconds (first step m
 step). Steps of all variants are interleaved, so drift hits them alike.
 
     python benchmarks/wan_vs_diffusers.py [--repeats 7] [--threads 2] [--no-compile] [--json out.json]
+    python benchmarks/wan_vs_diffusers.py --saved   # what each step keeps for backward, by op
+
+``--saved``: the four steps (full and LoRA, vidtune and diffusers) at 4 x 12 x 32 = 1,536 video
+tokens with the LoRA on q/k/v/out and both feed-forward linears: the counters' live bytes right
+after the forward (what backward will read, plus the output), by the op that allocated them.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
 
 import torch
 
-from vidtune.adapters.lora import lora_config
+from vidtune.bench.timing import interleaved_times, peft_lora_copy
 from vidtune.build import build_training_model
 from vidtune.config import AdapterConfig, CompileConfig, MemoryConfig, ModelConfig, resolve_routes
-from vidtune.measure.counters import count
+from vidtune.measure.counters import count, counting
 from vidtune.models.wan import WanConfig
 
 BENCH = dict(
@@ -51,24 +57,17 @@ def ours(adapter: AdapterConfig, ref, compile_: bool = False):
     return built.model
 
 
-def build(seed=0, compile_=True):
+def build(seed=0, compile_=True, lora=LORA):
     from diffusers import WanTransformer3DModel
-    from peft import inject_adapter_in_model
 
     torch.manual_seed(seed)
     ref = WanTransformer3DModel(**BENCH).train()
-    ref_lora = WanTransformer3DModel(**BENCH)
-    ref_lora.load_state_dict(ref.state_dict())
-    ref_lora.requires_grad_(False)
-    lc = lora_config(LORA)
-    lc.init_lora_weights = "gaussian"  # non-zero B, so the adapter path does real work
-    inject_adapter_in_model(lc, ref_lora)
-    ref_lora.train()
+    ref_lora = peft_lora_copy(ref, lora)
     models = {"diffusers": ref, "vidtune": ours(AdapterConfig(type="full"), ref),
-              "diffusers+peft lora": ref_lora, "vidtune lora": ours(LORA, ref_lora)}
+              "diffusers+peft lora": ref_lora, "vidtune lora": ours(lora, ref_lora)}
     if compile_:
         models["vidtune+compile"] = ours(AdapterConfig(type="full"), ref, compile_=True)
-        models["vidtune lora+compile"] = ours(LORA, ref_lora, compile_=True)
+        models["vidtune lora+compile"] = ours(lora, ref_lora, compile_=True)
     return models
 
 
@@ -152,14 +151,49 @@ def block_bytes(ref, ours_, inputs):
     return out
 
 
+SAVED_LATENT = (1, 16, 4, 24, 64)
+SAVED_LORA = AdapterConfig(rank=16, alpha=16.0, target_modules=["to_q", "to_k", "to_v", "to_out.0", "net.0.proj",
+                                                                 "net.2"])
+
+
+def saved_tables(threads: int) -> dict:
+    """Live bytes after the forward of each step, total and by op (MB = 1e6 bytes)."""
+    models = build(compile_=False, lora=SAVED_LORA)
+    g = torch.Generator().manual_seed(1)
+    x, t, ctx = torch.randn(*SAVED_LATENT, generator=g), torch.tensor([500.0]), torch.randn(1, TEXT_LEN, 512, generator=g)
+    out = {}
+    for name, (model, fn, _) in variants(models).items():
+        if name not in ("diffusers", "vidtune", "diffusers+peft lora", "vidtune lora"):
+            continue
+        with counting([*model.parameters(), *model.buffers(), x, t, ctx]) as c:
+            y = fn(x, t, ctx)
+            mark = c.mark("forward")
+            y.float().pow(2).mean().backward()
+        model.zero_grad(set_to_none=True)
+        out[name] = mark
+    tokens = SAVED_LATENT[2] * (SAVED_LATENT[3] // 2) * (SAVED_LATENT[4] // 2)
+    print(f"kept for backward (live after forward), dim 512, 8 layers, {tokens} video tokens, {TEXT_LEN} text "
+          f"tokens, fp32, LoRA rank 16 on q/k/v/out + both FF linears, {threads} threads; MB = 1e6 bytes")
+    ops = sorted({op for m in out.values() for op in m.live_by_op}, key=lambda op: -max(
+        m.live_by_op.get(op, 0) for m in out.values()))
+    print(f"{'op':<44}" + "".join(f"{n:>22}" for n in out))
+    for op in ops:
+        print(f"{op:<44}" + "".join(f"{m.live_by_op.get(op, 0) / 1e6:22.1f}" for m in out.values()))
+    print(f"{'total':<44}" + "".join(f"{m.live_bytes / 1e6:22.1f}" for m in out.values()))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="leave out the apply_compile variants")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--saved", action="store_true", help="only print what each step keeps for backward, by op")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.saved:
+        return saved_tables(args.threads)
     models = build(compile_=not args.no_compile)
     inputs = make_inputs()
     vs = variants(models)
@@ -176,12 +210,8 @@ def main(argv=None):
         rows[name] = {"flops": c.flops, "peak_live_bytes": c.peak_live_bytes, "materialized_bytes": c.materialized_bytes}
     for name in vs:
         rows.setdefault(name, {})
-    times = {name: [] for name in vs}
-    for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
-        for name, (model, fn, _) in vs.items():
-            t0 = time.perf_counter()
-            step(model, fn, inputs)
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved_times({name: functools.partial(step, model, fn, inputs) for name, (model, fn, _) in vs.items()},
+                              args.repeats)
     for name, (_, _, base) in vs.items():
         med = statistics.median(times[name])
         rows[name].update(step_s=med, ratio=med / statistics.median(times[base]), baseline=base)

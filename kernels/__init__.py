@@ -6,8 +6,9 @@ ops (``torch.ops.vidtune.*``, with fake impls for torch.compile / meta / FakeTen
 pure-torch specs. Path selection: ``VIDTUNE_KERNELS=auto|triton|torch`` (see ``_dispatch``).
 """
 from ._dispatch import HAS_TRITON, mode, use_triton
-from .ffn import ChunkedFeedForward, chunked_feed_forward, resolve_chunk_size
+from .ffn import ChunkedFeedForward, chunked_feed_forward, recomputed_when_saved, resolve_chunk_size
 from .gelu import GeluTanh, gelu_tanh
+from .linear_attention import LinearAttention, linear_attention
 from .modulate import Modulate, modulate
 from .norm import RMSNorm, rms_norm
 from .residual import GatedResidual, gated_residual
@@ -20,6 +21,8 @@ __all__ = [
     "rms_norm", "RMSNorm",
     "modulate", "Modulate",
     "gated_residual", "GatedResidual",
+    "linear_attention", "LinearAttention",
     "gelu_tanh", "GeluTanh", "chunked_feed_forward", "ChunkedFeedForward", "resolve_chunk_size",
+    "recomputed_when_saved",
     "tread_gather", "tread_scatter", "TreadGather", "TreadScatter", "select_tokens",
 ]

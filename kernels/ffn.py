@@ -13,7 +13,9 @@ block's own modules), so peft LoRA or torchao-quantized Linears compose unchange
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -52,6 +54,38 @@ def chunked_feed_forward(
         outs = [fn(c) for c in chunks]
     out = torch.cat(outs)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@contextlib.contextmanager
+def recomputed_when_saved(out: torch.Tensor, recompute: Callable[[], torch.Tensor]):
+    """Inside the block, an op that saves ``out`` (or a view of it) for backward keeps nothing of
+    it: backward calls ``recompute()`` when it reads it. For an elementwise activation whose input
+    is kept anyway (its own backward needs it): the FFN's ``gelu(proj(x))``, which the Linear
+    after it saves for its weight's (or LoRA's) gradient, is tokens x ffn_dim that one
+    elementwise pass rebuilds. Inert when saved-tensor hooks are already active (activation
+    checkpointing, offload, chunked FF): they decide what is kept; and under torch.compile, whose
+    partitioner picks what to recompute itself."""
+    if (not torch.is_grad_enabled() or not out.requires_grad or torch.compiler.is_compiling()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+        yield
+        return
+    storage = weakref.ref(out.untyped_storage())  # a strong reference would keep out's memory
+
+    def pack(t):
+        try:
+            same = t.untyped_storage() is storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without one (int8 weights)
+            same = False
+        return (t.size(), t.stride(), t.storage_offset()) if same else t
+
+    def unpack(packed):
+        if not isinstance(packed, tuple):
+            return packed
+        with torch.no_grad():
+            return recompute().as_strided(*packed)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 class ChunkedFeedForward(nn.Module):

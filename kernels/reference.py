@@ -66,6 +66,22 @@ def tread_scatter_ref(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) ->
     return out
 
 
+# --- linear attention (kernels/linear_attention.py) ----------------------------------------------
+
+
+def linear_attention_ref(q, k, v, cos, sin, eps=1e-15):
+    """Sana's ReLU linear attention (diffusers' SanaLinearAttnProcessor3_0 math) on q, k, v
+    (B, N, H, C) with RoPE tables (N, C/2) or (B, N, C/2): the normaliser from relu(q), relu(k),
+    the numerator from their rotations; fp32, returned in q.dtype."""
+    phi_q, phi_k = torch.relu(q.float()), torch.relu(k.float())
+    qr, kr = rope_ref(phi_q, cos, sin), rope_ref(phi_k, cos, sin)
+    # (B, H, C, N) layout, as diffusers computes it
+    phi_q, phi_k, qr, kr, vf = (t.permute(0, 2, 3, 1) for t in (phi_q, phi_k, qr, kr, v.float()))
+    z = 1 / (phi_k.sum(dim=-1, keepdim=True).transpose(-2, -1) @ phi_q + eps)
+    out = (vf @ kr.transpose(-1, -2)) @ qr * z
+    return out.permute(0, 3, 1, 2).to(q.dtype)
+
+
 # --- kernel vs reference: the rule the tests and the GPU check judge every op by ----------------
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -129,4 +145,3 @@ def compare(fn, ref, args) -> list[dict]:
                 row["bound"] = 2 * (r.float() - r32).abs().max().item() + 1e-6
                 row["ok"] = row["err"] <= row["bound"]
     return rows
-

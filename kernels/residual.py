@@ -140,12 +140,17 @@ def _(grad, y, gate, compute_dgate):
 class GatedResidualFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, gate):
-        ctx.save_for_backward(y, gate)
+        # y is needed for dgate only: with a frozen gate (a LoRA run: the modulation does not
+        # train) it is not kept, as autograd's own mul would not keep it.
+        ctx.save_for_backward(y if ctx.needs_input_grad[2] else None, gate)
+        ctx.y_dtype = y.dtype
         return torch.ops.vidtune.gated_residual_fwd(x, y, gate)
 
     @staticmethod
     def backward(ctx, grad):
         y, gate = ctx.saved_tensors
+        if y is None:  # the kernels read y for dgate alone; grad gives dy its shape and dtype
+            y = grad if grad.dtype == ctx.y_dtype else grad.to(ctx.y_dtype)
         dy, dgate = torch.ops.vidtune.gated_residual_bwd(grad, y, gate, ctx.needs_input_grad[2])
         return grad, dy, (dgate.to(gate.dtype) if ctx.needs_input_grad[2] else None)
 

@@ -12,3 +12,11 @@ def tiny_wan_dir(tmp_path_factory):
     from vidtune.testing import build_tiny_wan_pipeline_dir
 
     return build_tiny_wan_pipeline_dir(tmp_path_factory.mktemp("tiny_wan") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sana_dir(tmp_path_factory):
+    """A tiny random Sana Video pipeline saved in the diffusers layout (shared by the session)."""
+    from vidtune.testing import build_tiny_sana_pipeline_dir
+
+    return build_tiny_sana_pipeline_dir(tmp_path_factory.mktemp("tiny_sana") / "model")

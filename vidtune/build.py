@@ -1,6 +1,6 @@
 """The one path from config sections to the model we train.
 
-    load -> quantize -> adapter -> offload -> checkpointing -> compile
+    load -> quantize -> adapter -> offload -> checkpointing -> compile -> parallel
 
 The trainer, the planner's probes, ``vidtune-bench`` and ``benchmarks/*.py`` all build through
 :func:`build_training_model`, so what we measure is what we train. Each ``apply_*`` step takes
@@ -13,6 +13,8 @@ knows nothing of them. The order matters:
   and reloads its group;
 - compile last, around everything a block's forward does (torchtitan compiles after activation
   checkpointing too): the checkpoint becomes part of the compiled graph.
+- parallel (under torchrun) after compile, as torchtitan orders it: sequence parallelism splits
+  the tokens the compiled blocks see, and DDP or FSDP2 wrap the model whose blocks are compiled.
 
 Where the weights come from is the only choice a caller makes (``init``):
 ``"pretrained"`` loads the checkpoint the model section names; ``"random"`` builds the same
@@ -33,8 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import apply_lora, load_lora_into
-from .config import AdapterConfig, CompileConfig, Config, ConfigError, MemoryConfig, ModelConfig, TrainConfig
+from .adapters import apply_lora, check_adapter, load_lora_into
+from .config import AdapterConfig, CompileConfig, Config, ConfigError, MemoryConfig, ModelConfig
+from .distributed import Parallel, apply_data_parallel, apply_sequence_parallel, mixed_precision
 from .memory.checkpointing import apply_activation_checkpointing
 from .memory.offload import GroupOffload, apply_group_offload
 from .memory.quant import QuantConfig
@@ -56,6 +59,8 @@ class TrainingModel:
     offload: GroupOffload | None = None
     compiled: int = 0  # blocks compiled
     skipped: list[str] = field(default_factory=list)  # steps a meta build could not apply
+    parallel: Parallel | None = None
+    step_model: nn.Module | None = None  # what the training step calls: the DDP wrapper, else ``model``
 
     @property
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -90,7 +95,27 @@ def transformer_subfolder(model_cfg: ModelConfig) -> str | None:
     family's rule for the flavour (None = found automatically: the path, or its transformer/)."""
     if model_cfg.transformer_subfolder is not None:
         return model_cfg.transformer_subfolder
-    return family(model_cfg.family).transformer_subfolder(model_cfg.flavour)
+    return family(model_cfg.family).transformer_subfolder(model_cfg.flavour, model_cfg.experts)
+
+
+def expert_config(model_cfg: ModelConfig, expert: str) -> ModelConfig:
+    """The model section of one expert ("high" | "low") of a two-expert flavour."""
+    return dataclasses.replace(model_cfg, experts=expert)
+
+
+def expert_boundary(model_cfg: ModelConfig, log=print) -> float:
+    """The noise level (timestep / 1000) where a two-expert checkpoint hands over from the
+    high-noise expert to the low-noise one: the pipeline's ``boundary_ratio`` (the family's)."""
+    return family(model_cfg.family).boundary_ratio(model_cfg, say=log)
+
+
+def model_inputs(model_cfg: ModelConfig):
+    """What the model section's transformer takes besides latents, text and timesteps (the
+    family's ``model_inputs``, e.g. ``vidtune.models.wan.WanInputs``); None for families
+    without one."""
+    fam = family(model_cfg.family)
+    fn = getattr(fam, "model_inputs", None)
+    return fn(architecture(model_cfg), model_cfg) if fn is not None else None
 
 
 def load_transformer(model_cfg: ModelConfig, init: str = "pretrained", *, arch=None, num_layers: int | None = None):
@@ -101,7 +126,7 @@ def load_transformer(model_cfg: ModelConfig, init: str = "pretrained", *, arch=N
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     dt = to_dtype(model_cfg.dtype)
-    kw = dict(force_2_1_time_embedding=model_cfg.force_2_1_time_embedding)
+    kw = dict(force_2_1_time_embedding=True) if model_cfg.force_2_1_time_embedding else {}  # a Wan option
     if init == "pretrained":
         if arch is not None or num_layers is not None:
             raise ValueError("arch and num_layers describe random or meta builds; a pretrained one reads its config")
@@ -125,28 +150,31 @@ def apply_quantization(model: nn.Module, model_cfg: ModelConfig, device) -> int:
 
 
 def apply_adapter(model: nn.Module, adapter_cfg: AdapterConfig, *, dtype: torch.dtype = torch.float32,
-                  log=print) -> list[nn.Parameter]:
-    """Freeze the base and add the adapter (or train everything for ``type = "full"``); returns
-    the trained parameters. Adapter weights are cast to ``dtype`` (their optimizer states follow).
-    lora_A's init draws from torch's global RNG: seed it first."""
+                  family: str = "wan", log=print) -> list[nn.Parameter]:
+    """Freeze the base and add the LoRA or LoKr (or train everything for ``type = "full"``);
+    returns the trained parameters. Adapter weights are cast to ``dtype`` (their optimizer states
+    follow). The adapter init draws from torch's global RNG: seed it first."""
     if adapter_cfg.type == "full":
         model.requires_grad_(True)
         return list(model.parameters())
-    if adapter_cfg.type != "lora":
-        raise ConfigError(f"adapter.type = {adapter_cfg.type!r} is not trainable in this build; use \"lora\" "
-                          f"or \"full\"")
+    problems = check_adapter(adapter_cfg, family)
+    if problems:
+        raise ConfigError("; ".join(problems))
     params = apply_lora(model, adapter_cfg)
     for p in params:
         p.data = p.data.to(dtype)
     if adapter_cfg.init_from:
-        n = load_lora_into(model, adapter_cfg.init_from, log=log)
+        n = load_lora_into(model, adapter_cfg.init_from, log=log, family=family)
         log(f"adapter: started from {adapter_cfg.init_from} ({n} modules)")
     return params
 
 
-def apply_offload(model: nn.Module, memory_cfg: MemoryConfig, device) -> GroupOffload | None:
-    """Block-level group offload (``memory.offload``); without it the whole model moves to ``device``."""
-    off = apply_group_offload(model, memory_cfg.offload, device, model_cpu_offload=memory_cfg.model_cpu_offload)
+def apply_offload(model: nn.Module, memory_cfg: MemoryConfig, device, share: GroupOffload | None = None
+                  ) -> GroupOffload | None:
+    """Block-level group offload (``memory.offload``); without it the whole model moves to ``device``.
+    ``share``: another model's offload whose streamer this one joins (two experts, one slot pool)."""
+    off = apply_group_offload(model, memory_cfg.offload, device, model_cpu_offload=memory_cfg.model_cpu_offload,
+                              share=share)
     if off is None:
         model.to(device)
     return off
@@ -225,22 +253,52 @@ def _compiled(fn, kw):
     return forward
 
 
+def apply_parallel(model: nn.Module, par: Parallel | None, model_cfg: ModelConfig, mixed: str = "no") -> nn.Module:
+    """Under torchrun: sequence parallelism (``parallel.sequence``), then DDP or FSDP2 (``parallel.data``)
+    over every rank. Returns the module the training step calls (the model itself without ``par``)."""
+    if par is None:
+        return model
+    apply_sequence_parallel(model, par)
+    policy = mixed_precision(model_cfg, mixed, par.device) if par.shards_model else None
+    return apply_data_parallel(model, par, policy)
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole path
 
-def adapter_dtype(train_cfg: TrainConfig) -> torch.dtype:
-    """Adapter weights (and so their optimizer states) in fp32; in bf16 for adamw_bf16, whose
-    Kahan summation keeps the bits a bf16 update would round away."""
-    return torch.bfloat16 if train_cfg.optimizer == "adamw_bf16" else torch.float32
+def adapter_dtype(cfg: Config) -> torch.dtype:
+    """The adapter weights' dtype (``adapter.dtype``). auto: bf16 on a bf16 model, so peft keeps no
+    fp32 copies of the bf16 activations it multiplies, and for adamw_bf16 (its Kahan summation is
+    for bf16 weights); fp32 otherwise. The optimizer keeps bf16 updates exact (``train.optim``)."""
+    if cfg.adapter.dtype != "auto":
+        return to_dtype(cfg.adapter.dtype)
+    bf16 = cfg.model.dtype == "bf16" or cfg.train.optimizer == "adamw_bf16"
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+# torch-optimi's optimizers: Kahan summation keeps the bits a bf16 weight update would round away.
+KAHAN_OPTIMIZERS = ("adamw_bf16", "lion")
+
+
+def adapter_master_weights(cfg: Config) -> bool:
+    """Whether the optimizer steps fp32 master copies of the adapter: bf16 adapter weights with an
+    optimizer that has no Kahan summation (torch AdamW, bitsandbytes' 8-bit ones)."""
+    return (cfg.adapter.type != "full" and adapter_dtype(cfg) != torch.float32
+            and cfg.train.optimizer not in KAHAN_OPTIMIZERS)
 
 
 def build_training_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, memory_cfg: MemoryConfig,
                          compile_cfg: CompileConfig, device, *, adapter_dtype: torch.dtype = torch.float32,
                          seed: int | None = None, init: str = "pretrained", arch=None,
-                         num_layers: int | None = None, log=print) -> TrainingModel:
-    """Load the transformer and apply quantize -> adapter -> offload -> checkpointing -> compile.
+                         num_layers: int | None = None, offload_share: GroupOffload | None = None,
+                         parallel: Parallel | None = None, mixed_precision: str = "no",
+                         log=print) -> TrainingModel:
+    """Load the transformer and apply quantize -> adapter -> offload -> checkpointing -> compile
+    -> parallel (``parallel``: this rank's place in a torchrun launch; ``mixed_precision``: the
+    autocast dtype name, for FSDP2's policy).
 
-    ``seed`` seeds torch's global RNG before the adapter is made (LoRA init draws from it)."""
+    ``seed`` seeds torch's global RNG before the adapter is made (LoRA init draws from it).
+    ``offload_share``: the offload of a model built before whose streamer this one shares."""
     device = torch.device("meta") if init == "meta" else torch.device(device)
     model = load_transformer(model_cfg, init, arch=arch, num_layers=num_layers)
     model.set_attention_backend(model_cfg.attention_backend)
@@ -252,21 +310,37 @@ def build_training_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, mem
         apply_quantization(model, model_cfg, device)
     if seed is not None:
         torch.manual_seed(seed)
-    params = apply_adapter(model, adapter_cfg, dtype=adapter_dtype, log=log)
+    params = apply_adapter(model, adapter_cfg, dtype=adapter_dtype, family=model_cfg.family, log=log)
     offload = None
     if init == "meta":
         skipped += ["offload"] if memory_cfg.offload.type != "none" else []
     else:
-        offload = apply_offload(model, memory_cfg, device)
+        offload = apply_offload(model, memory_cfg, device, offload_share)
     apply_checkpointing(model, memory_cfg)
-    compiled = 0 if init == "meta" else apply_compile(model, compile_cfg, device, quantized=model_cfg.base_precision == "int8",
-                                                      offloaded=offload is not None)
+    compiled = 0 if init == "meta" else apply_compile(
+        model, compile_cfg, device, quantized=model_cfg.base_precision == "int8", offloaded=offload is not None)
     model.train()
-    return TrainingModel(model, params, device, offload, compiled, skipped)
+    step_model = apply_parallel(model, parallel, model_cfg, mixed_precision) if init != "meta" else model
+    return TrainingModel(model, params, device, offload, compiled, skipped, parallel, step_model)
+
+
+def build_frozen_model(model_cfg: ModelConfig, memory_cfg: MemoryConfig, device, *,
+                       offload_share: GroupOffload | None = None) -> nn.Module:
+    """A model that only samples (the other expert during validation): load -> quantize ->
+    offload, no adapter, no checkpointing, every weight frozen, in eval mode."""
+    device = torch.device(device)
+    model = load_transformer(model_cfg, "pretrained")
+    model.set_attention_backend(model_cfg.attention_backend)
+    model.set_ff_chunk_size(memory_cfg.chunked_ff.chunk_size if memory_cfg.chunked_ff.enabled else None)
+    apply_quantization(model, model_cfg, device)
+    model.requires_grad_(False)
+    apply_offload(model, memory_cfg, device, offload_share)
+    return model.eval()
 
 
 def build_from_config(cfg: Config, device, **kw) -> TrainingModel:
     """:func:`build_training_model` with the sections of one run config, seeded like the trainer.
     Everything that builds "the model this config trains" calls this."""
     return build_training_model(cfg.model, cfg.adapter, cfg.memory, cfg.compile, device,
-                                adapter_dtype=adapter_dtype(cfg.train), seed=cfg.train.seed, **kw)
+                                adapter_dtype=adapter_dtype(cfg), seed=cfg.train.seed,
+                                mixed_precision=cfg.train.mixed_precision, **kw)

@@ -45,14 +45,26 @@ FLAVOURS: dict[str, dict[str, str]] = {
     "wan": {
         "t2v-480p-1.3b-2.1": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         "t2v-480p-14b-2.1": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
-        "i2v-14b-2.2-high": "Wan-AI/Wan2.2-I2V-14B-Diffusers",
-        "i2v-14b-2.2-low": "Wan-AI/Wan2.2-I2V-14B-Diffusers",
+        "i2v-480p-14b-2.1": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+        "i2v-720p-14b-2.1": "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+        "i2v-14b-2.2": "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
         "t2v-a14b-2.2": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
         "ti2v-5b-2.2": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
     },
     "wan_s2v": {"s2v-14b-2.2": "tolgacangoz/Wan2.2-S2V-14B-Diffusers"},
-    "sana_video": {"2b-480p": "Efficient-Large-Model/SANA-Video_2B_480p_diffusers"},
+    "sana_video": {"2b-480p": "Efficient-Large-Model/SANA-Video_2B_480p_diffusers",
+                   "i2v-2b-480p": "Efficient-Large-Model/SANA-Video_2B_480p_diffusers"},
 }
+# Flavours whose checkpoint holds two experts: ``transformer`` (high noise) and ``transformer_2``
+# (low noise); ``model.experts`` picks what trains.
+EXPERT_FLAVOURS = {"wan": ("i2v-14b-2.2", "t2v-a14b-2.2")}
+# Other names a flavour is known by (SimpleTuner's): alias -> (flavour, experts or None). Resolved
+# at load, so the resolved config shows what runs.
+FLAVOUR_ALIASES = {"wan": {
+    "i2v-14b-2.2-high": ("i2v-14b-2.2", "high"), "i2v-14b-2.2-low": ("i2v-14b-2.2", "low"),
+    "t2v-a14b-2.2-high": ("t2v-a14b-2.2", "high"), "t2v-a14b-2.2-low": ("t2v-a14b-2.2", "low"),
+    "i2v-14b-2.1": ("i2v-480p-14b-2.1", None), "i2v-14b-2.1-720p": ("i2v-720p-14b-2.1", None),
+}}
 # Frames per second each flavour was trained at; videos are resampled to it.
 FLAVOUR_FPS = {"ti2v-5b-2.2": 24}
 DEFAULT_FPS = 16
@@ -63,7 +75,8 @@ Dtype = Literal["bf16", "fp16", "fp32"]
 @dataclass
 class ModelConfig:
     family: Literal["wan", "wan_s2v", "sana_video"] = opt("wan", "Model family.")
-    flavour: str = opt("t2v-480p-1.3b-2.1", "Model flavour within the family (see the flavour table).")
+    flavour: str = opt("t2v-480p-1.3b-2.1", "Model flavour within the family (see the flavour table); "
+                       "default: the family's first.")
     path: Optional[str] = opt(None, "Diffusers pipeline dir or hub id; default: the flavour's checkpoint.")
     transformer_path: Optional[str] = opt(
         None, "Other transformer (dir, hub id or single .safetensors) for custom fine-tunes.")
@@ -79,6 +92,9 @@ class ModelConfig:
     fps: Optional[int] = opt(None, "Frame rate the model was trained at; default: the flavour's (16; 24 for ti2v-5b).")
     attention_backend: Literal["sdpa", "flash", "sage"] = opt(
         "sdpa", "Attention kernel: torch SDPA, flash-attn or SageAttention.")
+    experts: Optional[Literal["high", "low", "both"]] = opt(
+        None, "Two-expert flavours (Wan 2.2 A14B): train the high-noise expert (transformer/), the low-noise one "
+        "(transformer_2/) or both in one run; each trains only on its own timesteps. Required for them.")
     force_2_1_time_embedding: bool = opt(
         False, "Use Wan 2.1-style time embeddings (fixes Wan 2.2 time-embedding shape mismatches).")
     base_precision: Literal["bf16", "int8"] = opt(
@@ -106,9 +122,15 @@ class AdapterConfig:
     target_modules: list[str] = opt(
         help="Module name suffixes the adapter wraps.", factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     lokr_decompose_factor: int = opt(-1, "LoKr Kronecker factor (-1: as square as possible).")
+    lokr_decompose_both: bool = opt(False, "LoKr: factor the small Kronecker matrix into rank-r factors too.")
+    dtype: Literal["auto", "bf16", "fp32"] = opt(
+        "auto", "Adapter weights' dtype. auto: bf16 on a bf16 model (fp32 update precision kept by the optimizer: "
+        "Kahan summation for adamw_bf16/lion, fp32 master copies for adamw and the 8-bit ones), else fp32.")
     init_from: Optional[str] = opt(None, "Start from an existing adapter (.safetensors, any supported key layout).")
-    export_format: Literal["diffusers", "wan", "both"] = opt(
-        "diffusers", "Final LoRA key layout: diffusers/peft (load_lora_weights), original Wan/ComfyUI, or both.")
+    export_format: Literal["auto", "wan", "diffusers", "both"] = opt(
+        "auto", "Final adapter key layout. auto/wan: original Wan keys, one file ComfyUI and diffusers both load "
+        "(plus a diffusers file when diffusers cannot read a module from it, e.g. patch_embedding); diffusers: "
+        "peft keys for load_lora_weights; both. auto is diffusers for families without an original layout.")
 
 
 @dataclass
@@ -212,6 +234,24 @@ class CompileConfig:
 
 
 @dataclass
+class ParallelConfig:
+    data: Literal["ddp", "fsdp"] = opt(
+        "ddp", "Under torchrun with several ranks: ddp (each rank holds the whole model, gradients averaged) or "
+        "fsdp (FSDP2: parameters, gradients and optimizer state sharded across ranks, block by block).")
+    sequence: int = opt(
+        1, "Ulysses sequence parallelism: groups of this many ranks split each clip's video tokens and swap "
+        "them for attention heads around self-attention (1: off). Divides the world size and the head count.")
+    backend: Literal["auto", "nccl", "gloo"] = opt(
+        "auto", "Collective backend: auto is nccl on GPUs (rccl on ROCm; CPU tensors over gloo) and gloo on CPU.")
+    timeout_s: float = opt(
+        600.0, "Seconds a collective of the training step waits for the other ranks before the run stops with "
+        "an error (a rank died or hangs).")
+    wait_timeout_s: float = opt(
+        7200.0, "Seconds ranks wait for work done by one rank or in shares (caching, checkpoint writes, "
+        "validation, exports) before the run stops with an error.")
+
+
+@dataclass
 class TreadRoute:
     selection_ratio: float = opt(help="Fraction of video tokens routed around the layers (0 <= r < 1).")
     start_layer: int = opt(help="First routed layer (negative counts from the end).")
@@ -257,12 +297,19 @@ class ValidationConfig:
     num_frames: int = opt(81, "Frames per validation video (4k+1).")
     resolution: str = opt("832x480", "WxH of validation videos (multiples of 16).")
     seed: int = opt(42, "Seed of the validation noise.")
-    scheduler: Literal["unipc", "euler"] = opt("unipc", "Sampler: UniPC multistep or flow-match Euler.")
+    scheduler: Literal["unipc", "euler"] = opt(
+        "unipc", "Sampler (Wan): UniPC multistep or flow-match Euler; Sana Video samples with its pipeline's own "
+        "scheduler (scheduler/scheduler_config.json).")
     skip_layers: list[int] = opt(help="Skip-layer guidance layers (empty: off).", factory=list)
     skip_layers_start: float = opt(0.0, "Fraction of sampling where skip-layer guidance starts.")
     skip_layers_stop: float = opt(1.0, "Fraction of sampling where skip-layer guidance stops.")
     skip_layers_scale: float = opt(2.8, "Skip-layer guidance scale: pred += (cond - cond_skipped) * scale (SD3 form).")
-    load_other_stage: bool = opt(False, "Wan 2.2 two-stage models: load the other stage for validation.")
+    load_other_stage: bool = opt(
+        False, "Wan 2.2 two-expert models trained one expert at a time: load the other expert (frozen) and "
+        "switch to it at the boundary while sampling, like WanPipeline with transformer_2.")
+    dataset: Optional[str] = opt(
+        None, "Image-to-video: id of an image [[dataset]] whose images (with their captions) are the first "
+        "frames of the validation videos; it is not trained on.")
     preview_every: int = opt(
         0, "Every K sampling steps, write a preview frame strip (linear latent-to-RGB decode) and send it to "
         "TensorBoard / wandb and the webhook (0: off).")
@@ -382,9 +429,18 @@ class DatasetConfig:
     min_frames: Optional[int] = opt(None, "Videos shorter than this (at the model fps) are skipped; default: num_frames.")
     max_frames: Optional[int] = opt(None, "Videos longer than this (at the model fps) are skipped; default: no limit.")
     frame_interval: int = opt(4, "resolution_frames: clip lengths are 1 + multiples of this (a multiple of 4).")
+    loss_mask_path: Optional[str] = opt(
+        None, "Masked loss (Sana Video): directory of mask images matched to the clips by file stem; white = full "
+        "loss, black = none, grey = partial; a clip without its mask is skipped.")
     bucket_strategy: Literal["aspect_ratio", "resolution_frames"] = opt(
         "aspect_ratio", "Bucket by aspect ratio only, or by WxH@F (mixed resolutions and durations).")
     disabled: bool = opt(False, "Leave this dataset out of the run.")
+    i2v: Optional[bool] = opt(
+        None, "Image-to-video training: condition each clip on its own first frame. Default: the model's "
+        "kind (I2V models: on; TI2V-5B: off, set true for its I2V mode).")
+    last_image: bool = opt(
+        False, "With i2v: condition on the last frame too (first-and-last-frame, as WanImageToVideoPipeline's "
+        "last_image).")
     audio: AudioConfig = opt(help="Wan S2V: where each video's audio comes from and how it is cut.",
                              factory=AudioConfig)
 
@@ -397,6 +453,8 @@ class Config:
     memory: MemoryConfig = opt(help="Memory features.", factory=MemoryConfig)
     tread: TreadConfig = opt(help="TREAD token routing (training only).", factory=TreadConfig)
     compile: CompileConfig = opt(help="torch.compile of the transformer blocks.", factory=CompileConfig)
+    parallel: ParallelConfig = opt(help="Several GPUs or machines (torchrun): DDP, FSDP2, sequence parallelism.",
+                                   factory=ParallelConfig)
     cache: CacheConfig = opt(help="Latent and text-embedding caches.", factory=CacheConfig)
     logging: LoggingConfig = opt(help="Metrics and progress.", factory=LoggingConfig)
     validation: ValidationConfig = opt(help="Sampling during training.", factory=ValidationConfig)
@@ -409,8 +467,8 @@ class Config:
 
     @property
     def datasets(self) -> list[DatasetConfig]:
-        """The enabled datasets."""
-        return [d for d in self.dataset if not d.disabled]
+        """The enabled training datasets (the one named by validation.dataset only feeds validation)."""
+        return [d for d in self.dataset if not d.disabled and d.id != self.validation.dataset]
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,7 +593,10 @@ def validate(cfg: Config) -> list[str]:
     """Every value problem of the config, as messages naming the key and the fix."""
     e: list[str] = []
     m, t, mem, a = cfg.model, cfg.train, cfg.memory, cfg.adapter
-    if m.flavour not in FLAVOURS[m.family]:
+    e += _expert_errors(cfg)
+    if m.flavour in FLAVOUR_ALIASES.get(m.family, {}):
+        pass  # an alias left unresolved: _expert_errors said why
+    elif m.flavour not in FLAVOURS[m.family]:
         e.append(f"model.flavour: {m.flavour!r} is not a {m.family} flavour; choose one of "
                  f"{sorted(FLAVOURS[m.family])}{_hint(m.flavour, FLAVOURS[m.family])}")
     if m.fps is not None and m.fps < 1:
@@ -572,6 +633,18 @@ def validate(cfg: Config) -> list[str]:
     if mem.offload.type == "block_level" and a.type == "full":
         e.append("memory.offload.type = \"block_level\" streams frozen base weights, but adapter.type = \"full\" "
                  "trains them all: set memory.offload.type = \"none\" or train a LoRA")
+    if m.family == "sana_video":
+        if a.export_format != "diffusers" and a.type != "full":
+            e.append(f"adapter.export_format = {a.export_format!r}: Sana Video LoRAs have no original-Wan key layout; "
+                     f"use \"diffusers\" (SanaVideoPipeline.load_lora_weights reads it)")
+        if m.force_2_1_time_embedding:
+            e.append("model.force_2_1_time_embedding is a Wan 2.2 option; remove it for Sana Video")
+        if cfg.validation.skip_layers:
+            e.append("validation.skip_layers: skip-layer guidance is a Wan option; Sana Video validates as "
+                     "SanaVideoPipeline does (CFG only): set validation.skip_layers = []")
+    elif any(d.loss_mask_path for d in cfg.dataset):
+        e.append(f"dataset.loss_mask_path: masked loss is a Sana Video option; {m.family} trains without loss masks "
+                 f"(the Wan guide: do not use masked loss with Wan): remove loss_mask_path")
     if mem.offload.type == "block_level" and mem.model_cpu_offload:
         e.append("memory.model_cpu_offload and memory.offload.type = \"block_level\" are mutually "
                  "exclusive: keep one")
@@ -587,6 +660,12 @@ def validate(cfg: Config) -> list[str]:
             e.append(f"tread.routes[{i}]: starts at layer {r.start_layer}, not after the previous route's "
                      f"end {prev.end_layer}; routes must be sorted and non-overlapping")
         prev = r
+    par = cfg.parallel
+    if par.sequence < 1:
+        e.append(f"parallel.sequence: must be >= 1 (1: off), got {par.sequence}")
+    for key in ("timeout_s", "wait_timeout_s"):
+        if getattr(par, key) <= 0:
+            e.append(f"parallel.{key}: must be > 0 seconds, got {getattr(par, key)}")
     for key in ("vae_batch_size", "text_batch_size"):
         if getattr(cfg.cache, key) < 1:
             e.append(f"cache.{key}: must be >= 1, got {getattr(cfg.cache, key)}")
@@ -611,6 +690,15 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"ema.update_interval: must be >= 1, got {cfg.ema.update_interval}")
     if not 0 < cfg.ema.decay < 1:
         e.append(f"ema.decay: must be in (0, 1), got {cfg.ema.decay}")
+    if v.dataset is not None:
+        by_id = {d.id: d for d in cfg.dataset}
+        d = by_id.get(v.dataset)
+        if d is None:
+            e.append(f"validation.dataset: no [[dataset]] with id {v.dataset!r}{_hint(v.dataset, by_id)}; "
+                     f"datasets: {sorted(by_id)}")
+        elif d.type != "image" or d.disabled:
+            e.append(f"validation.dataset: {v.dataset!r} must be an enabled image dataset (type = \"image\"): "
+                     f"its images are the first frames of the validation videos")
     seen = set()
     for i, d in enumerate(cfg.dataset):
         where = f"dataset[{i}] ({d.id!r})"
@@ -627,6 +715,12 @@ def validate(cfg: Config) -> list[str]:
             e.append(f"{where}.weight: must be > 0, got {d.weight}")
         if d.caption_strategy == "instanceprompt" and not d.caption_prefix:
             e.append(f"{where}: caption_strategy = \"instanceprompt\" needs caption_prefix (the prompt)")
+        if d.last_image and d.i2v is False:
+            e.append(f"{where}.last_image: conditions an image-to-video clip on its last frame too; it needs "
+                     f"i2v (unset i2v or set it true)")
+        if (d.i2v or d.last_image) and d.type == "image":
+            e.append(f"{where}.i2v: an image has no frames after the first to learn; train image-to-video on "
+                     f"videos (an image dataset can feed validation: validation.dataset = {d.id!r})")
         if m.family == "wan_s2v":
             e += _s2v_dataset_errors(d, where)
         if d.type != "video":
@@ -640,6 +734,29 @@ def validate(cfg: Config) -> list[str]:
         if d.frame_interval < 4 or d.frame_interval % 4:
             e.append(f"{where}.frame_interval: must be a positive multiple of 4 (Wan's 4k+1 frames), "
                      f"got {d.frame_interval}; use {max(4, round(d.frame_interval / 4) * 4)}")
+    return e
+
+
+def _expert_errors(cfg: Config) -> list[str]:
+    """Flavour aliases, model.experts and the settings that depend on it."""
+    m, e = cfg.model, []
+    alias = FLAVOUR_ALIASES.get(m.family, {}).get(m.flavour)
+    if alias is not None:  # _finalize resolves an alias unless model.experts contradicts it
+        return [f"model.flavour = {m.flavour!r} means {alias[0]!r} with experts = {alias[1]!r}, but "
+                f"model.experts = {m.experts!r}: set model.flavour = {alias[0]!r} and the experts you want"]
+    two = m.flavour in EXPERT_FLAVOURS.get(m.family, ())
+    if two and m.experts is None:
+        e.append(f"model.experts: {m.flavour} holds two experts (transformer/ = high noise, transformer_2/ = low "
+                 f"noise): set model.experts = \"high\", \"low\" or \"both\"")
+    if m.experts is not None and not two and m.flavour in FLAVOURS.get(m.family, {}):
+        e.append(f"model.experts: {m.flavour} has a single transformer; unset model.experts (two-expert "
+                 f"flavours: {', '.join(EXPERT_FLAVOURS.get(m.family, ()))})")
+    if m.experts == "both" and m.transformer_subfolder is not None:
+        e.append("model.transformer_subfolder: with model.experts = \"both\" each expert loads from its own "
+                 "subfolder (transformer/, transformer_2/); unset it")
+    if cfg.validation.load_other_stage and not two:
+        e.append(f"validation.load_other_stage: {m.flavour} has no other stage; it is for two-expert flavours "
+                 f"({', '.join(EXPERT_FLAVOURS.get(m.family, ()))})")
     return e
 
 
@@ -705,6 +822,13 @@ def _validate_eval(cfg: Config) -> list[str]:
 
 def _finalize(cfg: Config) -> Config:
     """Fill defaults that depend on other values, so the resolved config says what runs."""
+    m = cfg.model
+    if m.family != "wan" and m.flavour == ModelConfig.flavour and m.family in FLAVOURS:
+        m.flavour = next(iter(FLAVOURS[m.family]))  # the default flavour is Wan's: use the family's first
+    alias = FLAVOUR_ALIASES.get(m.family, {}).get(m.flavour)
+    if alias is not None and (alias[1] is None or m.experts in (None, alias[1])):
+        m.flavour = alias[0]
+        m.experts = m.experts or alias[1]
     for d in cfg.dataset:
         if d.min_frames is None:
             d.min_frames = 1 if d.type == "image" else d.num_frames

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import FLAVOURS, ConfigError, config_from_dict
+from .config import FLAVOUR_ALIASES, FLAVOURS, ConfigError, config_from_dict
 
 
 class ConvertError(ValueError):
@@ -64,8 +64,8 @@ NOTED = {
                               "waits for the next epoch's shuffle",
     "vae_cache_ondemand": "vidtune always fills the caches before training (resumable)",
     "text_encoder_2_precision": "Wan and Sana Video have a single text encoder",
-    "lycoris_config": "the LyCORIS JSON is not read: lora_type=lycoris becomes adapter.type = \"lokr\" "
-                      "(adapter.rank, adapter.lokr_decompose_factor); with lora_type=standard it is unused",
+    "lycoris_config": "unused with lora_type=standard (with lora_type=lycoris the JSON is read: algo lokr -> "
+                      "adapter.type = \"lokr\", see docs/convert.md)",
     "validation_preview_steps": "carried as validation.preview_every only when validation_preview is true",
     "minimum_image_size": "vidtune resizes every clip to its bucket (resolution, resolution_type) and has no "
                           "minimum-size filter; smaller clips are upscaled instead of skipped",
@@ -73,10 +73,13 @@ NOTED = {
                           "is needed (same result when it equals the resolution, as in the guides)",
     "target_downsample_size": "vidtune resizes every clip straight to its bucket (see maximum_image_size)",
     "metadata_backend": "vidtune discovers files itself and keeps its own content-keyed metadata",
-    "conditioning_image_embeds": "vidtune conditions I2V on the first-frame latents of the clip (Wan 2.2 "
-                                 "I2V has no CLIP image encoder); no conditioning-embeds cache is needed",
+    "conditioning_image_embeds": "vidtune caches each clip's I2V conditioning (first-frame latents, and the "
+                                 "CLIP image embedding for Wan 2.1 I2V; Wan 2.2 I2V has no image encoder) in "
+                                 "the clip's latent cache entry; no separate conditioning-embeds dataset",
     "cache_dir_conditioning_image_embeds": "no conditioning-embeds cache in vidtune (see conditioning_image_embeds)",
-    "is_i2v": "I2V follows model.flavour: i2v-* flavours condition on each clip's first frame",
+    "is_i2v": "Sana Video: I2V follows model.flavour: i2v-* flavours condition on each clip's first frame",
+    "conditioning_type": "a loss-mask dataset (conditioning_type mask): its directory becomes loss_mask_path of "
+                         "the datasets that name it in conditioning_data (masks matched by file stem)",
     "default": "vidtune has one text-embedding cache",
     "vae_cache_clear_each_epoch": "vidtune cache entries are content-keyed and never cleared per epoch",
 }
@@ -84,8 +87,7 @@ NOTED = {
 UNSUPPORTED = {
     "crepa": "this CREPA option (lambda schedules, cutoffs, backbone features, cumulative neighbours) is not in "
              "vidtune's [crepa]; the constant-weight CREPA of the guides is",
-    "validation_using_datasets": "I2V validation from an image dataset is not in the vidtune schema yet",
-    "eval_dataset_id": "I2V validation from an image dataset is not in the vidtune schema yet",
+    "masked_loss": "masked loss is a Sana Video option (the Wan guide: do not use masked loss with Wan)",
 }
 
 
@@ -210,11 +212,14 @@ def _model(c: _Converter, cfg: dict, used: set) -> str:
     family = FAMILIES[fam_raw]
     flavour = cfg.get("model_flavour") or DEFAULT_FLAVOUR[family]
     used.add("model_flavour")
+    flavour, experts = FLAVOUR_ALIASES.get(family, {}).get(flavour, (flavour, None))
     if flavour not in FLAVOURS[family]:
-        raise ConvertError(f"model_flavour={flavour!r}: not a vidtune {family} flavour; choose one of "
-                           f"{sorted(FLAVOURS[family])}")
+        raise ConvertError(f"model_flavour={cfg['model_flavour']!r}: not a vidtune {family} flavour; choose one of "
+                           f"{sorted(FLAVOURS[family]) + sorted(FLAVOUR_ALIASES.get(family, {}))}")
     c.set("model.family", family)
     c.set("model.flavour", flavour)
+    if experts:  # SimpleTuner's -high / -low flavours train one expert
+        c.set("model.experts", experts)
 
     path = cfg.get("pretrained_model_name_or_path")
     used.add("pretrained_model_name_or_path")
@@ -284,6 +289,9 @@ def _adapter(c: _Converter, cfg: dict, used: set) -> None:
     mt = cfg.get("model_type", "lora")
     lt = cfg.get("lora_type", "standard")
     used.update(("model_type", "lora_type"))
+    # LyCORIS's JSON (below) has its own rank and alpha: the lora_* keys come first so it wins.
+    _copy(c, cfg, used, (("lora_rank", "adapter.rank", int), ("lora_alpha", "adapter.alpha", float),
+                         ("lora_dropout", "adapter.dropout", float), ("init_lora", "adapter.init_from", str)))
     if mt == "full":
         c.set("adapter.type", "full")
     elif mt == "lora":
@@ -291,12 +299,77 @@ def _adapter(c: _Converter, cfg: dict, used: set) -> None:
             c.set("adapter.type", "lora")
         elif lt == "lycoris":
             c.set("adapter.type", "lokr")
+            used.add("lycoris_config")
+            lyc = cfg.get("lycoris_config")
+            if isinstance(lyc, dict):
+                _lycoris(c, lyc)
+            elif lyc:
+                c.note("lycoris_config", f"{lyc} was not found, so vidtune's LoKr defaults apply; convert with the "
+                                         f"file beside config.json (or at that path from the working directory)")
         else:
             c.unmap("lora_type", lt, "expected standard or lycoris")
     else:
         c.unmap("model_type", mt, "expected lora or full")
-    _copy(c, cfg, used, (("lora_rank", "adapter.rank", int), ("lora_alpha", "adapter.alpha", float),
-                         ("lora_dropout", "adapter.dropout", float), ("init_lora", "adapter.init_from", str)))
+
+
+# LyCORIS makes both Kronecker factors full matrices for any linear_dim this large (or with
+# full_matrix), and then scales by 1 whatever linear_alpha says; peft scales by alpha / r, so the
+# same adapter needs alpha = rank there.
+LYCORIS_FULL_RANK = 10000
+LYCORIS_TARGETS = {"Attention": ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"],
+                   "FeedForward": ["net.0.proj", "net.2"]}
+LYCORIS_TARGETS["WanAttention"] = LYCORIS_TARGETS["Attention"]
+
+
+def _lycoris(c: _Converter, lyc: dict) -> None:
+    """SimpleTuner's ``lycoris_config.json`` (LyCORIS ``create_lycoris`` arguments) -> adapter keys."""
+    lyc = dict(lyc)
+    algo = lyc.pop("algo", "lora")
+    if algo != "lokr":
+        c.unmap("lycoris_config.algo", algo, "vidtune trains LoKr among LyCORIS's algorithms (lora_type=standard "
+                                             "for a LoRA)")
+        return
+    dim, alpha = int(lyc.pop("linear_dim", 4)), float(lyc.pop("linear_alpha", 1.0))
+    full = _truthy(lyc.pop("full_matrix", False))
+    if full or dim >= LYCORIS_FULL_RANK:
+        rank = max(dim, LYCORIS_FULL_RANK)
+        c.set("adapter.rank", rank)
+        c.set("adapter.alpha", float(rank))
+        c.note("lycoris_config.linear_alpha",
+               f"linear_dim {dim}{' with full_matrix' if full else ''}: LyCORIS uses full Kronecker factors and "
+               f"scales them by 1 whatever linear_alpha ({alpha:g}) says; peft scales by alpha / rank, so "
+               f"adapter.rank = adapter.alpha = {rank} (full factors, scale 1)")
+    else:
+        c.set("adapter.rank", dim)
+        c.set("adapter.alpha", alpha)
+    if "factor" in lyc:
+        c.set("adapter.lokr_decompose_factor", int(lyc.pop("factor")))
+    if "decompose_both" in lyc:
+        c.set("adapter.lokr_decompose_both", _truthy(lyc.pop("decompose_both")))
+    if "module_dropout" in lyc:
+        c.set("adapter.dropout", float(lyc.pop("module_dropout")))
+    if float(lyc.get("multiplier", 1.0)) == 1.0:
+        lyc.pop("multiplier", None)
+    preset = lyc.pop("apply_preset", None) or {}
+    targets = []
+    for cls in preset.get("target_module", []):
+        if cls in LYCORIS_TARGETS:
+            targets += [t for t in LYCORIS_TARGETS[cls] if t not in targets]
+        else:
+            c.unmap("lycoris_config.apply_preset.target_module", cls,
+                    f"vidtune maps the classes {sorted(LYCORIS_TARGETS)} to adapter.target_modules")
+    if targets:
+        c.set("adapter.target_modules", targets)
+    factors = {cls: int(m["factor"]) for cls, m in preset.get("module_algo_map", {}).items() if "factor" in m}
+    if len(set(factors.values())) > 1 or set(factors.values()) - {c.get("adapter.lokr_decompose_factor")}:
+        c.note("lycoris_config.module_algo_map",
+               f"per-class factors {factors}: vidtune has one adapter.lokr_decompose_factor "
+               f"({c.get('adapter.lokr_decompose_factor', -1)}, the top-level factor)")
+    for k in set(preset) - {"target_module", "module_algo_map"}:
+        c.unmap(f"lycoris_config.apply_preset.{k}", preset[k], "vidtune targets modules by adapter.target_modules")
+    for k, v in lyc.items():
+        c.unmap(f"lycoris_config.{k}", v, "not a LoKr setting vidtune has (rank, alpha, factor, decompose_both, "
+                                          "module_dropout, the target classes)")
 
 
 def _train(c: _Converter, cfg: dict, used: set, family: str) -> None:
@@ -484,6 +557,17 @@ def _validation(c: _Converter, cfg: dict, used: set) -> None:
                     "SimpleTuner's built-in prompt library is not shipped; point user_prompt_library "
                     "(validation.prompt_library) at a {nickname: prompt} JSON")
     _copy(c, cfg, used, (("wan_validation_load_other_stage", "validation.load_other_stage", _truthy),))
+    if "validation_using_datasets" in cfg or "eval_dataset_id" in cfg:
+        used.update(("validation_using_datasets", "eval_dataset_id"))
+        on, ds = _truthy(cfg.get("validation_using_datasets", False)), cfg.get("eval_dataset_id")
+        if on and ds:  # the guide's I2V recipe: the image dataset whose images start the validation videos
+            c.set("validation.dataset", str(ds))
+        elif on:
+            c.unmap("validation_using_datasets", cfg["validation_using_datasets"],
+                    "name the image dataset whose images start the validation videos with eval_dataset_id")
+        elif ds:
+            c.unmap("eval_dataset_id", ds, "without validation_using_datasets this names an eval-loss dataset; "
+                    "vidtune's eval_dataset_id support is I2V validation (validation.dataset)")
 
     _choose(c, cfg, used, "ema_validation", "ema.validation", EMA_VALIDATION, "expected ema_only, comparison or none")
     _copy(c, cfg, used, (("use_ema", "ema.enabled", _truthy), ("ema_update_interval", "ema.update_interval", int),
@@ -530,6 +614,11 @@ def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
     audio_backends = {b.get("id"): b for b in backends if b.get("dataset_type") == "audio"}
     linked: set = set()
     cache_dirs, datasets = [], []
+    # Masked loss (the Dreambooth guide's setup): a conditioning dataset of masks, named by the
+    # training dataset's conditioning_data, becomes that dataset's loss_mask_path (Sana Video only).
+    masks = {b.get("id"): b.get("instance_data_dir") for b in backends
+             if b.get("dataset_type") == "conditioning" and b.get("conditioning_type") == "mask"}
+    sana = c.get("model.family") == "sana_video"
     for i, raw in enumerate(backends):
         b = dict(raw)
         did = b.pop("id", f"dataset{i}")
@@ -548,6 +637,12 @@ def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
             continue
         if kind == "conditioning_image_embeds":
             c.note(f"{where}.dataset_type", f"conditioning_image_embeds: {NOTED['conditioning_image_embeds']}")
+            continue
+        if kind == "conditioning" and b.get("conditioning_type") == "mask":
+            if sana:
+                c.note(f"{where}.dataset_type", NOTED["conditioning_type"])
+            else:
+                c.unmap(f"{where}.dataset_type", kind, UNSUPPORTED["masked_loss"])
             continue
         if kind == "audio":  # read through the s2v_datasets of the video datasets that name it
             for k in ("instance_data_dir", "disabled"):
@@ -605,6 +700,13 @@ def _datasets(c: _Converter, backends: list, cfg: dict, used: set) -> None:
             if k in b:
                 b.pop(k)
                 c.note(f"{where}.{k}", NOTED[k])
+        if "conditioning_data" in b:
+            ref = b.pop("conditioning_data")
+            if ref in masks and sana:
+                d["loss_mask_path"] = masks[ref]
+            else:
+                c.unmap(f"{where}.conditioning_data", ref, UNSUPPORTED["masked_loss"] if ref in masks else
+                        "only loss-mask conditioning datasets (conditioning_type mask) are converted")
         if kind == "video" and "video" in b:
             _video(c, where, b.pop("video"), d)
         _audio(c, where, b, d, audio_backends, linked)
@@ -650,8 +752,11 @@ def _video(c: _Converter, where: str, v: dict, d: dict) -> None:
         if d["frame_interval"] != fi:
             c.note(f"{where}.video.frame_interval", f"{fi} -> {d['frame_interval']}: clip lengths must stay 4k+1")
     if "is_i2v" in v:
-        v.pop("is_i2v")
-        c.note(f"{where}.video.is_i2v", NOTED["is_i2v"])
+        if c.get("model.family") == "sana_video":  # the flavour decides; dataset.i2v is Wan's
+            v.pop("is_i2v")
+            c.note(f"{where}.video.is_i2v", NOTED["is_i2v"])
+        else:
+            d["i2v"] = _truthy(v.pop("is_i2v"))
     _leftovers(c, f"{where}.video", v)
 
 
@@ -741,6 +846,15 @@ def read_simpletuner(config_path: str | Path, backend_path: str | Path | None = 
                     break
             else:
                 msgs.append(f"dataloader: {ref} not found; pass it as the second argument to convert the datasets")
+    for key in ("lycoris_config", "--lycoris_config"):
+        ref = cfg.get(key)
+        if not isinstance(ref, str) or _strip(cfg).get("lora_type") != "lycoris":
+            continue
+        for cand in (Path(ref), config_path.parent / ref, config_path.parent / Path(ref).name):
+            if cand.is_file():
+                cfg[key] = _load_json(cand)  # the converter maps its contents
+                msgs.append(f"lycoris: {cand} (from lycoris_config)")
+                break
     backends = None
     if backend_path is not None:
         backends = _load_json(Path(backend_path))

@@ -261,9 +261,21 @@ def run_dir_lock(directory: str | Path):
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
-    lock = DirLock(directory) if not distributed or dist.get_rank() == 0 else None
-    if distributed:
-        dist.barrier()
+    if not distributed:
+        lock = DirLock(directory)
+    else:  # rank 0's outcome, sent to all: a refused lock stops every rank at once, not after a timeout
+        lock, error = None, None
+        if dist.get_rank() == 0:
+            try:
+                lock = DirLock(directory)
+            except (DirectoryLocked, OSError) as exc:
+                error = exc
+        box = [str(error) if error else ""]
+        dist.broadcast_object_list(box, src=0)
+        if error is not None:
+            raise error
+        if box[0]:
+            raise DirectoryLocked(f"rank 0: {box[0]}")
     try:
         yield lock
     finally:

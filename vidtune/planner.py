@@ -15,6 +15,13 @@ routed blocks their own probe; checkpoint-every-N gives checkpointed and plain b
 tail, and backward in reverse — carrying the live bytes, so the peak lands where it really does
 (start of backward without checkpointing, inside one block's recompute with it). The optimizer
 step's peak (state creation + foreach temporaries) is measured the same way on fake parameters.
+
+Host RAM (a projection, reported, not judged against a machine): what waits in RAM while the
+device trains — offloaded blocks in the streamer's host tier, with ``model.experts = "both"`` the
+idle expert (its other weights, adapter, optimizer state and EMA; the whole expert without block
+offload) — and the peaks of loading a model (weights in ``model.dtype`` before quantization and
+offload, while a model built before already waits in RAM) and of caching (the text encoder is
+read into RAM before it moves to the device).
 """
 from __future__ import annotations
 
@@ -24,11 +31,15 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from vidtune.build import adapter_dtype, architecture
+import torch
+
+from vidtune.build import KAHAN_OPTIMIZERS, adapter_dtype, adapter_master_weights, architecture, model_inputs
 from vidtune.config import Config, ConfigError, override
 from vidtune.measure import devices as D
 from vidtune.measure import probes as P
 from vidtune.measure.mfu import flops_config, model_flops
+from vidtune.models import family
+from vidtune.models.wan.pipeline import vae_config
 from vidtune.runtime import dtype as _dtype
 from vidtune.runtime import resolve_device
 
@@ -47,10 +58,12 @@ class Shape:
     width: int
     height: int
     frames: int
+    spatial: int = 8  # the VAE's pixel stride (16 for the Wan 2.2 VAE) and frame stride
+    temporal: int = 4
 
     @property
     def latent(self) -> tuple[int, int, int]:
-        return ((self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+        return ((self.frames - 1) // self.temporal + 1, self.height // self.spatial, self.width // self.spatial)
 
     def tokens(self, patch=(1, 2, 2)) -> int:
         f, h, w = self.latent
@@ -69,22 +82,31 @@ WAN_ASPECT = 832 / 480  # the aspect Wan was trained at; the planner sizes the l
 AUDIO_SECONDS = 60.0  # Wan S2V audio tracks are sized at this without audio.max_duration_seconds
 
 
-def _round16(x: float) -> int:
-    return max(16, int(round(x / 16)) * 16)
+def _round16(x: float, multiple: int = 16) -> int:
+    return max(multiple, int(round(x / multiple)) * multiple)
+
+
+def _vae_strides(cfg: Config) -> tuple[int, int, int]:
+    """(pixel multiple of a training size, VAE spatial stride, VAE temporal stride)."""
+    inputs = model_inputs(cfg.model)
+    if inputs is None:
+        return 16, 8, 4
+    return inputs.side_multiple, inputs.vae_spatial, inputs.vae_temporal
 
 
 def train_shape(cfg: Config) -> Shape:
     """The largest training sample the datasets produce (a Wan-aspect bucket at their resolution)."""
+    multiple, spatial, temporal = _vae_strides(cfg)
     best = None
     for d in cfg.datasets:
         frames = d.num_frames if d.type == "video" else 1
         if d.resolution_type == "pixel":
-            h = _round16(d.resolution)
-            w = _round16(d.resolution * WAN_ASPECT)
+            h = _round16(d.resolution, multiple)
+            w = _round16(d.resolution * WAN_ASPECT, multiple)
         else:
             area = d.resolution ** 2
-            w, h = _round16(math.sqrt(area * WAN_ASPECT)), _round16(math.sqrt(area / WAN_ASPECT))
-        s = Shape(w, h, frames)
+            w, h = (_round16(math.sqrt(area * WAN_ASPECT), multiple), _round16(math.sqrt(area / WAN_ASPECT), multiple))
+        s = Shape(w, h, frames, spatial, temporal)
         if best is None or s.tokens() > best.tokens():
             best = s
     return best or validation_shape(cfg)
@@ -92,7 +114,8 @@ def train_shape(cfg: Config) -> Shape:
 
 def validation_shape(cfg: Config) -> Shape:
     w, h = (int(x) for x in cfg.validation.resolution.lower().split("x"))
-    return Shape(w, h, cfg.validation.num_frames)
+    _, spatial, temporal = _vae_strides(cfg)
+    return Shape(w, h, cfg.validation.num_frames, spatial, temporal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +156,7 @@ class Plan:
     sim: dict = field(default_factory=dict, repr=False)  # the replayed step: peaks, per-op calls (projections)
     notes: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
+    host: Phase | None = None  # host RAM (projection; not part of the verdict)
 
     @property
     def fits(self) -> bool:
@@ -148,22 +172,31 @@ class Plan:
     def report(self) -> str:
         dev = self.device
         m, a = self.config.model, self.config.adapter
-        out = [f"vidtune memory plan: {m.family}/{m.flavour} {a.type}"
+        out = [f"vidtune memory plan: {m.family}/{m.flavour}{f' experts {m.experts}' if m.experts else ''} {a.type}"
                f"{f' rank {a.rank}' if a.type != 'full' else ''} on {dev.label} ({dev.name})",
                f"  training sample {self.shape} -> latents {'x'.join(map(str, self.shape.latent))} -> "
                f"{self.tokens:,} tokens, batch {self.config.train.batch_size}",
                f"  device memory {gib(dev.memory_bytes).strip()}, usable {gib(dev.usable_bytes).strip()} "
-               f"(runtime reserve {gib(dev.reserve_bytes).strip()}, 5% allocator headroom)", ""]
+               f"(runtime reserve {gib(dev.reserve_bytes).strip()}, 5% allocator headroom)",
+               "  columns: what holds device memory in that phase | its bytes at the phase's peak | where the "
+               "number comes from or what it leaves out", ""]
         for ph in self.phases:
             verdict = "fits" if ph.fits else "DOES NOT FIT"
             out.append(f"[{ph.name}] peak {gib(ph.peak).strip()} — {verdict}" + (f"  ({ph.note})" if ph.note else ""))
             for it in ph.items:
                 out.append(f"  {it.label:<44}{gib(it.bytes)}" + (f"   {it.note}" if it.note else ""))
             out.append("")
+        if self.host is not None:
+            out.append(f"[{self.host.name}] peak {gib(self.host.peak).strip()} — projection ({self.host.note})")
+            for it in self.host.items:
+                out.append(f"  {it.label:<44}{gib(it.bytes)}" + (f"   {it.note}" if it.note else ""))
+            out.append("")
         c = self.counters
         out.append(f"per step: forward {c['fwd_flops'] / 1e12:.1f} TFLOP, backward {c['bwd_flops'] / 1e12:.1f} TFLOP, "
-                   f"optimizer {c['opt_flops'] / 1e9:.2f} GFLOP (analytic); materialised "
-                   f"{c['materialized_bytes'] / GiB:.1f} GiB; offload moves {c['offload_bytes'] / GiB:.2f} GiB")
+                   f"optimizer {c['opt_flops'] / 1e9:.2f} GFLOP (analytic); offload moves "
+                   f"{c['offload_bytes'] / GiB:.2f} GiB host -> device")
+        out.append(f"  materialised {c['materialized_bytes'] / GiB:.1f} GiB: every tensor the step allocates, summed "
+                   f"(memory traffic that fused kernels cut, not memory held at once)")
         for n in self.notes:
             out.append(f"note: {n}")
         out.append("")
@@ -177,7 +210,8 @@ class Plan:
                                f"[{' '.join('--set ' + o for o in s.overrides)}]")
             else:
                 out.append("no combination of the searched options fits this device "
-                           "(checkpointing, chunked FF, int8, block offload, TREAD, fewer frames, lower resolution)")
+                           "(checkpointing, chunked FF, int8, block offload, TREAD, 8-bit AdamW, EMA in CPU RAM, "
+                           "fewer frames, lower resolution)")
         return "\n".join(out)
 
 
@@ -207,11 +241,12 @@ def _weights(model, cfg: Config):
             b += _param_bytes(p, int8 and is_linear)
         block_frozen.append(b)
     other = 0
+    in_blocks = {id(p) for p in model.blocks.parameters()}  # Sana names them transformer_blocks.*
     also = tuple(f"{n}." for n in getattr(model, "quantize_also", ()))
     for name, p in model.named_parameters():
         if p.requires_grad:
             trainable.append(p)
-        elif not name.startswith("blocks."):
+        elif id(p) not in in_blocks:
             other += _param_bytes(p, int8 and name.startswith(also) and name.endswith(".weight"))
     biggest = max((p.numel() * p.element_size() for n, p in model.blocks[0].named_parameters() if p.ndim == 2),
                   default=0)
@@ -242,11 +277,20 @@ def offload_loads(num_groups: int, depth: int, *, backward: bool = True) -> list
     return loads
 
 
-_STATE_BYTES = {  # optimizer state bytes per trainable parameter, by the parameter's element size
-    "adamw": lambda e: 2 * e, "adamw_bf16": lambda e: 3 * 2, "lion": lambda e: e,
+_STATE_BYTES = {  # optimizer state bytes per trained parameter, by the element size it steps in
+    "adamw": lambda e: 2 * e, "adamw_bf16": lambda e: 2 * e, "lion": lambda e: e,
     "adamw_8bit": lambda e: 2 * 1 + 2 * 4 / 256, "paged_adamw_8bit": lambda e: 2 * 1 + 2 * 4 / 256,
     "lion_8bit": lambda e: 1 + 4 / 256, "paged_lion_8bit": lambda e: 1 + 4 / 256,
 }
+
+
+def _state_bytes(optimizer: str, elsize: int, masters: bool) -> float:
+    """Per trained parameter: the optimizer's states, plus an fp32 master copy (whose dtype the
+    states then take) or optimi's Kahan compensation buffer for bf16 weights."""
+    if masters:
+        return 4 + _STATE_BYTES[optimizer](4)
+    kahan = elsize < 4 and optimizer in KAHAN_OPTIMIZERS
+    return _STATE_BYTES[optimizer](elsize) + (elsize if kahan else 0)
 _OPT_FLOPS = {"adamw": 12, "adamw_bf16": 14, "lion": 7}  # elementwise FLOPs per parameter per step
 
 
@@ -265,7 +309,7 @@ def _classes(cfg: Config, nblocks: int):
 def _probe_kwargs(cfg: Config, arch, shape: Shape, batch: int):
     mp = cfg.train.mixed_precision
     return dict(latent=shape.latent, batch=batch, autocast=None if mp == "no" else _dtype(mp),
-                adapter_dtype=adapter_dtype(cfg.train),
+                adapter_dtype=adapter_dtype(cfg), text_len=family(cfg.model.family).TEXT_LEN,
                 chunk=cfg.memory.chunked_ff.chunk_size if cfg.memory.chunked_ff.enabled else None)
 
 
@@ -332,15 +376,30 @@ def step_model_flops(cfg: Config, arch, shape: Shape | None = None) -> int:
     return model_flops(sim["fwd_flops"], sim["bwd_flops"])
 
 
-def _caching_phase(cfg: Config, dev: D.Device, shape: Shape) -> Phase:
+def _text_encoder(cfg: Config):
+    """(kind, tokens per prompt it runs on, local config or None, (weight bytes, peak activation
+    bytes, FLOPs)) of the family's text encoder while caching (memoised by the probe)."""
+    fam = family(cfg.model.family)
+    kind = getattr(fam, "TEXT_ENCODER", "umt5")
+    te_len = getattr(fam, "TEXT_ENCODER_LEN", fam.TEXT_LEN)
     te_cfg = P.local_component_config(cfg.model, "text_encoder")
-    te_w, te_act, _ = P.probe_text_encoder(cfg.cache.text_batch_size, _dtype(cfg.model.text_encoder_dtype),
-                                           config=te_cfg)
+    return kind, te_len, te_cfg, P.probe_text_encoder(cfg.cache.text_batch_size, _dtype(cfg.model.text_encoder_dtype),
+                                                      text_len=te_len, config=te_cfg, kind=kind)
+
+
+def _caching_phase(cfg: Config, dev: D.Device, shape: Shape) -> Phase:
+    kind, te_len, te_cfg, (te_w, te_act, _) = _text_encoder(cfg)
     vae_w, vae_act, _ = P.probe_vae(shape.frames, shape.height, shape.width, _dtype(cfg.model.vae_dtype),
-                                    decode=False, batch=cfg.cache.vae_batch_size,
-                                    config=P.local_component_config(cfg.model, "vae"))
-    te_name = "text encoder UMT5-XXL weights" if te_cfg is None else "text encoder weights (local config)"
+                                    decode=False, batch=cfg.cache.vae_batch_size, config=vae_config(cfg.model))
+    full_name = {"umt5": "UMT5-XXL", "gemma2": "Gemma2-2B"}[kind]
+    te_name = f"text encoder {full_name} weights" if te_cfg is None else "text encoder weights (local config)"
+    inputs = model_inputs(cfg.model)
+    clip_w = 0  # Wan 2.1 I2V's CLIP image encoder embeds each clip's first frame
+    if inputs is not None and inputs.image_encoder:
+        clip_w = P.image_encoder_bytes(P.local_component_config(cfg.model, "image_encoder"))
+    clip = [Item("image encoder (CLIP) weights, fp32", clip_w)] if clip_w else []
     au_w = au_act = 0
+    au_items = []
     if cfg.model.family == "wan_s2v":  # wav2vec2 over each video's whole audio track
         limits = [d.audio.max_duration_seconds for d in cfg.datasets]
         seconds = max(limits) if limits and None not in limits else AUDIO_SECONDS
@@ -352,18 +411,18 @@ def _caching_phase(cfg: Config, dev: D.Device, shape: Shape) -> Phase:
     items = []
     if cfg.memory.offload_during_startup:
         te_peak, vae_peak = te_w + te_act, vae_w + vae_act
-        first = max(te_peak, vae_peak, au_w + au_act)
+        first = max(te_peak, vae_peak, clip_w, au_w + au_act)
         items = [Item(te_name, te_w, "alone on the device (offload_during_startup)"),
-                 Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
+                 Item(f"text encoder activations ({cfg.cache.text_batch_size} x {te_len} tokens)", te_act),
                  Item("VAE weights", vae_w, "alone on the device"),
-                 Item(f"VAE encode activations ({shape})", vae_act)] + (au_items if au_w else [])
+                 Item(f"VAE encode activations ({shape})", vae_act)] + clip + au_items
         peak = first
         note = "encoders one at a time"
     else:
         items = [Item(te_name, te_w), Item("VAE weights", vae_w),
-                 Item(f"text encoder activations ({cfg.cache.text_batch_size} x {P.TEXT_LEN} tokens)", te_act),
-                 Item(f"VAE encode activations ({shape})", vae_act)] + (au_items if au_w else [])
-        peak = te_w + vae_w + au_w + max(te_act, vae_act, au_act)
+                 Item(f"text encoder activations ({cfg.cache.text_batch_size} x {te_len} tokens)", te_act),
+                 Item(f"VAE encode activations ({shape})", vae_act)] + clip + au_items
+        peak = te_w + vae_w + clip_w + au_w + max(te_act, vae_act, au_act)
         note = "all encoders resident"
     return Phase("caching", items, peak, peak <= dev.usable_bytes, note)
 
@@ -377,7 +436,8 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
     tokens = shape.tokens(arch.patch_size)
     cfg = config
     notes = []
-    model = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg.train))
+    model = P.build_meta_model(cfg.model, cfg.adapter, arch, adapter_dtype=adapter_dtype(cfg))
+    two_stage = cfg.model.experts == "both" or (cfg.validation.load_other_stage and cfg.validation.every > 0)
     resident, groups, trainable, biggest = _weights(model, cfg)
     full = cfg.adapter.type == "full"
     int8 = cfg.model.base_precision == "int8" and not full
@@ -386,20 +446,25 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
         resident += sum(groups)  # on a CPU the "host" copies live in the same RAM
         notes.append("on the CPU, offloaded groups stay in the same RAM: offload cannot lower its peak")
     train_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    state = int(sum(p.numel() * _STATE_BYTES[cfg.train.optimizer](p.element_size()) for p in trainable))
-    ema = train_bytes if cfg.ema.enabled else 0
+    masters = adapter_master_weights(cfg)
+    kahan = cfg.train.optimizer in KAHAN_OPTIMIZERS and any(p.element_size() < 4 for p in trainable)
+    state = int(sum(p.numel() * _state_bytes(cfg.train.optimizer, p.element_size(), masters) for p in trainable))
+    ema = train_bytes if cfg.ema.enabled and cfg.ema.device == "same" else 0  # ema.device = "cpu": host RAM
     dequant = biggest if int8 else 0  # torchao int8 weight-only dequantises one weight per matmul
     b = cfg.train.batch_size
     f, h, w = shape.latent
-    inputs = b * (2 * arch.in_channels * f * h * w + P.TEXT_LEN * arch.text_dim) * _dtype(cfg.model.dtype).itemsize
+    text_len = family(cfg.model.family).TEXT_LEN
+    inputs = b * (2 * arch.in_channels * f * h * w + text_len * arch.text_dim) * _dtype(cfg.model.dtype).itemsize
 
     sim = simulate_step(cfg, arch, shape)
-    grads = train_bytes  # grads in the parameters' dtype
+    # grads in the parameters' dtype; with master copies, fp32 copies of them too while stepping
+    grads = train_bytes + (4 * sum(p.numel() for p in trainable) if masters else 0)
     if cfg.train.optimizer in ("adamw", "adamw_bf16"):
         # Measured: a first torch AdamW step on fake parameters (state creation + temporaries);
         # torch defaults to foreach on accelerators and a per-parameter loop on CPU.
-        opt_peak = P.optimizer_peak([(tuple(p.shape), p.dtype) for p in trainable], dev.name != "cpu")
-        opt_transient = max(0, opt_peak - 2 * train_bytes)
+        stepped = [(tuple(p.shape), torch.float32 if masters else p.dtype) for p in trainable]
+        opt_peak = P.optimizer_peak(stepped, dev.name != "cpu")
+        opt_transient = max(0, opt_peak - 2 * sum(math.prod(s) * dt.itemsize for s, dt in stepped))
     else:
         opt_transient = 0  # 8-bit / Lion: state counted above, temporaries are per-parameter
     static = resident + slots + train_bytes + state + ema + inputs
@@ -414,7 +479,8 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
              f"{sum(groups) / GiB:.1f} GiB of blocks in host RAM" if groups else ""),
         Item(f"adapter weights ({cfg.adapter.type})" if not full else "adapter weights (none: full)",
              0 if full else train_bytes),
-        Item(f"optimizer state ({cfg.train.optimizer})", state),
+        Item(f"optimizer state ({cfg.train.optimizer})", state,
+             "with fp32 master copies" if masters else "with Kahan buffers" if kahan else ""),
         Item("EMA", ema, "" if cfg.ema.enabled else "off"),
         Item("inputs (latents, target, text embeddings)", inputs),
         Item("activations + gradients, fwd/bwd peak", sim["peak"],
@@ -436,16 +502,25 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
         vkw = _probe_kwargs(cfg, arch, vshape, 2)
         den = P.probe_step(cfg.model, cfg.adapter, arch, ckpt=False, grad=False, **vkw)
         vae_w, vae_act, _ = P.probe_vae(vshape.frames, vshape.height, vshape.width, _dtype(cfg.model.vae_dtype),
-                                        decode=True, config=P.local_component_config(cfg.model, "vae"))
+                                        decode=True, config=vae_config(cfg.model))
         train_state = resident + slots + train_bytes + state + ema
-        vpeak = train_state + vae_w + max(den.peak + dequant, vae_act)
+        # The other expert samples below (or above) the boundary: its non-streamed weights join
+        # the device (the whole expert without block offload); its blocks share the slot pool.
+        other = resident + (train_bytes if cfg.model.experts == "both" else 0) if two_stage else 0
+        vpeak = train_state + other + vae_w + max(den.peak + dequant, vae_act)
         phases.append(Phase("validation", [
             Item("training state kept (weights, slots, adapter, optimizer, EMA)", train_state),
+            Item("the other expert's resident weights", other,
+                 "" if two_stage else "one expert samples"),
             Item("VAE weights", vae_w),
             Item(f"denoiser forward, CFG batch 2 at {vshape}", den.peak + dequant),
             Item(f"VAE decode of all {vshape.frames} frames", vae_act),
         ], vpeak, vpeak <= dev.usable_bytes, "prompt embeddings cached at startup; peak of denoise or decode"))
 
+    host = _host_phase(cfg, model, resident, groups, train_bytes + state + ema, two_stage)
+    if cfg.model.experts == "both":
+        notes.append("experts = both: one expert on the device at a time; the idle one waits in host RAM "
+                     "(see host RAM), its blocks in the same streamer, sharing the slot pool")
     loads = offload_loads(len(groups), int(cfg.memory.offload.use_stream)) if groups else []
     counters = dict(
         tokens=tokens, fwd_flops=sim["fwd_flops"], bwd_flops=sim["bwd_flops"],
@@ -454,13 +529,42 @@ def plan(config: Config, gpu: str = "rtx4090", *, search: bool = True, arch=None
         materialized_bytes=sim["materialized"], step_peak_bytes=step_peak, act_peak_bytes=sim["peak"],
         offload_bytes=sum(groups[g] for _, g in loads), offload_loads=len(loads),
         group_bytes=groups, trainable_params=sum(p.numel() for p in trainable),
+        # The step's parts, for the per-rank plans of several GPUs (plan_parallel).
+        parts=dict(resident=resident, slots=slots, trained=train_bytes, state=state, ema=ema, inputs=inputs,
+                   activations=sim["peak"], dequant=dequant, optimizer=opt_phase,
+                   full=full, blocks=arch.num_layers, heads=arch.num_attention_heads),
     )
     if cfg.memory.model_cpu_offload:
         notes.append("model_cpu_offload moves whole models between phases; it does not lower the step peak")
-    p = Plan(cfg, dev, shape, tokens, phases, counters, sim, notes)
+    p = Plan(cfg, dev, shape, tokens, phases, counters, sim, notes, host=host)
     if search and not p.fits:
         p.suggestions = search_options(cfg, gpu, arch, device=dev)
     return p
+
+
+def _host_phase(cfg: Config, model, resident: int, groups: list[int], training_state: int, two_stage: bool) -> Phase:
+    """Host RAM of the run (a projection): steady while training, loading a model, caching."""
+    both = cfg.model.experts == "both"
+    on_disk = bool(cfg.memory.offload.to_disk_path) and bool(groups)
+    blocks = 0 if on_disk else sum(groups)
+    n = 2 if two_stage else 1
+    idle = resident + training_state if both else 0  # the idle expert: what is not streamed + its training state
+    other = resident if two_stage and not both else 0  # the frozen other stage between validations
+    full = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    load = (n - 1) * blocks + full  # the last model loads while the one built before waits in RAM
+    te_w = _text_encoder(cfg)[3][0]  # memoised
+    items = [
+        Item(f"streamed blocks, {n} model(s)", n * blocks, "on disk (offload.to_disk_path)" if on_disk else
+             ("" if groups else "no block offload")),
+        Item("idle expert (weights not streamed, adapter, optimizer, EMA)", idle, "" if both else "one expert trains"),
+        Item("other stage between validations (not streamed)", other, "" if other else "none"),
+        Item(f"loading a model: {cfg.model.dtype} weights before int8/offload", load,
+             f"+ {n - 1} model(s) waiting" if n > 1 else ""),
+        Item("caching: text encoder read into RAM", te_w),
+    ]
+    steady = n * blocks + idle + other
+    return Phase("host RAM", items, max(steady, load, te_w), True,
+                 f"steady {gib(steady).strip()} while training; excludes the Python/CUDA runtime and the OS")
 
 
 def _no_ckpt(cfg):
@@ -499,6 +603,10 @@ def _options(cfg: Config):
                          "memory.offload.use_stream=true"]) for n in (4, 2, 1)])
     if not cfg.tread.routes:
         groups.append([("TREAD 0.5 over layers 2..-2", ["tread.routes=[{selection_ratio=0.5, start_layer=2, end_layer=-2}]"])])
+    if full and "8bit" not in cfg.train.optimizer:  # a full fine-tune's optimizer state is its biggest item
+        groups.append([("8-bit AdamW", ['train.optimizer="adamw_8bit"'])])
+    if cfg.ema.enabled and cfg.ema.device == "same":
+        groups.append([("EMA in CPU RAM", ['ema.device="cpu"'])])
     shrink = []
     frames = [d.num_frames for d in cfg.datasets if d.type == "video"]
     if frames and max(frames) > 49:
@@ -551,12 +659,85 @@ def device_budget(device) -> D.Device:
     return dataclasses.replace(known, name="local", label=props.name, memory_bytes=props.total_memory)
 
 
-def check_plan(cfg: Config, gpu: str | None = None, *, search: bool = True) -> tuple[bool, str]:
+def check_plan(cfg: Config, gpu: str | None = None, *, search: bool = True,
+               memory: int | None = None) -> tuple[bool, str]:
     """The planner's verdict for a run: (fits, report). ``gpu`` names a device class; default:
-    the training device. ``search`` adds the option combinations that would fit."""
-    if gpu:
-        p = plan(cfg, gpu, search=search)
-    else:
-        dev = device_budget(resolve_device(cfg.train.device))
-        p = plan(cfg, dev.name, device=dev, search=search)
+    the training device, or with ``memory`` (bytes) a GPU of that size. ``search`` adds the
+    option combinations that would fit."""
+    p = plan_on(cfg, gpu, search=search, memory=memory)
     return p.fits, p.report()
+
+
+def plan_on(cfg: Config, gpu: str | None, *, search: bool = True, memory: int | None = None) -> Plan:
+    """:func:`plan` on device class ``gpu``, default: the training device, or with ``memory``
+    (bytes) a GPU of that size (of class ``gpu`` when given)."""
+    if gpu:
+        dev = D.device(gpu)
+    elif memory is None:
+        dev = device_budget(resolve_device(cfg.train.device))
+    else:
+        dev = None
+    if memory is not None:
+        dev = D.with_memory(memory, dev)
+    return plan(cfg, dev.name, device=dev, search=search)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several GPUs (torchrun): per-rank peaks of DDP, FSDP2 and sequence parallelism
+
+def rank_peak(parts: dict, data: str, sequence: int, world: int) -> int:
+    """Projected training-step peak of one rank: ``data`` = "ddp" (every rank holds the model) or
+    "fsdp" (weights, gradients, optimizer state and EMA sharded over ``world``, plus two blocks
+    gathered whole: the one running and the prefetched next), and ``sequence`` = K: each rank
+    holds 1/K of the tokens' activations (Ulysses: the all-to-all buffers are per-rank shares too).
+    A projection from the one-GPU plan's parts, not a measurement."""
+    acts = parts["activations"] // sequence + parts["dequant"]
+    weights = parts["resident"] + parts["slots"] + (parts["trained"] if parts["full"] else 0)
+    kept = parts["state"] + parts["ema"] + (0 if parts["full"] else parts["trained"])
+    opt = parts["optimizer"]
+    if data == "fsdp":
+        per_block = (parts["resident"] + (parts["trained"] if parts["full"] else 0)) // max(1, parts["blocks"])
+        weights = weights // world + 2 * per_block
+        kept, opt = kept // world, opt // world
+    return weights + kept + parts["inputs"] + max(acts, opt)
+
+
+def layouts(world: int, heads: int) -> list[tuple[str, int]]:
+    """(data, sequence) layouts of ``world`` ranks: sequence divides the world and the heads."""
+    return [(d, k) for k in range(1, world + 1) if world % k == 0 and heads % k == 0 for d in ("ddp", "fsdp")]
+
+
+def plan_parallel(cfg: Config, gpu: str | None, nproc: int, *, memory: int | None = None) -> tuple[bool, str]:
+    """``vidtune-train --plan --nproc N``: the projected per-rank step peak of every layout of N
+    ranks (DDP / FSDP2 x sequence parallel), and the smallest setup that fits (fewest GPUs, then
+    DDP before FSDP2, then the smallest sequence group). Returns (some layout of N fits, report)."""
+    p = plan_on(cfg, gpu, search=False, memory=memory)
+    parts, usable = p.counters["parts"], p.device.usable_bytes
+    out = [p.report(), "", f"per-rank training-step peak on {nproc} x {p.device.name} (projected from the one-GPU "
+                           f"parts above; caching and validation phases as on one GPU):"]
+    from .distributed import parallel_problems
+
+    refused = {}
+    for data in ("ddp", "fsdp"):
+        c = copy.deepcopy(cfg)
+        c.parallel.data = data
+        refused[data] = (parallel_problems(c) or [""])[0]
+    fits_n = False
+    for data, k in layouts(nproc, parts["heads"]):
+        if refused[data]:
+            out.append(f"  data = {data:<4} sequence = {k:<2} refused: {refused[data]}")
+            continue
+        peak = rank_peak(parts, data, k, nproc)
+        fits_n |= peak <= usable
+        out.append(f"  data = {data:<4} sequence = {k:<2} {gib(peak)}  {'fits' if peak <= usable else 'DOES NOT FIT'}"
+                   f"  [--set parallel.data='\"{data}\"' --set parallel.sequence={k}]")
+    best = next(((n, d, k) for n in range(1, nproc + 1) for d, k in layouts(n, parts["heads"])
+                 if not refused[d] and rank_peak(parts, d, k, n) <= usable), None)
+    if best is None:
+        out.append(f"no layout of up to {nproc} x {p.device.name} fits: lower the memory of one rank first "
+                   f"(vidtune-train --plan without --nproc lists the options)")
+    else:
+        n, d, k = best
+        how = "no torchrun" if n == 1 else f"torchrun --nproc_per_node={n} with parallel.data = \"{d}\", sequence = {k}"
+        out.append(f"smallest setup that fits: {n} x {p.device.name} ({how}); usable {gib(usable).strip()} per GPU")
+    return fits_n, "\n".join(out)

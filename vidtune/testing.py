@@ -1,4 +1,5 @@
-"""Tiny random Wan checkpoints and test videos, built offline (tests and the CPU demo reuse them).
+"""Tiny random Wan and Sana Video checkpoints and test videos, built offline (tests and the CPU
+demo reuse them).
 
 Nothing here downloads anything: the models are random and tiny, the tokenizer is a Unigram
 model built from a fixed vocabulary, and videos come from ffmpeg's ``testsrc`` generator.
@@ -17,23 +18,26 @@ _WORDS = ["▁a", "▁the", "▁cat", "▁dog", "▁video", "▁of", "▁in", "�
 _CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-")
 
 
-def build_tiny_tokenizer():
-    """A T5-style fast tokenizer (Unigram + Metaspace, ``</s>`` appended) with ~90 tokens."""
+def _unigram_tokenizer(special: list[str], unk: str, single: str, pair: str, added: str, **kw):
+    """A fast Unigram + Metaspace tokenizer over the fixed test vocabulary; ``added`` is the special
+    token the template inserts (T5's ``</s>`` after, Gemma's ``<bos>`` before)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = [(t, 0.0) for t in _SPECIAL] + [("▁", -2.0)]
+    vocab = [(t, 0.0) for t in special] + [("▁", -2.0)]
     vocab += [(w, -1.0) for w in _WORDS] + [(c, -3.0) for c in _CHARS]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok = Tokenizer(models.Unigram(vocab, unk_id=special.index(unk)))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=512,
-    )
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                       special_tokens=[(added, special.index(added))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, **kw)
+
+
+def build_tiny_tokenizer():
+    """A T5-style fast tokenizer (Unigram + Metaspace, ``</s>`` appended) with ~90 tokens."""
+    return _unigram_tokenizer(_SPECIAL, "<unk>", "$A </s>", "$A </s> $B </s>", "</s>", pad_token="<pad>",
+                              eos_token="</s>", model_max_length=512)
 
 
 def build_tiny_wav2vec2(seed: int = 0, hidden: int = 12, layers: int = 24):
@@ -94,6 +98,78 @@ def build_tiny_wan_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 
     return path
 
 
+# Tiny stand-ins of the Wan 2.1 / 2.2 pipelines beside text-to-video (build_tiny_wan_variant).
+WAN_VARIANTS = ("i2v-2.1", "i2v-2.2", "t2v-a14b", "ti2v")
+TINY_BOUNDARY = {"i2v-2.2": 0.9, "t2v-a14b": 0.875}
+
+
+def tiny_wan22_vae_config(z_dim: int = 48) -> dict:
+    """The Wan 2.2 VAE's layout (residual blocks, 2x2 patchify: 16x spatial, 4x temporal) at tiny width."""
+    g = torch.Generator().manual_seed(z_dim)
+    return dict(base_dim=8, decoder_base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                latents_mean=(torch.randn(z_dim, generator=g) * 0.5).tolist(),
+                latents_std=(torch.rand(z_dim, generator=g) + 0.5).tolist())
+
+
+def build_tiny_wan_variant(kind: str, seed: int = 0, d_model: int = 32, transformer: dict | None = None,
+                           boundary_ratio: float | None = None):
+    """A random diffusers pipeline of one Wan variant, every component tiny (fp32, CPU):
+
+    - ``i2v-2.1``: WanImageToVideoPipeline, 36-channel transformer with CLIP image cross-attention
+      and a tiny CLIPVisionModel image encoder + CLIPImageProcessor;
+    - ``i2v-2.2``: WanImageToVideoPipeline, two 36-channel experts, no image encoder;
+    - ``t2v-a14b``: WanPipeline with two experts (``transformer_2``) and ``boundary_ratio``;
+    - ``ti2v``: WanPipeline with ``expand_timesteps`` and the Wan 2.2 VAE layout (48 channels, 16x).
+
+    ``boundary_ratio`` defaults to the published one of two-expert kinds (0 = leave it out)."""
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+
+    if kind not in WAN_VARIANTS:
+        raise ValueError(f"kind must be one of {WAN_VARIANTS}, got {kind!r}")
+    tcfg = dict(transformer or {})
+    if kind.startswith("i2v"):
+        tcfg.setdefault("in_channels", 36)
+    if kind == "i2v-2.1":
+        tcfg.update(image_dim=16, added_kv_proj_dim=16)
+    if kind == "ti2v":
+        tcfg.update(in_channels=48, out_channels=48)
+    base = build_tiny_wan_pipeline(seed=seed, d_model=d_model, transformer=tcfg)
+    parts = dict(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                 transformer=base.transformer)
+    if kind in TINY_BOUNDARY:
+        torch.manual_seed(seed + 1)
+        parts["transformer_2"] = WanTransformer3DModel(
+            **{**tiny_transformer_config(text_dim=d_model), **tcfg}).eval()
+        ratio = TINY_BOUNDARY[kind] if boundary_ratio is None else boundary_ratio
+        if ratio:
+            parts["boundary_ratio"] = ratio
+    if kind == "ti2v":
+        torch.manual_seed(seed + 2)
+        parts["vae"] = AutoencoderKLWan(**tiny_wan22_vae_config()).eval()
+        return WanPipeline(**parts, expand_timesteps=True)
+    if kind == "t2v-a14b":
+        return WanPipeline(**parts)
+    if kind == "i2v-2.1":
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        torch.manual_seed(seed + 3)
+        parts["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=16, projection_dim=16)).eval()
+        parts["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32},
+                                                      crop_size={"height": 32, "width": 32})
+    return WanImageToVideoPipeline(**parts)
+
+
+def build_tiny_wan_variant_dir(path: str | Path, kind: str, **kw) -> Path:
+    """``build_tiny_wan_variant`` saved in the diffusers layout under ``path``."""
+    path = Path(path)
+    build_tiny_wan_variant(kind, **kw).save_pretrained(path)
+    return path
+
+
 def build_tiny_wan_s2v_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 32) -> Path:
     """A tiny random Wan S2V pipeline in the diffusers-port layout: the tiny Wan components, a
     ``transformer/`` holding ``tiny_wan_s2v_transformer`` (text_dim = the text encoder's width,
@@ -130,6 +206,70 @@ def tiny_wan_inputs(b: int = 2, f: int = 3, h: int = 4, w: int = 6, seed: int = 
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(b, 4, f, h, w, generator=g), torch.tensor([900.0, 40.0])[:b],
             torch.randn(b, text_len, 24, generator=g))
+
+
+# Gemma's convention: pad = 0, eos = 1, bos = 2, unk = 3; <bos> starts every encoding.
+_GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def build_tiny_gemma_tokenizer():
+    """A Gemma-style fast tokenizer (Unigram + Metaspace, ``<bos>`` prepended) with ~90 tokens."""
+    return _unigram_tokenizer(_GEMMA_SPECIAL, "<unk>", "<bos> $A", "<bos> $A $B", "<bos>", pad_token="<pad>",
+                              eos_token="<eos>", bos_token="<bos>", model_max_length=4096)
+
+
+def tiny_sana_transformer_config(caption_channels: int = 32) -> dict:
+    return dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                caption_channels=caption_channels, mlp_ratio=2.0, sample_size=30, patch_size=(1, 2, 2),
+                rope_max_seq_len=32)
+
+
+def build_tiny_sana_pipeline(seed: int = 0, d_model: int = 32, transformer: dict | None = None):
+    """A random ``SanaVideoPipeline`` with every component tiny (fp32, CPU): Gemma2 text encoder,
+    Wan VAE, Sana Video transformer, and the published checkpoint's scheduler (flow DPM-Solver,
+    shift 8); ``transformer`` overrides entries of ``tiny_sana_transformer_config``."""
+    from diffusers import (AutoencoderKLWan, DPMSolverMultistepScheduler, SanaVideoPipeline,
+                           SanaVideoTransformer3DModel)
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_gemma_tokenizer()
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=4096,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )).eval()
+    vae = AutoencoderKLWan(**tiny_vae_config()).eval()
+    transformer = SanaVideoTransformer3DModel(
+        **{**tiny_sana_transformer_config(caption_channels=d_model), **(transformer or {})}).eval()
+    scheduler = DPMSolverMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+    return SanaVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+
+
+def build_tiny_sana_pipeline_dir(path: str | Path, seed: int = 0, d_model: int = 32,
+                                 transformer: dict | None = None) -> Path:
+    """Save a tiny random Sana Video pipeline in the diffusers layout under ``path``."""
+    path = Path(path)
+    build_tiny_sana_pipeline(seed=seed, d_model=d_model, transformer=transformer).save_pretrained(path)
+    return path
+
+
+def tiny_sana_transformer(seed: int = 0, **config):
+    """A small vidtune Sana Video transformer (3 blocks, 2 heads x 8) with every parameter drawn
+    from N(0, 0.2), so no term is trivially zero; ``config`` overrides SanaVideoConfig fields."""
+    from vidtune.models.sana_video import SanaVideoConfig, SanaVideoTransformer
+
+    base = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=3,
+                num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,
+                mlp_ratio=2.0, rope_max_seq_len=32)
+    torch.manual_seed(seed)
+    model = SanaVideoTransformer(SanaVideoConfig(**{**base, **config}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.train()
 
 
 def tiny_s2v_config(**config) -> dict:
@@ -280,7 +420,8 @@ def demo_setup(root: str | Path) -> Path:
 
 
 def demo_check(run_dir: str | Path) -> bool:
-    """Print and check the demo's learning criterion: last-10 mean loss < half the first-10 mean."""
+    """Print and check the demo's learning criterion (last-10 mean loss < half the first-10 mean)
+    and that both loaders take its LoRA (``check_loaders``)."""
     from .train.log import loss_values
 
     losses = loss_values(run_dir)
@@ -291,7 +432,122 @@ def demo_check(run_dir: str | Path) -> bool:
     ok = last < first / 2
     print(f"learning check: mean loss of the first 10 steps {first:.4f}, of the last 10 {last:.4f} "
           f"(ratio {last / first:.2f}, need < 0.50): {'PASS' if ok else 'FAIL'}")
+    return check_loaders(run_dir) and ok
+
+
+def comfyui_merged(model, tensors: dict):
+    """``model`` (a vidtune Wan or Wan S2V) with an original-layout adapter folded in by ComfyUI's rules."""
+    from .adapters.names import original_name
+
+    family = getattr(model, "family", "wan")
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            orig = isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)) and original_name(name, family)
+            for prefix in ((f"diffusion_model.{orig}", f"lora_unet_{orig.replace('.', '_')}") if orig else ()):
+                if any(k.startswith(prefix + ".") for k in tensors):
+                    m.weight += comfyui_delta(tensors, prefix, m.weight.shape).to(m.weight.dtype)
+    return model
+
+
+def check_loaders(run_dir: str | Path, tol: float = 1e-4) -> bool:
+    """The run's original-layout LoRA in both loaders: every key is one ComfyUI maps onto the
+    model, and diffusers' ``load_lora_weights`` (on that file, or on the diffusers file written
+    beside it when diffusers cannot read it) gives the transformer ComfyUI's rules make."""
+    from diffusers import WanPipeline
+    from safetensors.torch import load_file
+
+    from .adapters.lora import DIFFUSERS_FILE, WAN_FILE
+    from .config import load_config
+    from .models import from_pretrained
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.resolved.toml")
+    model_dir = cfg.model.resolved_path()
+    wan = load_file(run_dir / WAN_FILE)
+    model = from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    stray = sorted(set(wan) - comfyui_lora_keys(original_weight_keys(model)))
+    for_diffusers = run_dir / DIFFUSERS_FILE if (run_dir / DIFFUSERS_FILE).is_file() else run_dir / WAN_FILE
+    pipe = WanPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    pipe.load_lora_weights(str(for_diffusers))
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c.in_channels, 3, 4, 4, generator=g)
+    t, ctx = torch.tensor([700.0]), torch.randn(1, 512, c.text_dim, generator=g)
+    with torch.no_grad():
+        base = model(x, t, ctx)
+        comfy = comfyui_merged(model, wan)(x, t, ctx)
+        theirs = pipe.transformer(x, t, ctx, return_dict=False)[0]
+    err = ((theirs - comfy).norm() / comfy.norm()).item()
+    moved = ((comfy - base).norm() / comfy.norm()).item()
+    ok = not stray and err <= tol and moved > 10 * tol
+    print(f"loader check: {len(wan)} keys of {WAN_FILE}, {len(stray)} outside ComfyUI's key map{f' (e.g. {stray[0]})' if stray else ''}; "
+          f"diffusers with {for_diffusers.name} vs ComfyUI's merge: relative difference {err:.1e} (need <= {tol:.0e}; "
+          f"the LoRA moves the output by {moved:.1e}): {'PASS' if ok else 'FAIL'}")
     return ok
+
+
+# ComfyUI's rule for Wan LoRA keys (comfy/lora.py, ``model_lora_keys_unet``): for every key
+# ``diffusion_model.<path>.weight`` of the loaded model it maps the prefixes ``diffusion_model.<path>``
+# and ``lora_unet_<path, dots as _>``; ``load_lora`` and comfy/weight_adapter/{lora,lokr}.py read these
+# suffixes after a prefix (the LoRA and LoKr ones; LoHa, GLoRA and diff keys are left out).
+COMFYUI_SUFFIXES = (".alpha", ".dora_scale", ".lora_up.weight", ".lora_down.weight", ".lora_mid.weight",
+                    ".lora_B.weight", ".lora_A.weight", ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b",
+                    ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")
+
+
+def original_weight_keys(model) -> set[str]:
+    """``diffusion_model.<original path>.weight`` of every Linear and Conv3d of a vidtune Wan model
+    (without adapters):
+    the keys ComfyUI's Wan model has for them. Each name is checked against diffusers' own
+    converter of original checkpoints (``convert_wan_transformer_to_diffusers``): it must map the
+    original key back to the module's diffusers key. Raises if a module has no original name."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    from .adapters.names import original_name
+
+    keys = set()
+    for name, m in model.named_modules():
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)):
+            continue
+        orig = original_name(name)
+        if orig is None:
+            raise AssertionError(f"{name}: a trainable module without an original Wan name")
+        back = convert_wan_transformer_to_diffusers({f"{orig}.weight": torch.zeros(1)})
+        if set(back) != {f"{name}.weight"}:
+            raise AssertionError(f"{name} -> {orig}: diffusers converts it back to {sorted(back)}")
+        keys.add(f"diffusion_model.{orig}.weight")
+    return keys
+
+
+def comfyui_lora_keys(weight_keys) -> set[str]:
+    """Every adapter key ComfyUI loads for a model with these ``diffusion_model.*.weight`` keys."""
+    out = set()
+    for k in weight_keys:
+        path = k[len("diffusion_model."):-len(".weight")]
+        for prefix in (f"diffusion_model.{path}", f"lora_unet_{path.replace('.', '_')}"):
+            out.update(prefix + s for s in COMFYUI_SUFFIXES)
+    return out
+
+
+def comfyui_delta(tensors: dict, prefix: str, shape) -> torch.Tensor:
+    """The weight delta ComfyUI applies for the adapter keys under ``prefix`` at strength 1
+    (comfy/weight_adapter/lora.py: up @ down x alpha / rank; lokr.py: kron(w1, w2) x alpha / dim,
+    dim the rank of the factored part, scale 1 without alpha or without a factored part)."""
+    t = {k[len(prefix) + 1:]: v.float() for k, v in tensors.items() if k.startswith(prefix + ".")}
+    alpha = t["alpha"].item() if "alpha" in t else None
+    if "lora_up.weight" in t:
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        scale = alpha / down.shape[0] if alpha is not None else 1.0
+        return (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+    dim = None
+    w1 = t.get("lokr_w1")
+    if w1 is None:
+        dim, w1 = t["lokr_w1_b"].shape[0], t["lokr_w1_a"] @ t["lokr_w1_b"]
+    w2 = t.get("lokr_w2")
+    if w2 is None:
+        dim, w2 = t["lokr_w2_b"].shape[0], t["lokr_w2_a"] @ t["lokr_w2_b"]
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return torch.kron(w1, w2).reshape(shape) * scale
 
 
 if __name__ == "__main__":
@@ -304,3 +560,34 @@ if __name__ == "__main__":
         demo_setup(sys.argv[2])
     else:
         sys.exit(0 if demo_check(sys.argv[2]) else 1)
+
+
+def torchrun_exe() -> str:
+    """The torchrun of this Python's environment."""
+    import os
+    import sys
+
+    return shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+
+
+def run_torchrun(script_and_args: list[str], nproc: int, timeout: float, cwd=None, env=None):
+    """Run ``torchrun --standalone --nproc_per_node=nproc ...``; returns (returncode, stdout, stderr).
+    The launch is its own process group, killed whole if it outlives ``timeout`` (a hung rank
+    never outlives a test)."""
+    import os
+    import signal
+
+    proc = subprocess.Popen([torchrun_exe(), "--standalone", f"--nproc_per_node={nproc}", *script_and_args], cwd=cwd,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n(killed after {timeout:g} s)"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out, err

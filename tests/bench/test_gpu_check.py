@@ -16,7 +16,7 @@ from vidtune.bench.gpu_check.runner import HIDDEN, install_wheels, render
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ["rope", "rope per-sample", "qk_norm_rope", "rms_norm", "modulate", "modulate per-token", "gated_residual",
        "gated_residual per-token", "gelu_tanh", "tread_gather", "tread_gather shared", "tread_scatter",
-       "chunked_feed_forward"]
+       "chunked_feed_forward", "linear_attention", "linear_attention per-sample"]
 
 
 @pytest.fixture(scope="module")

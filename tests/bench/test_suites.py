@@ -20,7 +20,8 @@ def test_suite_loads_and_matches_device_table(name):
         for w in s.workloads:
             cfg = w.config()
             assert train_shape(cfg).tokens() == 32760
-            assert cfg.model.flavour in ("t2v-480p-1.3b-2.1", "t2v-480p-14b-2.1")
+            assert cfg.model.flavour in ("t2v-480p-1.3b-2.1", "t2v-480p-14b-2.1", "2b-480p")
+        assert any(w.config().model.family == "sana_video" for w in s.workloads)
 
 
 def test_every_suite_file_is_listed():

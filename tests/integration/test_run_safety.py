@@ -19,7 +19,7 @@ from vidtune.config import ConfigError
 from vidtune.train.checkpoint import checkpoint_dirs
 from vidtune.train.log import LOSSES, loss_values, read_losses
 
-from test_train import DIFFUSERS_FILE, no_partial_files, spawn, wait_for_steps, write_config  # noqa: I001
+from test_train import WAN_FILE, no_partial_files, spawn, wait_for_steps, write_config  # noqa: I001
 
 ROOT = os.geteuid() == 0
 
@@ -155,7 +155,7 @@ def test_resume_takes_the_new_learning_rate_after_the_nan_stop(cli, capsys):
     raw = [json.loads(line) for line in (out / LOSSES).read_text().splitlines()]
     assert all(isinstance(r["loss"], float) for r in raw) and loss_values(out) == [r["loss"] for r in raw]
     # Outputs honour the umask (022: readable by all), checkpoints included.
-    for f in [out / DIFFUSERS_FILE, out / "summary.json", out / LOSSES, out / "plots" / "loss.png",
+    for f in [out / WAN_FILE, out / "summary.json", out / LOSSES, out / "plots" / "loss.png",
               *(checkpoint_dirs(out / "checkpoints")[-1]).iterdir()]:
         assert f.stat().st_mode & 0o777 == 0o644, f
     assert checkpoint_dirs(out / "checkpoints")[-1].stat().st_mode & 0o777 == 0o755
@@ -170,7 +170,7 @@ def test_never_stop_still_refuses_to_export_diverged_weights(cli, capsys):
     assert rc == 1
     line = one_error_line(cap.err)
     assert "not exporting the weights of step 5" in line and "grew" in line and "since the start" in line
-    assert not (out / DIFFUSERS_FILE).exists() and not checkpoint_dirs(out / "checkpoints")
+    assert not (out / WAN_FILE).exists() and not checkpoint_dirs(out / "checkpoints")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_steps"] == 4 and "4 of 5 steps were skipped" in summary["warning"]
     assert "warning: 4 of 5 steps were skipped" in cap.out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vidtune.cli.extract_audio import main as extract_audio
@@ -125,14 +126,20 @@ guidance = 2.0
     short = feats[-1].flatten(1).abs().sum(1)
     assert (short[:3] > 0).all() and (short[4:] == 0).all()
     assert all((f.flatten(1).abs().sum(1) > 0).all() for f in feats[:-1])  # mono, stereo, long: audio everywhere
-    for name, tone in (("prompt0", 300.0), ("prompt1", 700.0)):
+    for name, tone in (("a_red_cat", 300.0), ("a_blue_dog", 700.0)):
         mp4 = root / "run_a" / "validation" / "step_000002" / f"{name}.mp4"
         assert VideoDecoder(str(mp4)).metadata.num_frames == 8  # the reference frame is not in the clip
         wave = AudioDecoder(str(mp4)).get_all_samples().data[0]
         assert abs(wave.numel() / 16000 - 0.5) < 0.05
         spec = torch.fft.rfft(wave).abs()
         assert abs(float(torch.fft.rfftfreq(wave.numel(), 1 / 16000)[spec.argmax()]) - tone) < 0.01 * tone
+    # The original (ComfyUI) layout, the audio injector under its official names; and the diffusers
+    # layout beside it, as diffusers' Wan converter knows no audio injector.
+    with safe_open(root / "run_a" / "wan_lora.safetensors", "pt") as f:
+        assert "diffusion_model.audio_injector.injector.0.q.lora_down.weight" in f.keys()
     assert (root / "run_a" / "pytorch_lora_weights.safetensors").is_file()
+    assert "wan_lora.safetensors is for ComfyUI; diffusers cannot read it (its converter has no key for " \
+           "audio_injector." in out
 
 
 def test_zero_audio_and_a_separate_audio_folder(s2v, capsys):

@@ -112,19 +112,23 @@ def test_decode_and_files(parts, tiny_wan_dir, tmp_path):
     assert mp4.name == "anime_token.mp4" and png.name == "anime_token.png"
     dec = VideoDecoder(str(mp4))
     assert dec.metadata.num_frames == 9 and tuple(dec[0].shape) == (3, 32, 48)
-    with Image.open(png) as im:
-        assert im.size == (4 * 48, 2 * 32)  # 8 frames of 9 shown, 4 per row
+    with Image.open(png) as im:  # 8 frames of 9 shown, 4 per row, enlarged x3 and numbered (tests/unit/test_sheets.py)
+        assert im.size == (4 * (3 * 48 + 4) + 4, 2 * (3 * 32 + 20 + 4))
     assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["anime_token.mp4", "anime_token.png"]
 
 
 def test_load_prompts(tmp_path):
     lib = tmp_path / "lib.json"
     lib.write_text(json.dumps({"cat": "a red cat", "dog_<token>": "a blue dog"}))
-    assert load_prompts(["first"], lib) == [("prompt0", "first"), ("cat", "a red cat"),
-                                            ("dog_<token>", "a blue dog")]
+    assert load_prompts(["First, a cat!"], lib) == [("first_a_cat", "First, a cat!"), ("cat", "a red cat"),
+                                                     ("dog_<token>", "a blue dog")]
     assert load_prompts([], {"x": "y"}) == [("x", "y")]
+    # Named from the text (any script, cut at 48 characters between words); repeats numbered.
+    long = "a very long prompt about a cat that walks along the river bank at dusk"
+    assert [n for n, _ in load_prompts([long, "两只猫，在舞台上", "A cat", "a cat", "!!"])] == [
+        "a_very_long_prompt_about_a_cat_that_walks_along", "两只猫_在舞台上", "a_cat", "a_cat_2", "prompt4"]
     (tmp_path / "bad.json").write_text(json.dumps(["not", "a", "mapping"]))
     with pytest.raises(ValueError, match="bad.json: expected a JSON object"):
         load_prompts([], tmp_path / "bad.json")
     with pytest.raises(ValueError, match="used twice"):
-        load_prompts(["a"], {"prompt0": "b"})
+        load_prompts(["a"], {"a": "b"})

@@ -14,12 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vidtune.adapters import DIFFUSERS_FILE, WAN_FILE, apply_lora, load_lora_into
+from vidtune.adapters import DIFFUSERS_FILE, WAN_FILE, WAN_LOKR_FILE, apply_lora, load_lora_into
 from vidtune.cli.train import main as cli_main
-from vidtune.config import AdapterConfig
+from vidtune.config import AdapterConfig, load_config
 from vidtune.integrity import dumps_verified
 from vidtune.models import from_pretrained
-from vidtune.testing import write_captioned_clips
+from vidtune.testing import check_loaders, write_captioned_clips
 from vidtune.train.checkpoint import checkpoint_dirs
 from vidtune.train.log import loss_values, read_losses
 
@@ -28,6 +28,7 @@ if shutil.which("ffmpeg") is None:
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_LINEAR = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]
+DEMO_TARGETS = load_config(REPO / "examples" / "quickstart.toml").adapter.target_modules
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +167,49 @@ def test_lora_run_exports_load_in_diffusers(run, tiny_wan_dir, capsys):
     assert rc == 0 and "started from" in capsys.readouterr().out
 
 
+def test_quickstart_adapter_exports_for_both_loaders(run, capsys):
+    # The quickstart's modules by default: one ComfyUI file; its Conv3d patch embedding is not in
+    # diffusers' converter, so a diffusers file goes beside it, said in one line.
+    rc, out = run(f"adapter.target_modules={json.dumps(DEMO_TARGETS)}", "train.max_train_steps=2")
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"{WAN_FILE} is for ComfyUI; diffusers cannot read it (its converter has no key for patch_embedding)" in text
+    assert check_loaders(out)
+    with safe_open(out / WAN_FILE, "pt") as f:
+        meta = f.metadata()
+    assert meta["vidtune.flavour"] == "custom" and json.loads(meta["vidtune.model_config"])["num_layers"] == 2
+
+
+def test_lokr_trains_resumes_bitwise_and_merges(run, tiny_wan_dir, tmp_path):
+    from vidtune.cli import main as vidtune_main
+
+    lokr = ['adapter.type="lokr"', "adapter.rank=1", "adapter.lokr_decompose_factor=4", "train.max_train_steps=4",
+            "train.checkpoint_every=2", "adapter.dropout=0.2"]
+    rc, out = run(*lokr)
+    assert rc == 0
+    ckpts = checkpoint_dirs(out / "checkpoints")
+    ref_losses, ref_weights = loss_values(out), load_file(ckpts[-1] / "weights.safetensors")
+    assert any(".lokr_w2_a." in k for k in ref_weights) and all(".lokr_" in k for k in ref_weights)
+    shutil.rmtree(ckpts[-1])
+    rc, _ = run(*lokr, 'train.resume="latest"')
+    assert rc == 0
+    assert [float.hex(v) for v in loss_values(out)] == [float.hex(v) for v in ref_losses]
+    weights = load_file(checkpoint_dirs(out / "checkpoints")[-1] / "weights.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in ref_weights.items())
+    # The LyCORIS-layout export, merged by `vidtune lora merge`, is the model we trained.
+    exported = out / WAN_LOKR_FILE
+    assert "diffusion_model.blocks.0.self_attn.q.lokr_w2_b" in load_file(exported)
+    assert vidtune_main(["lora", "merge", str(exported), "--base", str(tiny_wan_dir), "-o", str(tmp_path / "m")]) == 0
+    ours = from_pretrained(tiny_wan_dir, torch_dtype=torch.float32)
+    apply_lora(ours, AdapterConfig(type="lokr", rank=1, alpha=2.0, lokr_decompose_factor=4, target_modules=ALL_LINEAR))
+    assert not ours.load_state_dict(weights, strict=False).unexpected_keys
+    x, t, ctx = torch.randn(1, 16, 3, 4, 4), torch.tensor([300.0]), torch.randn(1, 512, 32)
+    with torch.no_grad():
+        ref = ours.eval()(x, t, ctx)
+        merged = from_pretrained(tmp_path / "m").eval()(x, t, ctx)
+    torch.testing.assert_close(merged, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_full_finetune_writes_loadable_transformer(run, tiny_wan_dir):
     rc, out = run('adapter.type="full"', "train.max_train_steps=2", "memory.chunked_ff.enabled=true",
                   "memory.chunked_ff.chunk_size=7")
@@ -235,7 +279,7 @@ def test_bad_configs_fail_clearly(run, capsys, overrides, needle):
     rc, out = run(*overrides)
     assert rc == 2
     assert needle in capsys.readouterr().err
-    assert not (out / DIFFUSERS_FILE).exists() and not (out / "checkpoints").exists()
+    assert not (out / WAN_FILE).exists() and not (out / "checkpoints").exists()
 
 
 def test_bad_adapter_files_fail_clearly(run, tmp_path, capsys):
@@ -304,7 +348,7 @@ def test_sigkill_resume_is_bitwise(run, tmp_path, tiny_wan_dir, data_dir, cache_
     assert [float.hex(v) for v in resumed] == [float.hex(v) for v in reference]
     assert len(checkpoint_dirs(out / "checkpoints")) == 2  # keep_checkpoints
     no_partial_files(out)
-    for name in (DIFFUSERS_FILE,):
+    for name in (WAN_FILE,):
         assert load_file(out / name).keys() == load_file(ref_dir / name).keys()
         assert all(torch.equal(load_file(out / name)[k], v) for k, v in load_file(ref_dir / name).items())
 

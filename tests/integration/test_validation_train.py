@@ -90,19 +90,20 @@ def test_validation_with_ema_both_plots_summary(run, tmp_path):
                   "ema.enabled=true", 'ema.validation="both"', 'ema.device="cpu"',
                   "train.max_train_steps=2", "logging.report_to=tensorboard", extra=TREAD)
     assert rc == 0
-    names = {f"{n}{s}.{e}" for n in ("prompt0", "dog_b") for s in ("", "_ema") for e in ("mp4", "png")}
-    for step in ("step_000000", "step_000002"):  # the baseline and step N
+    names = {f"{n}{s}.{e}" for n in ("a_red_cat", "dog_b") for s in ("", "_ema") for e in ("mp4", "png")}
+    for step in ("step_000000", "step_000002"):  # the baseline and step N; a sheet comparing all four
         assert {p.name for p in (out / "validation" / step).iterdir()} == names
+        assert (out / "validation" / f"{step}.png").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ev = EventAccumulator(str(out / "logs"), size_guidance={"images": 0}).Reload()
-    assert {"validation/prompt0", "validation/dog_b_ema"} <= set(ev.Tags()["images"])
-    assert [e.step for e in ev.Images("validation/prompt0")] == [0, 2]
+    assert {"validation/a_red_cat", "validation/dog_b_ema"} <= set(ev.Tags()["images"])
+    assert [e.step for e in ev.Images("validation/a_red_cat")] == [0, 2]
 
     # EMA: in the checkpoint, exported beside the live adapter, and not equal to the live weights.
     state = torch.load(checkpoint_dirs(out / "checkpoints")[-1] / "state.pt", weights_only=True)
     assert state["ema"]["optimization_step"] == 2
-    live, ema = (load_file(d / "pytorch_lora_weights.safetensors") for d in (out, out / "ema"))
+    live, ema = (load_file(d / "wan_lora.safetensors") for d in (out, out / "ema"))
     assert live.keys() == ema.keys() and any(not torch.equal(live[k], ema[k]) for k in live)
 
     assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "lr.png", "grad_norm.png", "memory.png"}
@@ -119,7 +120,7 @@ def test_validation_ignores_tread_routes(run):
     rc1, a = run(*common, out="tread", extra=TREAD)
     rc2, b = run(*common, out="plain")
     assert rc1 == rc2 == 0
-    png = "validation/step_000000/prompt0.png"
+    png = "validation/step_000000/a_red_cat.png"
     assert (a / png).read_bytes() == (b / png).read_bytes()
 
 
@@ -133,10 +134,13 @@ CASES = [
     ("adamw_8bit", "linear", ["train.max_grad_norm=0"]),
     ("paged_adamw_8bit", "cosine", ['ema.device="cpu"']),
     ("paged_lion_8bit", "constant", []),
+    # bf16 adapter weights stepped through fp32 master copies (saved in the optimizer state)
+    ("adamw", "cosine", ['adapter.dtype="bf16"']),
 ]
 
 
-@pytest.mark.parametrize("optimizer, schedule, extra", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("optimizer, schedule, extra", CASES,
+                         ids=[c[0] + ("-bf16-adapter" if 'adapter.dtype="bf16"' in c[2] else "") for c in CASES])
 def test_optimizers_and_schedules_resume_bitwise(run, optimizer, schedule, extra):
     if "8bit" in optimizer:
         pytest.importorskip("bitsandbytes")
@@ -151,8 +155,11 @@ def test_optimizers_and_schedules_resume_bitwise(run, optimizer, schedule, extra
     ref_rows = read_losses(out)
     ref_weights = load_file(ckpts[-1] / "weights.safetensors")
     ref_ema = torch.load(ckpts[-1] / "state.pt", weights_only=True)["ema"]["shadow_params"]
-    if optimizer == "adamw_bf16":
+    if optimizer == "adamw_bf16" or 'adapter.dtype="bf16"' in extra:
         assert {v.dtype for v in ref_weights.values()} == {torch.bfloat16}
+    if 'adapter.dtype="bf16"' in extra:
+        masters = torch.load(ckpts[-1] / "state.pt", weights_only=True)["optimizer"]["masters"]
+        assert {m.dtype for m in masters} == {torch.float32} and len(masters) == len(ref_weights)
     lrs = [r["lr"] for r in ref_rows]
     assert lrs[0] == 0.0 and lrs[1] == 1e-2  # one warmup step
     if schedule != "constant":
@@ -214,8 +221,10 @@ def test_from_simpletuner_trains(tmp_path, tiny_wan_dir, data_dir, cache_dir, ca
     # The guide's settings arrive: Lion, EMA (ema_only, interval 2), value clipping.
     resolved = (out / "config.resolved.toml").read_text()
     assert 'grad_clip_method = "value"' in resolved and 'validation = "ema_only"' in resolved
+    # the guide's Chinese prompt names its files by its words (under 48 characters)
+    slug = "两只拟人化的猫咪身穿舒适的拳击装备_戴着鲜艳的手套_在聚光灯照射的舞台上激烈对战"
     step2 = out / "validation" / "step_000002"
-    assert {p.name for p in step2.iterdir()} == {"prompt0_ema.mp4", "prompt0_ema.png", "previews"}
-    assert [p.name for p in (step2 / "previews").iterdir()] == ["prompt0_ema_step001.png"]  # validation_preview_steps 1
+    assert {p.name for p in step2.iterdir()} == {f"{slug}_ema.{e}" for e in ("mp4", "png")} | {"previews"}
+    assert [p.name for p in (step2 / "previews").iterdir()] == [f"{slug}_ema_step001.png"]  # validation_preview_steps 1
     state = torch.load(checkpoint_dirs(out / "checkpoints")[-1] / "state.pt", weights_only=True)
     assert state["ema"]["optimization_step"] == 1  # ema_update_interval 2 over 2 steps

@@ -8,7 +8,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from vidtune_kernels import ChunkedFeedForward, chunked_feed_forward, gelu_tanh, resolve_chunk_size
+from vidtune_kernels import (ChunkedFeedForward, chunked_feed_forward, gelu_tanh, recomputed_when_saved,
+                             resolve_chunk_size)
 
 
 class TinyFF(nn.Module):
@@ -171,3 +172,39 @@ def test_peak_memory_drops_with_chunking():
     assert whole >= 2 * intermediate  # fc1 output and gelu output are saved for backward
     # chunk of 512 tokens: the intermediates are 8x smaller, what is left is (N, dim)-sized
     assert chunked * 4 <= whole, (chunked, whole)
+
+
+class RecomputedFF(TinyFF):
+    """TinyFF whose activation fc2 saves is rebuilt in backward from fc1's output."""
+
+    def forward(self, x):
+        pre = self.fc1(x)
+        h = gelu_tanh(pre)
+        with recomputed_when_saved(h, lambda: gelu_tanh(pre)):
+            return self.fc2(h)
+
+
+def _kept_after_forward(ff, x):
+    """Bytes allocated by ff's forward still alive after it: what backward keeps, and the output."""
+    with LiveBytes() as mem:
+        out = ff(x)
+        kept = mem.live
+    del out
+    return kept
+
+
+def test_recomputed_activation_same_numbers_less_kept():
+    torch.manual_seed(0)
+    plain, recomputed = TinyFF(24, 96), RecomputedFF(24, 96)
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 40, 24)
+    want, got = _run(plain, x, None), _run(recomputed, x, None)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(torch.equal(got[2][n], want[2][n]) for n in want[2])  # bit for bit: the same gelu again
+    xg = x.detach().requires_grad_()
+    # fc2 no longer keeps the (80, 96) fp32 activation; gelu keeps its input as before.
+    assert _kept_after_forward(plain, xg) - _kept_after_forward(recomputed, xg) == 80 * 96 * 4
+    # Under checkpointing its hooks decide: the same numbers again.
+    out = checkpoint(recomputed, xg, use_reentrant=False)
+    torch.autograd.backward(out, torch.ones_like(out))
+    assert torch.equal(xg.grad, want[1])

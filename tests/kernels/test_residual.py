@@ -30,11 +30,14 @@ def test_gated_residual_matches_reference(monkeypatch, path, x_dtype, y_dtype, p
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_frozen_gate(monkeypatch, path):
+@pytest.mark.parametrize("x_dtype,y_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_frozen_gate(monkeypatch, path, x_dtype, y_dtype):
     monkeypatch.setenv("VIDTUNE_KERNELS", path)
-    x = torch.randn(B, 5, D, requires_grad=True)
-    y = torch.randn(B, 5, D, requires_grad=True)
+    x = torch.randn(B, 5, D).to(x_dtype).requires_grad_()
+    y = torch.randn(B, 5, D).to(y_dtype).requires_grad_()
     gate = _gate(torch.randn(B, 6, D))
+    # A frozen gate needs no y in backward: y is not kept (a LoRA run's modulation is frozen).
+    assert GatedResidual()(x, y, gate).grad_fn.saved_tensors[0] is None
     check_against_reference(lambda x, y: GatedResidual()(x, y, gate),
                             lambda x, y: gated_residual_ref(x, y, gate), [x, y])
 

@@ -37,7 +37,8 @@ def test_guide_configs_convert_and_load(name, tmp_path):
     assert cfg.validation.num_frames == 81 and cfg.validation.resolution == "832x480"
     assert cfg.ema.enabled and cfg.ema.validation == "ema_only" and cfg.ema.update_interval == 2
     assert cfg.train.resume == "latest" and cfg.cache.compress
-    assert [d.id for d in cfg.dataset] == [{"wan_s2v": "s2v-videos"}.get(name, "disney-black-and-white")]
+    assert [d.id for d in cfg.dataset] == {"wan_s2v": ["s2v-videos"], "wan22_i2v": [
+        "disney-black-and-white", "my-image-dataset"]}.get(name, ["disney-black-and-white"])
 
 
 def test_wan_t2v_values(tmp_path):
@@ -89,11 +90,20 @@ def test_feed_forward_chunk_size_note(tmp_path):
 
 def test_wan22_i2v_and_int8(tmp_path):
     cfg, _, notes = _convert("wan22_i2v", tmp_path)
-    assert (cfg.model.flavour, cfg.model.base_precision, cfg.model.force_2_1_time_embedding) == (
-        "i2v-14b-2.2-high", "int8", True)
-    assert cfg.validation.load_other_stage and cfg.train.optimizer == "paged_lion_8bit"
+    # The guide's Wan 2.2 keys, each to its vidtune key: model_flavour i2v-14b-2.2-high is the
+    # two-expert flavour training the high-noise expert; validation_using_datasets + eval_dataset_id
+    # name the image dataset that starts the I2V validation videos (not an eval-loss set).
+    assert (cfg.model.flavour, cfg.model.experts) == ("i2v-14b-2.2", "high")
+    assert cfg.validation.load_other_stage is True
+    assert cfg.model.force_2_1_time_embedding is True
+    assert cfg.validation.dataset == "my-image-dataset"
+    assert [d.id for d in cfg.datasets] == ["disney-black-and-white"]  # the validation images are not trained on
+    assert cfg.model.base_precision == "int8" and cfg.train.optimizer == "paged_lion_8bit"
     assert cfg.train.max_grad_norm == 1.0
     assert any("conditioning_image_embeds" in n and "first-frame" in n for n in notes)
+    low, _, _ = _convert("wan22_i2v", tmp_path, lambda c, b: c.update(model_flavour="i2v-14b-2.2-low",
+                                                                     wan_validation_load_other_stage=False))
+    assert (low.model.flavour, low.model.experts, low.validation.load_other_stage) == ("i2v-14b-2.2", "low", False)
 
 
 def test_sana_video_ignores_shift(tmp_path):
@@ -104,6 +114,32 @@ def test_sana_video_ignores_shift(tmp_path):
     assert cfg.train.timestep_sampling == "logit_norm" and not unmapped
     assert any(n.startswith("flow_schedule_shift:") and "canonical" in n for n in notes)
     assert (cfg.train.optimizer, cfg.train.eps, cfg.train.max_grad_norm) == ("adamw_bf16", 1e-6, 0.0)
+
+
+def test_sana_video_keys_land_where_the_guide_means(tmp_path):
+    """Each Sana-specific key of the guide's config and its masked-loss dataloader."""
+    def edit(cfg, backends):
+        cfg.update({"framerate": 24, "validation_num_video_frames": 81, "flow_schedule_auto_shift": True,
+                    "flow_use_uniform_schedule": True})
+        backends[0]["conditioning_data"] = "masks"
+        backends.append({"id": "masks", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask",
+                         "instance_data_dir": "datasets/masks"})
+    cfg, unmapped, notes = _convert("sanavideo", tmp_path, edit)
+    assert not unmapped, unmapped
+    assert cfg.adapter.type == "full"  # model_type = "full"
+    assert (cfg.model.family, cfg.model.flavour, cfg.model.fps) == ("sana_video", "2b-480p", 24)  # framerate
+    assert cfg.validation.num_frames == 81  # validation_num_video_frames, already 4k+1
+    assert cfg.train.timestep_sampling == "logit_norm"  # the shift keys: noted, never set
+    for key in ("flow_schedule_auto_shift", "flow_use_uniform_schedule"):
+        assert any(n.startswith(f"{key}:") and "canonical flow schedule" in n for n in notes), key
+    assert [d.loss_mask_path for d in cfg.dataset] == ["datasets/masks"]  # masked loss, by stem
+    assert any("conditioning_type mask" in n for n in notes)
+    # the same dataloader for Wan: masks are refused as unmapped (the Wan guide: no masked loss)
+    wan = json.loads((FIX / "wan" / "config.json").read_text())
+    backends = json.loads((FIX / "sanavideo" / "multidatabackend.json").read_text())
+    edit({}, backends)
+    _, unmapped, _ = convert_simpletuner(wan, backends)
+    assert sum("masked loss is a Sana Video option" in u for u in unmapped) == 2
 
 
 def test_unknown_and_unsupported_keys_are_listed(tmp_path):
@@ -158,6 +194,38 @@ def test_cli_finds_the_backend_and_writes(tmp_path, capsys):
 def test_docs_list_every_exception():
     for key in list(NOTED) + list(UNSUPPORTED):
         assert f"`{key}" in DOCS, key
+
+
+# SimpleTuner's documented LoKr preset (its LYCORIS guide) and a factored variant.
+LOKR_PRESET = {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 16,
+               "apply_preset": {"target_module": ["Attention", "FeedForward"],
+                                "module_algo_map": {"Attention": {"factor": 16}, "FeedForward": {"factor": 8}}}}
+
+
+@pytest.mark.parametrize("lyc, rank, alpha, factor, both", [
+    (LOKR_PRESET, 10000, 10000.0, 16, False),
+    ({"algo": "lokr", "linear_dim": 8, "linear_alpha": 4, "factor": 4, "decompose_both": True}, 8, 4.0, 4, True),
+])
+def test_lycoris_config_maps_to_lokr(tmp_path, lyc, rank, alpha, factor, both):
+    cfg = json.loads((FIX / "wan" / "config.json").read_text())
+    cfg.update(lora_type="lycoris", lycoris_config="config/wan/lycoris_config.json")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "lycoris_config.json").write_text(json.dumps(lyc))  # found beside config.json
+    config, backends, msgs = read_simpletuner(tmp_path / "config.json", FIX / "wan" / "multidatabackend.json")
+    assert any("lycoris:" in m for m in msgs)
+    text, unmapped, notes = convert_simpletuner(config, backends)
+    assert not unmapped, unmapped
+    (tmp_path / "out.toml").write_text(text)
+    a = load_config(tmp_path / "out.toml").adapter
+    assert (a.type, a.rank, a.alpha, a.lokr_decompose_factor, a.lokr_decompose_both) == ("lokr", rank, alpha, factor, both)
+    if lyc is LOKR_PRESET:
+        assert a.target_modules == ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "net.0.proj", "net.2"]
+        assert any(n.startswith("lycoris_config.linear_alpha") for n in notes)
+        assert any(n.startswith("lycoris_config.module_algo_map") for n in notes)
+    for n in (n for n in notes if n.startswith("lycoris")):
+        assert f"`{n.split(':', 1)[0].split('.')[-1]}`" in DOCS, n
+    bad = convert_simpletuner({**config, "lycoris_config": {"algo": "loha"}}, backends)[1]
+    assert any(u.startswith("lycoris_config.algo") for u in bad)
 
 
 def test_s2v_audio_block_and_separate_audio_dataset(tmp_path):

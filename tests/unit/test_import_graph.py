@@ -15,8 +15,9 @@ ROOT = Path(vidtune.__file__).parent
 
 # Bottom to top (docs/architecture.md). A node may import nodes of its own layer or below.
 LAYERS = [
-    {"runtime", "fsutil", "integrity", "native"},
+    {"runtime", "fsutil", "integrity", "native", "quiet"},
     {"config"},
+    {"distributed"},
     {"models"},
     {"memory", "data", "adapters", "sample"},
     {"build"},

@@ -55,7 +55,9 @@ def test_mfu_and_missing_peaks():
 
 @pytest.mark.parametrize("name,cls", [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"),
                                       ("NVIDIA GeForce RTX 4090", "rtx4090"), ("AMD Instinct MI300X", "mi300x"),
-                                      ("NVIDIA A100-SXM4-80GB", None)])
+                                      ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("NVIDIA A100-PCIE-40GB", "a100-40gb"),
+                                      ("NVIDIA GeForce RTX 3090", "rtx3090"), ("NVIDIA L40S", "l40s"),
+                                      ("NVIDIA RTX A4000", None)])
 def test_gpu_class_from_device_name(name, cls):
     got = D.gpu_class(name)
     assert (got.name if got else None) == cls

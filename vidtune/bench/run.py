@@ -60,7 +60,7 @@ def run_suite(suite, *, deterministic: bool = False, search: bool = True, repeat
               log=print) -> tuple[list[dict], dict, dict]:
     """Rows of one suite, the planner reports by workload, and the timed results (cpu)."""
     from vidtune.bench.project import project_step
-    from vidtune.bench.real_step import real_step
+    from vidtune.bench.real_step import SAVED_TARGETS, lora_saved_vs_diffusers, real_step
     from vidtune.bench.timing import cpu_vs_diffusers, gpu_matches, gpu_window
     from vidtune.build import architecture
     from vidtune.models import family
@@ -108,6 +108,19 @@ def run_suite(suite, *, deterministic: bool = False, search: bool = True, repeat
                 add("timed", "peak_memory_bytes", "bytes", g["peak_memory_bytes"])
         log(f"  {wl.name:<34} {'fits' if p.fits else 'NO FIT':<7} step peak {p.phase('training step').peak / 2**30:7.2f} GiB"
             f"  fwd+bwd {(c['fwd_flops'] + c['bwd_flops']) / 1e12:9.3f} TFLOP  ({time.perf_counter() - t0:.1f} s)")
+    if is_cpu and suite.timed:
+        # Deterministic and gated: what a LoRA step keeps for backward, vidtune vs diffusers + peft
+        # on the same weights (attention + feed-forward LoRA); vidtune must keep no more.
+        saved = lora_saved_vs_diffusers(suite.timed)
+        conf = json.dumps({**suite.timed, "lora_targets": SAVED_TARGETS}, sort_keys=True, separators=(",", ":"))
+        f, h, w = suite.timed["latent"]
+        tokens = f * (h // 2) * (w // 2)
+        for prov, mark in saved.items():
+            rows.add("wan-lora-saved", prov, "counters", "saved_bytes", "bytes", tokens, mark.live_bytes, conf)
+        ours, theirs = saved["vidtune"].live_bytes, saved["diffusers+peft"].live_bytes
+        rows.add("wan-lora-saved", "vidtune", "counters", "saved_within_diffusers_peft", "bool", tokens,
+                 int(ours <= theirs), conf)
+        log(f"  LoRA step keeps for backward: vidtune {ours / 2**20:.1f} MiB, diffusers+peft {theirs / 2**20:.1f} MiB")
     if is_cpu and not deterministic and suite.timed:
         log("  timed: vidtune vs diffusers+peft LoRA (same weights, interleaved repeats)...")
         timed = cpu_vs_diffusers(suite.timed, repeats)

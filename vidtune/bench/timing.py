@@ -13,10 +13,9 @@ import time
 
 import torch
 
-from vidtune.measure import probes as P
 from vidtune.measure.counters import count
 from vidtune.measure.mfu import mfu, model_flops, recompute_flops
-from vidtune.models import example_inputs
+from vidtune.models import example_inputs, family
 from vidtune.runtime import DTYPES
 
 
@@ -27,37 +26,12 @@ def _quantiles(xs):
 
 
 def cpu_vs_diffusers(spec: dict, repeats: int | None = None) -> dict:
-    from diffusers import WanTransformer3DModel
-    from peft import inject_adapter_in_model
-
-    from vidtune.adapters.lora import lora_config
-    from vidtune.build import build_training_model
-    from vidtune.config import AdapterConfig, CompileConfig, MemoryConfig, ModelConfig
+    from vidtune.bench.real_step import lora_pair
     from vidtune.measure.devices import measure_cpu_fp32_flops
-    from vidtune.models.wan import WanConfig
 
-    arch = dict(patch_size=(1, 2, 2), num_attention_heads=spec["num_attention_heads"],
-                attention_head_dim=spec["attention_head_dim"], in_channels=16, out_channels=16,
-                text_dim=spec["text_dim"], freq_dim=spec["freq_dim"], ffn_dim=spec["ffn_dim"],
-                num_layers=spec["num_layers"], cross_attn_norm=True)
     repeats = repeats or spec.get("repeats", 7)
-    adapter = AdapterConfig(rank=spec["lora_rank"], alpha=float(spec["lora_rank"]))
-    # vidtune: the trainer's build path (fp32, no checkpointing: diffusers trains without it here).
-    ours = build_training_model(ModelConfig(dtype="fp32"), adapter, MemoryConfig(gradient_checkpointing=False),
-                                CompileConfig(enabled="off"), "cpu", init="random", arch=WanConfig(**arch)).model
-    torch.manual_seed(0)
-    ref = WanTransformer3DModel(**arch)
-    ref.requires_grad_(False)
-    lora = lora_config(adapter)
-    lora.init_lora_weights = "gaussian"  # non-zero B too, so the adapter path does real work
-    inject_adapter_in_model(lora, ref)
-    ref.train()
-    ours.load_state_dict(ref.state_dict(), strict=True)  # same base and adapter weights
+    ours, ref, (x, target, t, ctx) = lora_pair(spec)
     f, h, w = spec["latent"]
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 16, f, h, w, generator=g)
-    target = torch.randn(1, 16, f, h, w, generator=g)
-    t, ctx = torch.tensor([500.0]), torch.randn(1, spec["text_len"], spec["text_dim"], generator=g)
 
     def step_ref():
         out = ref(x, t, ctx, return_dict=False)[0]
@@ -94,6 +68,34 @@ def cpu_vs_diffusers(spec: dict, repeats: int | None = None) -> dict:
             "repeats": repeats}
 
 
+def peft_lora_copy(ref, adapter):
+    """A copy of diffusers model ``ref`` (same config and weights), frozen, with a peft LoRA of
+    ``adapter`` whose B starts non-zero (gaussian), so the adapter path does real work; train mode."""
+    from peft import inject_adapter_in_model
+
+    from vidtune.adapters.lora import lora_config
+
+    copy = type(ref).from_config(ref.config)
+    copy.load_state_dict(ref.state_dict())
+    copy.requires_grad_(False)
+    lc = lora_config(adapter)
+    lc.init_lora_weights = "gaussian"
+    inject_adapter_in_model(lc, copy)
+    return copy.train()
+
+
+def interleaved_times(steps: dict, repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each zero-argument step, ``repeats`` rounds with the steps interleaved, so
+    drift (a busy host, thermal) hits every variant alike."""
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def gpu_matches(dev) -> bool:
     if not torch.cuda.is_available() or not dev.match:
         return False
@@ -122,14 +124,15 @@ def gpu_window(cfg, arch, shape, dev, plan, *, warmup: int = 3, steps: int = 10)
     x = torch.randn(b, arch.in_channels, f, h, w, device="cuda", dtype=dtype)
     target = torch.randn_like(x)
     t = torch.full((b,), 500.0, device="cuda")
-    ctx = torch.randn(b, P.TEXT_LEN, arch.text_dim, device="cuda", dtype=dtype)
+    ctx = torch.randn(b, family(cfg.model.family).TEXT_LEN, arch.text_dim, device="cuda", dtype=dtype)
     extra = example_inputs(model, x)
     amp = cfg.train.mixed_precision != "no"
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def step():
         with torch.autocast("cuda", dtype=DTYPES.get(cfg.train.mixed_precision, dtype), enabled=amp):
-            out = model(x, t, ctx, routes=routes, generator=gen, **extra)
+            out = model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, routes=routes, generator=gen,
+                        **extra)
         (out.float() - target.float()).pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -3,6 +3,7 @@
     vidtune-bench cpu                   # small real configs: deterministic counters + timed vs diffusers
     vidtune-bench rtx4090 h100          # full-size Wan: counters, plans, roofline projections
     vidtune-bench cpu --deterministic   # counters only (what CI gates, see benchmarks/compare.py)
+    vidtune-bench rtx4090 --workloads sana2b-full sana2b-lora   # some workloads of a suite
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-search", action="store_true", help="do not search fixes for plans that do not fit")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default: the suite's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--workloads", nargs="+", default=None, metavar="NAME",
+                    help="only these workloads of each suite (e.g. sana2b-full sana2b-lora)")
     return ap
 
 
@@ -39,6 +42,13 @@ def main(argv=None) -> int:
     all_rows, all_reports, results = [], {}, {}
     for name in args.suites:
         suite = load_suite(name)
+        if args.workloads:
+            unknown = set(args.workloads) - {w.name for w in suite.workloads}
+            if unknown:
+                print(f"error: suite {suite.name} has no workload {sorted(unknown)}; it has "
+                      f"{[w.name for w in suite.workloads]}", file=sys.stderr)
+                return 2
+            suite.workloads = [w for w in suite.workloads if w.name in args.workloads]
         where = "" if suite.device.name == "cpu" else (
             "" if gpu_matches(suite.device) else " (no matching GPU: counters, plans and projections)")
         print(f"suite {suite.name}: {len(suite.workloads)} workloads on {suite.device.label}{where}")

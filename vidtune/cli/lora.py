@@ -1,4 +1,5 @@
-"""``vidtune lora merge`` and ``vidtune lora convert``: adapter files without a training run.
+"""``vidtune lora merge`` and ``vidtune lora convert``: adapter files (LoRA or LoKr) without a
+training run.
 
     vidtune lora merge adapter.safetensors --base DIR -o DIR [--scale 1.0]
     vidtune lora convert in.safetensors -o out.safetensors --to diffusers|wan|musubi
@@ -12,15 +13,16 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from ..adapters.tools import LAYOUTS
 
-    p = argparse.ArgumentParser(prog="vidtune lora", description="LoRA adapter tools")
+    p = argparse.ArgumentParser(prog="vidtune lora", description="LoRA / LoKr adapter tools")
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="fold a LoRA into the base transformer; save a diffusers transformer dir")
-    m.add_argument("adapter", help="LoRA .safetensors (diffusers, wan or musubi layout)")
+    m = sub.add_parser("merge", help="fold a LoRA or LoKr into the base transformer; save a diffusers transformer dir")
+    m.add_argument("adapter", help="adapter .safetensors (diffusers, wan or musubi layout; LoRA or LoKr)")
     m.add_argument("--base", required=True, help="pipeline dir, transformer dir or hub id of the base model")
     m.add_argument("-o", "--output", required=True, help="directory to write (config.json + safetensors)")
     m.add_argument("--scale", type=float, default=1.0, help="multiplier on the adapter's delta (default 1)")
-    c = sub.add_parser("convert", help="convert a LoRA between the diffusers, wan and musubi layouts")
-    c.add_argument("input", help="LoRA .safetensors")
+    c = sub.add_parser("convert", help="convert an adapter between the diffusers, wan and musubi layouts "
+                                       "(LoKr: wan and musubi)")
+    c.add_argument("input", help="adapter .safetensors")
     c.add_argument("-o", "--output", required=True, help=".safetensors to write")
     c.add_argument("--to", required=True, choices=LAYOUTS, help="target layout")
     return p

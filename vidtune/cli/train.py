@@ -2,8 +2,9 @@
 
     vidtune-train config.toml [--set section.key=value ...] [--print-config] [--prepare-only]
     vidtune-train --from-simpletuner config.json [--backend multidatabackend.json] [--set ...]
-    vidtune-train --plan config.toml [--gpu rtx4090|a6000|mi300x|h100|cpu]
+    vidtune-train --plan config.toml [--gpu CLASS] [--gpu-memory 24GiB] [--nproc N]
     vidtune-train --help-config
+    torchrun --nproc_per_node=N [--nnodes=M --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT] -m vidtune.train config.toml
 
 Every fault ends in one line on stderr naming the path or key and the fix (``--debug`` shows the
 traceback instead): exit 2 for what the user must change before starting (config, data, model
@@ -18,7 +19,10 @@ import sys
 import types
 from pathlib import Path
 
+from ..adapters.names import check_adapter
 from ..config import ConfigError, dump_config, load_config, render_config_docs, save_resolved_config
+from ..measure.devices import names as device_names
+from ..measure.devices import parse_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true",
                    help="print the predicted peak memory per phase and the fit verdict, then exit (1 if it does not fit)")
     p.add_argument("--gpu", metavar="CLASS",
-                   help="with --plan: rtx4090, a6000, mi300x, h100 or cpu (default: the training device)")
+                   help="with --plan: a GPU class (" + ", ".join(device_names()) + "; default: the training device)")
+    p.add_argument("--gpu-memory", metavar="SIZE",
+                   help="with --plan: the memory of a GPU no class lists (e.g. 24GiB, 48GB), or another size for --gpu")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="with --plan: the per-rank peak of each layout of N GPUs (DDP, FSDP2, sequence parallel) "
+                        "and the smallest setup that fits")
     p.add_argument("--prepare-only", action="store_true",
                    help="discover the data and fill the latent/text caches, then exit")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
@@ -110,6 +119,10 @@ def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
                                       log=(lambda m: None) if later else None)
         else:
             cfg = load_config(args.config, args.overrides)
+        # Targets and export layouts against the model family: before any model, cache or plan.
+        problems = check_adapter(cfg.adapter, cfg.model.family)
+        if problems:
+            raise ConfigError(f"{args.config or '<defaults>'}: invalid config:\n  " + "\n  ".join(problems))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -121,7 +134,7 @@ def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
         print("error: a config file is required (vidtune-train config.toml)", file=sys.stderr)
         return 2
     from ..fsutil import remove_debris, run_dir_lock
-    from ..planner import check_plan
+    from ..planner import check_plan, plan_parallel
     from ..runtime import resolve_device
     from ..train.preflight import check_model_sources
 
@@ -129,7 +142,9 @@ def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
 
     if args.plan:
         try:
-            fits, report = check_plan(cfg, args.gpu)
+            memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+            fits, report = (plan_parallel(cfg, args.gpu, args.nproc, memory=memory) if args.nproc
+                            else check_plan(cfg, args.gpu, memory=memory))
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -151,20 +166,34 @@ def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
             return 2
     from ..adapters import AdapterError
     from ..data import DataError
+    from ..distributed import check_same_config, check_shared_dir, init_parallel, parallel_problems, shutdown, world_size
     from ..train.trainer import TrainingStopped, prepare, train
 
+    par = None
+    if world_size() > 1:  # under torchrun: every rank checks the same config, so all stop together
+        problems = parallel_problems(cfg)
+        if problems:
+            raise ConfigError(problems[0])
+        par = init_parallel(cfg.parallel, cfg.train.device)
+        held.callback(shutdown)
+        check_same_config(par, dump_config(cfg))
+    main_rank = par is None or par.is_main
+    log = print if main_rank else (lambda *_: None)
     # One owner per run directory, before anything is written to it; only then is what a killed
-    # run left half-written safe to delete.
+    # run left half-written safe to delete. Under torchrun rank 0 owns it for all the ranks.
     run_dir = Path(cfg.train.output_dir)
     held.enter_context(run_dir_lock(run_dir))
-    debris = remove_debris(run_dir)
-    if debris:
-        print(f"removed {len(debris)} partial file(s) a killed run left in {run_dir}")
-    if args.from_simpletuner:
-        _, args.config = from_simpletuner(args.from_simpletuner, args.backend, args.overrides)
-    save_resolved_config(cfg, run_dir)
+    if main_rank:
+        debris = remove_debris(run_dir)
+        if debris:
+            print(f"removed {len(debris)} partial file(s) a killed run left in {run_dir}")
+        if args.from_simpletuner:
+            _, args.config = from_simpletuner(args.from_simpletuner, args.backend, args.overrides)
+        save_resolved_config(cfg, run_dir)
+    if par is not None:
+        check_shared_dir(par, run_dir, "train.output_dir", "config.resolved.toml")
     try:
-        prepared = prepare(cfg)
+        prepared = prepare(cfg, log, par)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -172,7 +201,9 @@ def _main(args, held: contextlib.ExitStack, run: types.SimpleNamespace) -> int:
         return 0
 
     try:
-        return train(cfg, prepared)
+        if par is not None:
+            check_shared_dir(par, cfg.cache.dir, "cache.dir", "sources.json")
+        return train(cfg, prepared, log, par)
     except (ConfigError, AdapterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

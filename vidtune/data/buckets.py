@@ -3,7 +3,7 @@
 Samples of one bucket share a tensor shape, so a batch is always drawn from one bucket.
 ``pixel_area`` keeps the aspect ratio at a fixed pixel count (resolution 480 -> 480*480 pixels,
 e.g. 640x360 for 16:9), ``pixel`` makes the short edge ``resolution``; either way sides are
-rounded to multiples of 16 (VAE stride 8 x patch 2). The aspect ratio is rounded to
+rounded to multiples of 16 (VAE stride 8 x patch 2; 32 for the Wan 2.2 VAE's stride 16). The aspect ratio is rounded to
 ``aspect_bucket_rounding`` decimals *before* sizing, so all clips of one aspect bucket get the
 same size.
 """
@@ -29,13 +29,13 @@ class Bucket:
         return f"{self.width}x{self.height}@{self.frames}"
 
 
-def _round16(x: float) -> int:
-    return max(SIDE_MULTIPLE, int(round(x / SIDE_MULTIPLE)) * SIDE_MULTIPLE)
+def _round16(x: float, multiple: int = SIDE_MULTIPLE) -> int:
+    return max(multiple, int(round(x / multiple)) * multiple)
 
 
 def target_size(width: int, height: int, resolution: float, resolution_type: str = "pixel_area",
-                rounding: int = 2) -> tuple[int, int]:
-    """(width, height) a ``width x height`` source is trained at; multiples of 16."""
+                rounding: int = 2, multiple: int = SIDE_MULTIPLE) -> tuple[int, int]:
+    """(width, height) a ``width x height`` source is trained at; multiples of ``multiple``."""
     aspect = round(width / height, rounding) or 10.0 ** -rounding
     if resolution_type == "pixel_area":
         area = float(resolution) ** 2
@@ -44,7 +44,7 @@ def target_size(width: int, height: int, resolution: float, resolution_type: str
         w, h = (resolution * aspect, resolution) if aspect >= 1 else (resolution, resolution / aspect)
     else:
         raise ValueError(f"unknown resolution_type {resolution_type!r}")
-    return _round16(w), _round16(h)
+    return _round16(w, multiple), _round16(h, multiple)
 
 
 def clip_frames(available: int, ds: DatasetConfig) -> tuple[int | None, str]:
@@ -62,9 +62,10 @@ def clip_frames(available: int, ds: DatasetConfig) -> tuple[int | None, str]:
     return (n - 1) // step * step + 1, ""
 
 
-def bucket_for(width: int, height: int, available_frames: int, ds: DatasetConfig) -> tuple[Bucket | None, str]:
+def bucket_for(width: int, height: int, available_frames: int, ds: DatasetConfig,
+               multiple: int = SIDE_MULTIPLE) -> tuple[Bucket | None, str]:
     frames, reason = clip_frames(available_frames, ds)
     if frames is None:
         return None, reason
-    w, h = target_size(width, height, ds.resolution, ds.resolution_type, ds.aspect_bucket_rounding)
+    w, h = target_size(width, height, ds.resolution, ds.resolution_type, ds.aspect_bucket_rounding, multiple)
     return Bucket(w, h, frames), ""

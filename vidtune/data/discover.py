@@ -107,8 +107,9 @@ def probe(path: Path, kind: str, index: SourceIndex | None = None) -> MediaInfo:
 
 
 def discover_dataset(ds: DatasetConfig, fps: int, skips: SkipLog,
-                     index: SourceIndex | None = None) -> list[MediaItem]:
-    """Every usable sample of ``ds`` (sorted by path); bad files go to ``skips``."""
+                     index: SourceIndex | None = None, side_multiple: int = 16) -> list[MediaItem]:
+    """Every usable sample of ``ds`` (sorted by path), bucketed with sides that are multiples of
+    ``side_multiple`` (the model's pixel stride); bad files go to ``skips``."""
     root = Path(ds.path).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset {ds.id!r}: path {str(root)!r} is not a directory; fix [[dataset]] path")
@@ -132,7 +133,7 @@ def discover_dataset(ds: DatasetConfig, fps: int, skips: SkipLog,
         except Exception as exc:  # any decoder failure means this file is unusable, not the run
             skips.add(ds.id, path, f"unreadable: {_short(exc)}")
             continue
-        bucket, reason = bucket_for(info.width, info.height, info.frames(fps), ds)
+        bucket, reason = bucket_for(info.width, info.height, info.frames(fps), ds, side_multiple)
         if bucket is None:
             skips.add(ds.id, path, reason)
             continue

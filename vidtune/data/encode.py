@@ -1,5 +1,5 @@
-"""The VAE, the UMT5 text encoder and (Wan S2V) the wav2vec2 audio encoder used to fill the caches,
-loaded lazily from ``[model]``.
+"""The VAE, the text encoder (Wan: UMT5, Sana Video: Gemma2), Wan 2.1 I2V's CLIP image encoder and
+(Wan S2V) the wav2vec2 audio encoder used to fill the caches, loaded lazily from ``[model]``.
 
 Latents are normalised the way Wan trains on them: ``(mu - latents_mean) * (1 / latents_std)``
 per channel, from the VAE config, with ``mu`` the posterior mean (deterministic, so cacheable).
@@ -7,20 +7,38 @@ Text embeddings are exactly ``WanPipeline.encode_prompt``'s (same cleaning, toke
 512-token padding, encoder, trim to the true length); they are returned trimmed and the loader
 zero-pads them back to 512 (``cache.pad_prompt_embeds``), which saves most of the disk.
 
-With ``offload_during_startup`` only the encoder in use sits on the device; the other waits on
+Sana Video (Gemma2): embeddings and attention masks are exactly ``SanaVideoPipeline.encode_prompt``'s
+(called here) with the arguments ``SanaVideoPipeline.__call__`` gives it: captions and validation
+prompts with its default complex-human-instruction prefix and ``max_sequence_length`` 300 (so
+300 tokens: the first and the last 299 of prefix + prompt + padding), negative prompts without the
+prefix. They are stored whole with their mask: Gemma's states at padding positions are not zero.
+
+With ``offload_during_startup`` only the encoder in use sits on the device; the others wait on
 the CPU. Nothing is loaded until an entry is actually missing from the cache.
 """
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
+from ..models import family
 from ..runtime import DTYPES
 from .cache import TEXT_MAX_LENGTH, model_fingerprint
+
+
+def sana_instruction() -> list[str]:
+    """``SanaVideoPipeline.__call__``'s default complex-human-instruction lines."""
+    import inspect
+
+    from diffusers import SanaVideoPipeline
+
+    return list(inspect.signature(SanaVideoPipeline.__call__).parameters["complex_human_instruction"].default)
 
 
 def _local_component(src: str, subfolder: str, revision: str | None) -> tuple[Path | None, str]:
@@ -55,6 +73,8 @@ class Encoders:
         self._vae = None
         self._text_encoder = None
         self._tokenizer = None
+        self._image_encoder = None
+        self._image_processor = None
         self._audio_encoder = None
         self._feature_extractor = None
 
@@ -69,6 +89,12 @@ class Encoders:
         return f"{te}+{tok}"
 
     @cached_property
+    def image_fingerprint(self) -> str:
+        src = self.model.resolved_path()
+        enc = _local_component(src, "image_encoder", self.model.revision)[1]
+        return f"{enc}+{_local_component(src, 'image_processor', self.model.revision)[1]}"
+
+    @cached_property
     def audio_fingerprint(self) -> str:
         enc = _local_component(self.audio_src, "audio_encoder", self.model.revision)[1]
         proc = _local_component(self.audio_src, "audio_processor", self.model.revision)[1]
@@ -76,20 +102,24 @@ class Encoders:
 
     # -- device placement --------------------------------------------------------------------
     def _encoders(self) -> dict:
-        return {"vae": self._vae, "text": self._text_encoder, "audio": self._audio_encoder}
+        return {"vae": self._vae, "text": self._text_encoder, "image": self._image_encoder,
+                "audio": self._audio_encoder}
 
     def _activate(self, name: str) -> None:
-        """Put ``name`` ("vae" | "text" | "audio") on the device; with offload_during_startup, park the others."""
+        """Put ``name`` ("vae" | "text" | "image" | "audio") on the device; with offload_during_startup,
+        park the others."""
         for other, m in self._encoders().items():
             if self.offload_during_startup and other != name and m is not None:
                 m.to("cpu")
         self._encoders()[name].to(self.device)
 
     def placement(self) -> dict[str, str | None]:
-        """Where each loaded encoder sits (None: not loaded; the audio encoder listed once loaded)."""
+        """Where each loaded encoder sits (None: not loaded; the image and audio encoders listed once loaded)."""
         def dev(m):
             return None if m is None else str(next(m.parameters()).device)
         out = {"vae": dev(self._vae), "text_encoder": dev(self._text_encoder)}
+        if self._image_encoder is not None:
+            out["image_encoder"] = dev(self._image_encoder)
         if self._audio_encoder is not None:
             out["audio_encoder"] = dev(self._audio_encoder)
         return out
@@ -107,15 +137,43 @@ class Encoders:
 
     def _load_text(self):
         if self._text_encoder is None:
-            from transformers import AutoTokenizer, UMT5EncoderModel
+            from transformers import AutoModel, AutoTokenizer, UMT5EncoderModel
 
             self._tokenizer = AutoTokenizer.from_pretrained(
                 self.text_src, subfolder="tokenizer", revision=self.model.revision)
-            self._text_encoder = UMT5EncoderModel.from_pretrained(
+            cls = AutoModel if self.model.family == "sana_video" else UMT5EncoderModel  # Gemma2Model for Sana
+            self._text_encoder = cls.from_pretrained(
                 self.text_src, subfolder="text_encoder", dtype=self.text_dtype, revision=self.model.revision
             ).eval().requires_grad_(False)
         self._activate("text")
         return self._tokenizer, self._text_encoder
+
+    def text_form(self, negative: bool = False) -> dict:
+        """What besides the text and the encoder decides a text-cache entry: for Sana Video the
+        instruction prefix (hashed), the length and whether it is a negative prompt; nothing for
+        Wan, whose captions and negative prompts are encoded alike."""
+        if self.model.family != "sana_video":
+            return {}
+        if negative:
+            return {"form": "negative", "max_length": family("sana_video").TEXT_LEN}
+        chi = hashlib.sha256(json.dumps(sana_instruction()).encode()).hexdigest()[:16]
+        return {"form": "caption", "max_length": family("sana_video").TEXT_LEN, "instruction": chi}
+
+    @torch.no_grad()
+    def text_entries(self, prompts: list[str], negative: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Per prompt, the tensors of its text-cache entry: ``prompt_embeds`` (Wan: trimmed to the
+        true length; Sana Video: the pipeline's full 300 tokens, with ``prompt_attention_mask``)."""
+        if self.model.family != "sana_video":
+            return [{"prompt_embeds": e} for e in self.encode_text(prompts)]
+        from diffusers import SanaVideoPipeline
+
+        tokenizer, encoder = self._load_text()
+        pipe = SanaVideoPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None, scheduler=None)
+        embeds, mask, _, _ = pipe.encode_prompt(
+            list(prompts), do_classifier_free_guidance=False, device=self.device,
+            complex_human_instruction=None if negative else sana_instruction(),
+            max_sequence_length=family("sana_video").TEXT_LEN)
+        return [{"prompt_embeds": e, "prompt_attention_mask": m} for e, m in zip(embeds, mask)]
 
     # -- encoding ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -142,6 +200,26 @@ class Encoders:
         lengths = mask.gt(0).sum(dim=1).tolist()
         hidden = encoder(ids.to(self.device), mask.to(self.device)).last_hidden_state.to(self.text_dtype)
         return [h[:n] for h, n in zip(hidden, lengths)]
+
+    @torch.no_grad()
+    def encode_image(self, images: list) -> torch.Tensor:
+        """CLIP image embeddings of PIL images exactly as ``WanImageToVideoPipeline.encode_image``:
+        the pipeline's image processor, then the penultimate hidden state (n, tokens, D). The
+        encoder runs in fp32, as diffusers' Wan I2V examples load it."""
+        if self._image_encoder is None:
+            import transformers
+
+            from ..models.wan.pipeline import pipeline_index
+
+            src, rev = self.model.resolved_path(), self.model.revision
+            cls = ((pipeline_index(self.model) or {}).get("image_processor") or [None, "CLIPImageProcessor"])[1]
+            self._image_processor = getattr(transformers, cls).from_pretrained(src, subfolder="image_processor",
+                                                                               revision=rev)
+            self._image_encoder = transformers.CLIPVisionModel.from_pretrained(
+                src, subfolder="image_encoder", dtype=torch.float32, revision=rev).eval().requires_grad_(False)
+        self._activate("image")
+        inputs = self._image_processor(images=images, return_tensors="pt").to(self.device)
+        return self._image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]
 
     def _load_audio(self):
         if self._audio_encoder is None:
@@ -179,6 +257,7 @@ class Encoders:
     def release(self) -> None:
         """Drop every encoder and free its memory (training needs none of it)."""
         self._vae = self._text_encoder = self._tokenizer = self._audio_encoder = self._feature_extractor = None
+        self._image_encoder = self._image_processor = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -9,7 +9,10 @@ loader's own generator, which also draws caption dropout. ``state_dict`` holds t
 state and each dataset's (epoch, position): ``load_state_dict`` resumes on the exact next batch.
 
 With ``world_size`` ranks every rank runs the same plan and takes batch ``step * world_size +
-rank``, so ranks see different batches without talking to each other.
+rank``, so ranks see different batches without talking to each other. ``index`` is the place of
+the last batch in that shared order: the same at any world size, it seeds the per-batch random
+draws of the trainer. The state holds the plan's position, not the rank's, so a run resumes at
+another world size when its per-rank batch size is the same (the accumulation steps may differ).
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ class Batch:
     # Conditioning cached beside the latents (every other tensor of a latent cache entry, stacked
     # per key): what a family's training forward needs besides latents and text.
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (B, max_length) 1 = token, 0 = padding, for text caches that store the pipeline's mask (Sana Video)
+    prompt_mask: torch.Tensor | None = None
 
     def to(self, device, dtype: torch.dtype | None = None) -> "Batch":
         """Move to ``device``; floating tensors (latents, text, conditioning) also to ``dtype``."""
@@ -44,7 +49,8 @@ class Batch:
             return t.to(device, non_blocking=True)
         return Batch(move(self.latents), move(self.prompt_embeds), self.prompt_lengths.to(device),
                      self.captions, self.dropped.to(device), self.dataset_ids, self.sources,
-                     {k: move(v) for k, v in self.cond.items()})
+                     {k: move(v) for k, v in self.cond.items()},
+                     None if self.prompt_mask is None else self.prompt_mask.to(device))
 
 
 class CachedLoader:
@@ -82,6 +88,8 @@ class CachedLoader:
         self._pos = {d: [0, 0] for d in self.dataset_ids}  # dataset -> [epoch, batch index]
         self._plans: dict[str, tuple[int, list[list[int]]]] = {}
         self.step = 0  # batches yielded on this rank
+        self.consumed = 0  # batches of the shared plan taken by all ranks together
+        self.index = -1  # place of the last batch yielded in the shared plan
 
     # -- plan ----------------------------------------------------------------------------------
     def _plan(self, d: str, epoch: int) -> list[list[int]]:
@@ -122,6 +130,8 @@ class CachedLoader:
             if r == self.rank:
                 mine = (d, idx, drop)
         self.step += 1
+        self.index = self.consumed + self.rank
+        self.consumed += self.world_size
         d, idx, drop = mine
         return self._load([self.entries[d][i] for i in idx], drop)
 
@@ -135,17 +145,23 @@ class CachedLoader:
                   for e in entries]
         latents = torch.stack([x["latents"] for x in loaded])
         cond = {k: torch.stack([x[k] for x in loaded]) for k in loaded[0] if k != "latents"}
-        embeds = [self.store.load(TEXT, self.null_text_key if dr else e.text_key)["prompt_embeds"]
-                  for e, dr in zip(entries, drop.tolist())]
+        texts = [self.store.load(TEXT, self.null_text_key if dr else e.text_key)
+                 for e, dr in zip(entries, drop.tolist())]
+        embeds = [t["prompt_embeds"] for t in texts]
+        mask = None
+        if "prompt_attention_mask" in texts[0]:
+            mask = pad_prompt_embeds([t["prompt_attention_mask"][:, None] for t in texts], self.text_max_length)[..., 0]
         return Batch(
             latents=latents,
             prompt_embeds=pad_prompt_embeds(embeds, self.text_max_length),
-            prompt_lengths=torch.tensor([min(x.shape[0], self.text_max_length) for x in embeds]),
+            prompt_lengths=(mask.sum(1) if mask is not None else
+                            torch.tensor([min(x.shape[0], self.text_max_length) for x in embeds])),
             captions=["" if dr else e.caption for e, dr in zip(entries, drop.tolist())],
             dropped=drop,
             dataset_ids=[e.dataset_id for e in entries],
             sources=[str(e.source) for e in entries],
             cond=cond,
+            prompt_mask=mask,
         )
 
     # -- resume --------------------------------------------------------------------------------
@@ -155,16 +171,22 @@ class CachedLoader:
 
     def state_dict(self) -> dict:
         return {"version": 1, "seed": self.seed, "step": self.step, "world_size": self.world_size,
+                "consumed": self.consumed, "batch_size": self.batch_size,
                 "rng": self._generator.get_state().clone(),
                 "positions": {d: list(p) for d, p in self._pos.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("seed") != self.seed or state.get("world_size") != self.world_size:
-            raise ValueError(f"loader state was saved with seed {state.get('seed')} and world_size "
-                             f"{state.get('world_size')}, this run has {self.seed} and {self.world_size}: "
+        if state.get("seed") != self.seed:
+            raise ValueError(f"loader state was saved with seed {state.get('seed')}, this run has {self.seed}: "
                              f"the data order cannot be resumed exactly")
+        if state.get("batch_size", self.batch_size) != self.batch_size:
+            raise ValueError(f"the checkpoint was trained with train.batch_size = {state['batch_size']} per rank, this "
+                             f"run has {self.batch_size}: batches never mix buckets, so another size cuts the data "
+                             f"differently. Keep train.batch_size = {state['batch_size']} and change "
+                             f"train.gradient_accumulation_steps to keep the global batch")
         self._generator.set_state(state["rng"])
-        self.step = state["step"]
+        self.consumed = state.get("consumed", state["step"] * state.get("world_size", 1))
+        self.step = self.consumed // self.world_size
         for d, p in state["positions"].items():
             if d in self._pos:  # a dataset added since the checkpoint starts at its beginning
                 self._pos[d] = list(p)

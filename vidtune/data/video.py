@@ -192,3 +192,20 @@ def load_image(path: str | Path, width: int, height: int, crop: bool = False,
     src_h, src_w = pixels.shape[-2:]
     offset = crop_offset(src_w, src_h, width, height, crop, crop_style, seed_text)
     return _resize_crop_chunk(pixels, width, height, crop, offset).transpose(0, 1)
+
+
+def load_mask(path: str | Path, src_w: int, src_h: int, width: int, height: int, crop: bool = False,
+              crop_style: str = "center", seed_text: str = "") -> torch.Tensor:
+    """A loss-mask image as float (1, H, W) in [0, 1] (white = 1), aligned with its clip: scaled
+    to the clip's source size, then resized and cropped exactly like the clip's frames (same
+    ``seed_text``, the clip's digest, so a random crop lands on the same pixels)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("L")
+        m = torch.from_numpy(np.asarray(im).copy())[None, None].float()  # (1, 1, h, w), 0..255
+    if tuple(m.shape[-2:]) != (src_h, src_w):
+        m = F.interpolate(m, size=(src_h, src_w), mode="bilinear", antialias=True, align_corners=False)
+    offset = crop_offset(src_w, src_h, width, height, crop, crop_style, seed_text)
+    return ((_resize_crop_chunk(m, width, height, crop, offset) + 1.0) / 2.0)[0]

@@ -25,9 +25,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import (
     FlopCounterMode,
+    conv_flop_count,
     register_flop_formula,
     sdpa_backward_flop_count,
     sdpa_flop_count,
+    shape_wrapper,
 )
 
 aten = torch.ops.aten
@@ -36,7 +38,8 @@ _registered = False
 
 
 def _register_cpu_sdpa_flops() -> None:
-    """torch has no FLOP formula for CPU flash SDPA (counts 0): register the standard one."""
+    """torch has no FLOP formula for CPU flash SDPA (counts 0): register the standard one; and
+    replace its grouped-conv backward formula (below)."""
     global _registered
     if _registered:
         return
@@ -56,7 +59,17 @@ def _register_cpu_sdpa_flops() -> None:
         def _cpu_sdpa_bwd_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
             return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
+    # torch's convolution_backward formula ignores groups: its grad_weight term treats the input
+    # as one group, overcounting a depthwise conv by its channel count (Sana's Mix-FFN: 14x the
+    # forward). grad_input and grad_weight each cost what the forward does, for any groups.
+    flop_registry[aten.convolution_backward] = shape_wrapper(_conv_backward_flop)
     _registered = True
+
+
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
 def _op_name(func) -> str:
@@ -127,13 +140,17 @@ class _StorageTracker(TorchDispatchMode):
 @dataclass
 class Mark:
     """State at a ``Counts.mark`` call: live bytes now, peak since the previous mark (or the start),
-    and cumulative FLOPs and bytes materialised."""
+    cumulative FLOPs and bytes materialised, and the live bytes by the op that allocated them
+    and by (op, shape). Marked after a forward, the live bytes are what it keeps for backward
+    (plus its output)."""
 
     label: str
     live_bytes: int
     peak_since_prev: int
     flops: int
     materialized_bytes: int
+    live_by_op: dict = field(default_factory=dict, repr=False)
+    live_by_shape: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -154,7 +171,12 @@ class Counts:
         if live is None:
             raise RuntimeError("Counts.mark() is only valid inside its counting() region")
         tracker, flop_mode = live
-        m = Mark(label, tracker.live, tracker.window_peak, int(flop_mode.get_total_flops()), tracker.materialized)
+        by_op, by_shape = Counter(), Counter()
+        for n, op, shape in tracker._owner.values():
+            by_op[op] += n
+            by_shape[(op, shape)] += n
+        m = Mark(label, tracker.live, tracker.window_peak, int(flop_mode.get_total_flops()), tracker.materialized,
+                 dict(by_op), dict(by_shape))
         tracker.window_peak = tracker.live
         self.marks.append(m)
         return m

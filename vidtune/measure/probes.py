@@ -6,7 +6,7 @@ Everything here runs under ``FakeTensorMode`` (shapes and dtypes only, no memory
   the probed block 1, the tail (norm, proj_out, loss), then backward. The planner chains the
   probed block once per layer, so a 40-layer step costs two blocks to measure (~2 s, not ~30 s).
 - ``probe_vae`` / ``probe_text_encoder``: the diffusers Wan 2.1 VAE (encode or decode) and the
-  UMT5-XXL encoder from transformers, at full size.
+  text encoder from transformers (UMT5-XXL for Wan, Gemma2-2B for Sana Video), at full size.
 - ``OpRecorder``: per-op FLOPs and bytes read+written, for the roofline projections.
 Models are built by ``vidtune.build`` on the meta device (adapters injected there by peft) and
 their parameters then replaced by fake tensors: peft cannot inject into modules whose parameters
@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,21 +34,22 @@ from vidtune.runtime import dtype as runtime_dtype
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 feed_forward_proj="gated-gelu")
 TEXT_LEN = 512  # Wan pads prompts to 512 tokens
+# Gemma2-2B (Sana Video's text encoder, gemma-2-2b-it's decoder, ~2.6B parameters).
+GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                 query_pre_attn_scalar=256, sliding_window=4096)
+TEXT_ENCODERS = {"umt5": UMT5_XXL, "gemma2": GEMMA2_2B}
+# CLIP ViT-H/14 vision tower (Wan 2.1 I2V's image encoder, ~632M parameters).
+CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                  image_size=224, patch_size=14, projection_dim=1024)
 
 
 def local_component_config(model_cfg, component: str) -> dict | None:
     """config.json of a pipeline component (``vae``, ``text_encoder``) in a local checkpoint dir,
     so plans of small or custom checkpoints use their real sizes; None for hub ids."""
-    override = {"vae": model_cfg.vae_path, "text_encoder": model_cfg.text_encoder_path,
-                "audio_encoder": getattr(model_cfg, "audio_encoder_path", None)}.get(component)
-    for p in (override, model_cfg.path):
-        if not p:
-            continue
-        cand = Path(p).expanduser() / component / "config.json"
-        if cand.is_file():
-            cfg = json.loads(cand.read_text())
-            return {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return None
+    from vidtune.models.wan.pipeline import component_config
+
+    return component_config(model_cfg, component)
 
 
 def arch_key(arch) -> tuple:
@@ -155,12 +155,14 @@ def probe_step(model_cfg, adapter_cfg, arch, *, latent: tuple[int, int, int], ba
     Block 0 (unrouted, same checkpointing) stands between the head and the probed block, so the
     probed block sees what blocks 1..N-1 of the real model see: an input that needs its grad, and a
     backward that ends before any head node can run (the head's grads wait for every block)."""
-    m, a = model_cfg, adapter_cfg
+    # flash-attn and SageAttention run on CUDA only; on fake tensors they are counted as SDPA, whose
+    # footprint they share (no S x S score matrix).
+    m, a = dataclasses.replace(model_cfg, attention_backend="sdpa"), adapter_cfg
     what = (m.family, m.dtype, m.force_2_1_time_embedding, m.attention_backend,
             a.type, a.rank, a.alpha, tuple(a.target_modules), a.dropout, adapter_dtype)
     key = (arch_key(arch), what, latent, batch, autocast, ckpt, chunk, route_ratio, grad, text_len)
     if key not in _PROBES:
-        model = build_meta_model(model_cfg, adapter_cfg, arch, num_layers=2, ckpt=ckpt, chunk=chunk,
+        model = build_meta_model(m, adapter_cfg, arch, num_layers=2, ckpt=ckpt, chunk=chunk,
                                  adapter_dtype=adapter_dtype)
         _PROBES[key] = _probe_step(model, arch, latent, batch, runtime_dtype(m.dtype), autocast, route_ratio, grad,
                                    text_len)
@@ -214,7 +216,8 @@ def _probe_step(model, arch, latent, batch, dtype, autocast, route_ratio, grad, 
                     stack.enter_context(torch.no_grad())
                 if autocast is not None:
                     stack.enter_context(torch.autocast("cpu", dtype=autocast))
-                out = model(x, t, ctx, routes=routes, generator=torch.Generator().manual_seed(0), **extra)
+                out = model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, routes=routes,
+                            generator=torch.Generator().manual_seed(0), **extra)
                 stack.close()  # the loss and backward run outside autocast, as in the trainer
                 loss = (out.float() - target.float()).pow(2).mean()
                 mark("fwd")
@@ -241,19 +244,22 @@ _AUX: dict = {}
 def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decode: bool, batch: int = 1,
               config: dict | None = None):
     """(weight bytes, peak activation bytes, FLOPs) of the Wan VAE (``config``: its config.json;
-    default the Wan 2.1 VAE) encoding pixels (F, H, W) or decoding their latents, no grad,
+    default the Wan 2.1 VAE; the Wan 2.2 one strides 16) encoding pixels (F, H, W) or decoding
+    their latents, no grad,
     measured at full size on fake tensors (memoised)."""
     key = ("vae", frames, height, width, dtype, decode, batch, json.dumps(config, sort_keys=True))
     if key not in _AUX:
         from diffusers import AutoencoderKLWan
 
         with torch.device("meta"):
-            vae = AutoencoderKLWan(**(config or {})).to(dtype)
+            # nn.Module.to: diffusers' own .to(dtype) warns about fp32-kept modules, and this VAE has none.
+            vae = nn.Module.to(AutoencoderKLWan(**(config or {})), dtype)
         weights = sum(p.numel() * p.element_size() for p in vae.parameters())
         with FakeTensorMode():
             fakeify(vae).eval()
             if decode:
-                z = torch.randn(batch, vae.config.z_dim, (frames - 1) // 4 + 1, height // 8, width // 8, dtype=dtype)
+                t, sp = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+                z = torch.randn(batch, vae.config.z_dim, (frames - 1) // t + 1, height // sp, width // sp, dtype=dtype)
                 fn = lambda: vae.decode(z).sample  # noqa: E731
             else:
                 z = torch.randn(batch, 3, frames, height, width, dtype=dtype)
@@ -264,14 +270,16 @@ def probe_vae(frames: int, height: int, width: int, dtype: torch.dtype, *, decod
     return _AUX[key]
 
 
-def probe_text_encoder(batch: int, dtype: torch.dtype, text_len: int = TEXT_LEN, config: dict | None = None):
-    """(weight bytes, peak activation bytes, FLOPs) of the UMT5 encoder (``config``: its
-    config.json; default UMT5-XXL, Wan's) on ``batch`` prompts."""
-    from transformers import UMT5Config, UMT5EncoderModel
+def probe_text_encoder(batch: int, dtype: torch.dtype, text_len: int = TEXT_LEN, config: dict | None = None,
+                       kind: str = "umt5"):
+    """(weight bytes, peak activation bytes, FLOPs) of the text encoder ``kind`` (umt5 | gemma2;
+    ``config``: its config.json, default the full-size one of TEXT_ENCODERS) on ``batch`` prompts."""
+    from transformers import Gemma2Config, Gemma2Model, UMT5Config, UMT5EncoderModel
 
+    cls, cfg_cls = (Gemma2Model, Gemma2Config) if kind == "gemma2" else (UMT5EncoderModel, UMT5Config)
     return _probe_encoder(
-        ("umt5", batch, dtype, text_len, json.dumps(config, sort_keys=True)),
-        lambda: UMT5EncoderModel(UMT5Config(**(config or UMT5_XXL))).to(dtype),
+        (kind, batch, dtype, text_len, json.dumps(config, sort_keys=True)),
+        lambda: cls(cfg_cls(**(config or TEXT_ENCODERS[kind]))).to(dtype),
         lambda: (torch.zeros(batch, text_len, dtype=torch.long), torch.ones(batch, text_len, dtype=torch.long)),
         lambda te, ids, mask: te(input_ids=ids, attention_mask=mask))
 
@@ -292,6 +300,14 @@ def _probe_encoder(key, build, make_inputs, call):
     return _AUX[key]
 
 
+def image_encoder_bytes(config: dict | None = None) -> int:
+    """Weight bytes of the CLIP vision encoder (``config``: its config.json; default ViT-H/14) in
+    fp32, the dtype vidtune runs it in while caching; its activations (one image) are negligible."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with torch.device("meta"):
+        enc = CLIPVisionModel(CLIPVisionConfig(**(config or CLIP_VIT_H)))
+    return sum(p.numel() * 4 for p in enc.parameters())
 # wav2vec2-large-xlsr-53-english (Wan S2V's audio encoder, ~315M parameters), as Wav2Vec2ForCTC.
 XLSR_53_LARGE = dict(vocab_size=33, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                      intermediate_size=4096, conv_dim=(512,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),

@@ -17,6 +17,11 @@ checkpointing, a saved-tensor hook packs any tensor that lives in a slot as (gro
 shape, stride) and rebuilds it from wherever the group is resident at unpack time; under
 checkpointing the checkpoint's own hooks drop those tensors and the recompute reloads.
 
+Two models can share one streamer (``share=``, the two experts of a Wan 2.2 A14B checkpoint):
+their groups live side by side in its host tier and take turns on one slot pool. Entering a
+group of one model first releases every group the other holds, so only the running model's
+weights are ever on the device.
+
 Parameters of an evicted group point at zero-element tensors, so stray use fails loudly.
 Only frozen weights move (plain tensors and tensor subclasses such as torchao's Int8Tensor,
 data and scales); trainable adapter weights stay resident; nothing is ever written back.
@@ -68,7 +73,7 @@ class GroupOffload:
     ``load_log`` [(phase, gid)] of every load issued, ``enter_log`` [(phase, gid)] of every group
     switch, ``stats()`` the streamer's byte counters."""
 
-    def __init__(self, blocks: nn.ModuleList, cfg: OffloadConfig, device):
+    def __init__(self, blocks: nn.ModuleList, cfg: OffloadConfig, device, share: "GroupOffload | None" = None):
         self.cfg = cfg
         self.device = torch.device(device)
         self.blocks = blocks
@@ -89,8 +94,19 @@ class GroupOffload:
             self._pieces.append(pieces)
             sizes.append(off)
         self.group_bytes = sizes
-        self.streamer = _st.make_streamer(cfg.backend, self.depth + 1, max(max(sizes), 1), cfg.num_workers, self.device)
-        self._sid = _st.register(self.streamer)
+        if share is None:
+            self.streamer = _st.make_streamer(cfg.backend, self.depth + 1, max(max(sizes), 1), cfg.num_workers,
+                                              self.device)
+            self._sid = _st.register(self.streamer)
+            self._pool = {"active": self}  # who holds the slots of this streamer
+        else:
+            if max(sizes) > share.streamer.slot_bytes or share.device != self.device:
+                raise ValueError(f"cannot share the offload streamer: groups of {max(sizes)} bytes on {self.device} "
+                                 f"vs slots of {share.streamer.slot_bytes} on {share.device} (same architecture "
+                                 f"and device needed)")
+            self.streamer, self._sid, self._pool = share.streamer, share._sid, share._pool
+        self._owns_streamer = share is None
+        self._gids: list[int] = []  # the streamer's id of each of our groups
         self._slot_by_ptr = {s.untyped_storage().data_ptr(): i for i, s in enumerate(self.streamer.slot_tensors())}
         self._slot_owner: dict[int, int] = {}
         self._bound: dict[int, int] = {}  # gid -> slot its parameters point at
@@ -101,12 +117,13 @@ class GroupOffload:
             os.makedirs(cfg.to_disk_path, exist_ok=True)
         for gid, pieces in enumerate(self._pieces):
             host = self.streamer.add_group(max(sizes[gid], 1))
+            self._gids.append(host)
             buf = self.streamer.host_tensor(host)
             for p, attr, dtype, shape, off, nb in pieces:
                 t = p if attr is None else getattr(p, attr)
                 buf[off:off + nb].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
             if cfg.to_disk_path:
-                self.streamer.spill(host, os.path.join(cfg.to_disk_path, f"group_{gid:04d}.bin"))
+                self.streamer.spill(host, os.path.join(cfg.to_disk_path, f"group_{host:04d}.bin"))
             self._unbind(gid)
         self._cur: tuple[int, bool] | None = None
         self.load_log: list[tuple[str, int]] = []
@@ -149,20 +166,23 @@ class GroupOffload:
         bwd = _in_backward()
         if self._cur == (gid, bwd):
             return self._bound[gid]
+        if self._pool["active"] is not self:  # a model sharing our streamer holds the slots
+            self._pool["active"].release()
+            self._pool["active"] = self
         phase = "bwd" if bwd else "fwd"
         order = self._bwd_order if bwd else self._fwd_order
         pos = order.index(gid)
         window = order[pos:pos + self.depth + 1]
         for r in [r for r in self._resident if r not in window]:
             self._unbind(r)
-            torch.ops.vidtune.group_evict(self._sid, r)
+            torch.ops.vidtune.group_evict(self._sid, self._gids[r])
             self._resident.remove(r)
         for w in window:
             if w not in self._resident:
-                torch.ops.vidtune.group_load(self._sid, w)
+                torch.ops.vidtune.group_load(self._sid, self._gids[w])
                 self._resident.append(w)
                 self.load_log.append((phase, w))
-        slot = torch.ops.vidtune.group_wait(self._sid, gid)
+        slot = torch.ops.vidtune.group_wait(self._sid, self._gids[gid])
         self._bind(gid, slot)
         self._cur = (gid, bwd)
         self.enter_log.append((phase, gid))
@@ -253,6 +273,19 @@ class GroupOffload:
         self.load_log.clear()
         self.enter_log.clear()
 
+    def release(self) -> None:
+        """Evict every group this model holds (its slots go back to the pool); the next forward
+        loads them again."""
+        for r in list(self._resident):
+            self._unbind(r)
+            torch.ops.vidtune.group_evict(self._sid, self._gids[r])
+        self._resident.clear()
+        self._cur = None
+
+    def resident_groups(self) -> list[int]:
+        """Our groups that hold a slot now."""
+        return list(self._resident)
+
     def remove(self) -> None:
         """Make every weight an ordinary resident tensor again and unwrap the block forwards."""
         for gid in range(len(self.groups)):
@@ -263,7 +296,7 @@ class GroupOffload:
             self._bound.pop(gid, None)
             self._materialized.add(gid)
         for r in list(self._resident):
-            torch.ops.vidtune.group_evict(self._sid, r)
+            torch.ops.vidtune.group_evict(self._sid, self._gids[r])
         self._resident.clear()
         for blk in self.groups:
             for bi in blk:
@@ -280,7 +313,8 @@ class GroupOffload:
                 self.blocks[bi].forward = f.__wrapped__
                 if self.blocks[bi].forward == type(self.blocks[bi]).forward.__get__(self.blocks[bi]):
                     del self.blocks[bi].forward
-        _st.unregister(self._sid)
+        if self._owns_streamer:
+            _st.unregister(self._sid)
 
 
 def _frozen_tensors(block: nn.Module, index: int):
@@ -311,9 +345,10 @@ def _frozen_tensors(block: nn.Module, index: int):
 
 
 def apply_group_offload(model: nn.Module, cfg: OffloadConfig, device="cpu", *,
-                        model_cpu_offload: bool = False) -> GroupOffload | None:
+                        model_cpu_offload: bool = False, share: GroupOffload | None = None) -> GroupOffload | None:
     """Stream ``model.blocks`` in groups. Call after quantization and adapters, before
-    checkpointing. Returns the scheduler (None when ``cfg.type == 'none'``).
+    checkpointing. Returns the scheduler (None when ``cfg.type == 'none'``). ``share``: another
+    model's scheduler whose streamer (host tier and slot pool) this model joins.
 
     Parameters and buffers outside the offloaded frozen block weights are moved to ``device``.
     """
@@ -331,9 +366,24 @@ def apply_group_offload(model: nn.Module, cfg: OffloadConfig, device="cpu", *,
                          "checkpointing) so the recompute reloads the group")
     if any(getattr(b.forward, "_vidtune_offloaded", False) for b in blocks):
         raise ValueError("group offload is already applied to these blocks")
-    off = GroupOffload(blocks, cfg, device)
-    moved = {id(p) for g in off._pieces for p, *_ in g}
+    off = GroupOffload(blocks, cfg, device, share)
+    model._vidtune_group_offload = off
+    place_resident(model, device)
+    return off
+
+
+def place_resident(model: nn.Module, device) -> None:
+    """Move every parameter and buffer of ``model`` that the group offload does not stream (all
+    of them without offload) to ``device``: how an idle model waits in host RAM and comes back.
+    Parameters keep their identity, so optimizers keep their hold on them."""
+    off = getattr(model, "_vidtune_group_offload", None)
+    if off is None:
+        model.to(device)
+        return
     dev = torch.device(device)
+    if dev.type == "cpu" and off.device.type != "cpu":
+        off.release()  # its slots are free for the model that runs next
+    moved = {id(p) for g in off._pieces for p, *_ in g}
     for mod in model.modules():
         for name, p in mod._parameters.items():
             if p is not None and id(p) not in moved and p.device != dev:
@@ -341,5 +391,3 @@ def apply_group_offload(model: nn.Module, cfg: OffloadConfig, device="cpu", *,
         for name, b in mod._buffers.items():
             if b is not None and b.device != dev:
                 mod._buffers[name] = b.to(dev)
-    model._vidtune_group_offload = off
-    return off

@@ -3,16 +3,18 @@
 Each family is a package (``vidtune.models.<family>``) that exposes what the rest of vidtune needs
 to know about it: ``CLASS_NAMES`` (the diffusers ``_class_name`` values it loads), ``CONFIG_CLASS``,
 ``MODEL_CLASS``, ``KEEP_FP32`` (parameters kept in fp32 whatever the dtype),
-``flavour_config(flavour)`` (full-size architecture) and ``transformer_subfolder(flavour)``; optionally
-``checkpoint_key(key)`` (a checkpoint's key in another layout -> our parameter name) and
-``example_inputs(config, hidden_states)`` (the extra model inputs probes and benchmarks pass).
+``flavour_config(flavour)`` (full-size architecture), ``transformer_subfolder(flavour, expert)`` and
+``TEXT_LEN`` (text-encoder tokens per prompt the pipeline pads to); optionally
+``model_inputs(arch, model_cfg)`` (the conditioning the transformer takes), ``checkpoint_key(key)``
+(a checkpoint's key in another layout -> our parameter name) and ``example_inputs(config, hidden_states)``
+(the extra model inputs probes and benchmarks pass).
 Family rules live there, never in the trainer.
 """
 from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("wan", "wan_s2v")
+FAMILIES = ("wan", "wan_s2v", "sana_video")
 
 
 def family(name: str):

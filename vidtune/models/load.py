@@ -96,6 +96,8 @@ def load_weights(model: torch.nn.Module, files: list[Path], torch_dtype, keep_fp
                         unknown.append(name)
                     continue
                 t = fh.get_tensor(name)
+                if t.dim() == expected[key].dim() + 1 and t.shape[0] == 1 and t.shape[1:] == expected[key].shape:
+                    t = t[0]  # some Sana Video exports store scale_shift_table as (1, 2, D)
                 if t.shape != expected[key].shape:
                     raise ValueError(
                         f"{f}: {key} has shape {tuple(t.shape)}, the model expects {tuple(expected[key].shape)} "
@@ -175,15 +177,16 @@ def from_pretrained(
     return model
 
 
-def save_pretrained(model: torch.nn.Module, out_dir: str | Path) -> Path:
+def save_pretrained(model: torch.nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Save a model in the diffusers layout (``config.json`` + one safetensors file), each file
-    atomically; ``from_pretrained`` and diffusers' ``from_pretrained`` read it back."""
+    atomically; ``from_pretrained`` and diffusers' ``from_pretrained`` read it back. ``state_dict``:
+    the weights to write, when not ``model.state_dict()`` (a sharded model's, gathered)."""
     from safetensors.torch import save
 
     from ..fsutil import atomic_write_bytes
 
     out_dir = Path(out_dir)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     atomic_write_bytes(out_dir / WEIGHTS_NAME, save(sd, metadata={"format": "pt"}))
     atomic_write_bytes(out_dir / "config.json", json.dumps(model.config.to_dict(), indent=1).encode())
     return out_dir

@@ -11,6 +11,13 @@ test_sampler.py checks it against the real pipeline for UniPC and flow-match Eul
   latents cast to the transformer dtype, ``uncond + guidance * (cond - uncond)``, then
   ``scheduler.step`` on the fp32 latents.
 
+Two experts (Wan 2.2 A14B) switch like ``WanPipeline`` with ``transformer_2``: steps with
+``t >= boundary_ratio * num_train_timesteps`` run ``transformer`` (high noise), the others
+``transformer_2``. Image-to-video inputs follow ``WanImageToVideoPipeline``: ``condition`` (mask +
+first-frame latents) is concatenated to the latents; ``image_embeds`` is the CLIP context; with
+``expand_timesteps`` (TI2V-5B) every token gets its own timestep and ``first_frame`` (the clean
+first latent frame) replaces latent frame 0 at t = 0, before every step and in the result.
+
 Skip-layer guidance (SLG) follows diffusers' StableDiffusion3Pipeline: on steps ``i`` with
 ``skip_layers_start <= i / steps <= skip_layers_stop`` one more conditional forward runs with
 ``skip_layers=...`` and ``noise_pred += (cond - cond_skip) * skip_layers_scale`` (SimpleTuner's
@@ -21,14 +28,14 @@ CFG terms untouched.
 
 Decoding un-normalises like WanPipeline (``latents / (1/std) + mean``) and returns uint8 frames.
 ``save_video`` writes mp4 with torchcodec's encoder (ffmpeg through a pipe when torchcodec cannot
-be imported) and ``save_contact_sheet`` a PNG grid; both write atomically.
+be imported), ``save_contact_sheet`` a PNG of labelled frames and ``save_comparison_sheet`` one
+that compares videos row by row (``vidtune.sample.sheets``); all write atomically.
 """
 from __future__ import annotations
 
 import inspect
 import json
 import logging
-import math
 import re
 import shutil
 import subprocess
@@ -54,10 +61,26 @@ SCHEDULERS = ("unipc", "euler")
 # ---------------------------------------------------------------------------------------------
 # Prompts.
 
+def prompt_slug(text: str, max_chars: int = 48) -> str:
+    """A file name from a prompt: its first words (any script), lower case, joined by ``_``."""
+    words = re.findall(r"\w+", text.lower())
+    slug = ""
+    for w in words:
+        if slug and len(slug) + 1 + len(w) > max_chars:
+            break
+        slug = f"{slug}_{w}" if slug else w[:max_chars]
+    return slug
+
+
 def load_prompts(prompts: Sequence[str] = (), library: str | Path | dict | None = None) -> list[tuple[str, str]]:
-    """[(name, prompt)]: the listed prompts as ``prompt0, prompt1...`` then the library's
-    ``{nickname: prompt}`` entries (a JSON file or a dict) in file order."""
-    out = [(f"prompt{i}", p) for i, p in enumerate(prompts)]
+    """[(name, prompt)]: the listed prompts named by a slug of their text (``a_red_cat``; a second
+    prompt with the same slug gets ``_2``...), then the library's ``{nickname: prompt}`` entries
+    (a JSON file or a dict) in file order."""
+    out, used = [], {}
+    for i, p in enumerate(prompts):
+        slug = prompt_slug(p) or f"prompt{i}"
+        used[slug] = used.get(slug, 0) + 1
+        out.append((slug if used[slug] == 1 else f"{slug}_{used[slug]}", p))
     if library is not None:
         where = "prompt library" if isinstance(library, dict) else str(library)
         if not isinstance(library, dict):
@@ -80,8 +103,8 @@ def load_prompts(prompts: Sequence[str] = (), library: str | Path | dict | None 
 
 
 def safe_name(name: str) -> str:
-    """A file-system-safe version of a prompt nickname."""
-    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9._-]", "_", name)).strip("._") or "prompt"
+    """A file-system-safe version of a prompt nickname (letters of any script, digits, ``._-``)."""
+    return re.sub(r"_+", "_", re.sub(r"[^\w.-]", "_", name)).strip("._") or "prompt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,14 +171,27 @@ def _vae_scale_factors(vae) -> tuple[int, int]:
 
 
 def initial_latents(batch: int, channels: int, num_frames: int, height: int, width: int, seed: int,
-                    device, generator_device="cpu", vae=None) -> torch.Tensor:
-    """The starting noise, exactly ``WanPipeline.prepare_latents`` with a seeded generator."""
+                    device, generator_device="cpu", vae=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The starting noise, exactly ``WanPipeline.prepare_latents`` with a seeded generator (or
+    ``generator`` as it is, when the caller goes on drawing from it)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     ft, sp = _vae_scale_factors(vae)
     shape = (batch, channels, (num_frames - 1) // ft + 1, int(height) // sp, int(width) // sp)
-    generator = torch.Generator(generator_device).manual_seed(int(seed))
+    generator = generator or torch.Generator(generator_device).manual_seed(int(seed))
     return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+
+
+def check_sampling(output_type: str, vae, guidance: float, negative) -> bool:
+    """Errors for a sampling call that cannot run; returns whether CFG runs (the pipelines'
+    ``do_classifier_free_guidance``: guidance > 1)."""
+    if output_type not in ("latent", "video"):
+        raise ValueError(f"output_type {output_type!r}: choose 'latent' or 'video'")
+    if output_type == "video" and vae is None:
+        raise ValueError("output_type='video' needs the VAE (vae=AutoencoderKLWan)")
+    if guidance > 1.0 and negative is None:
+        raise ValueError(f"guidance {guidance} > 1 runs CFG and needs negative prompt embeddings")
+    return guidance > 1.0
 
 
 @torch.no_grad()
@@ -183,6 +219,12 @@ def sample(
     output_type: str = "latent",
     latents: torch.Tensor | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    transformer_2=None,
+    boundary_ratio: float | None = None,
+    condition: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
+    first_frame: torch.Tensor | None = None,
+    expand_timesteps: bool = False,
     extra: dict | None = None,
     extra_uncond: dict | None = None,
 ):
@@ -194,16 +236,13 @@ def sample(
     (default: the transformer's first parameter's device). ``callback(i, latents)`` after each
     step (streaming previews). ``output_type``: "latent" returns the fp32 latents (B, C, F', H', W')
     before decoding; "video" decodes with ``vae`` and returns uint8 frames (B, F, 3, H, W).
+    ``transformer_2`` + ``boundary_ratio``: the low-noise expert and where it takes over.
+    ``condition`` (B, 4 + C, F', H', W'), ``image_embeds`` (B, tokens, D), ``first_frame``
+    (B, C, 1, H', W') and ``expand_timesteps``: the image-to-video inputs (module docstring).
     ``extra`` / ``extra_uncond``: keyword inputs of the conditional / unconditional forward (Wan S2V's
     audio and reference latents; the unconditional pass takes ``extra`` when not given its own).
     """
-    if output_type not in ("latent", "video"):
-        raise ValueError(f"output_type {output_type!r}: choose 'latent' or 'video'")
-    if output_type == "video" and vae is None:
-        raise ValueError("output_type='video' needs the VAE (vae=AutoencoderKLWan)")
-    cfg_on = guidance > 1.0  # WanPipeline.do_classifier_free_guidance
-    if cfg_on and negative_prompt_embeds is None:
-        raise ValueError(f"guidance {guidance} > 1 runs CFG and needs negative_prompt_embeds")
+    cfg_on = check_sampling(output_type, vae, guidance, negative_prompt_embeds)
     if not 0.0 <= skip_layers_start <= skip_layers_stop <= 1.0:
         raise ValueError("skip-layer guidance needs 0 <= skip_layers_start <= skip_layers_stop <= 1")
     if isinstance(scheduler, str):
@@ -216,7 +255,13 @@ def sample(
     batch = cond.shape[0]
     if uncond is not None and uncond.shape[0] != batch:
         uncond = uncond.expand(batch, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
-    channels = transformer.config.in_channels
+    channels = transformer.config.out_channels  # the latents' (in_channels also counts I2V conditioning)
+    if (transformer_2 is None) != (boundary_ratio is None):
+        raise ValueError("two experts need both transformer_2 and boundary_ratio")
+    if condition is not None:
+        condition = condition.to(device, torch.float32)
+    if image_embeds is not None:
+        image_embeds = image_embeds.to(device, dtype)
 
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
@@ -230,25 +275,50 @@ def sample(
 
     extra = extra or {}
     extra_uncond = extra if extra_uncond is None else extra_uncond
-    was_training = transformer.training
-    transformer.eval()  # no TREAD routes, no dropout while sampling
+    if image_embeds is not None:  # Wan 2.1 I2V's CLIP context goes to both passes, like the pipeline
+        extra = {**extra, "encoder_hidden_states_image": image_embeds}
+        extra_uncond = {**extra_uncond, "encoder_hidden_states_image": image_embeds}
+    mask = None
+    if expand_timesteps:  # per-token timesteps; 0 where the clean first frame conditions
+        mask = torch.ones(1, 1, *latents.shape[2:], device=device)
+        if first_frame is not None:
+            first_frame = first_frame.to(device, torch.float32)
+            mask[:, :, 0] = 0
+    boundary_t = None if boundary_ratio is None else boundary_ratio * scheduler.config.num_train_timesteps
+    models = [m for m in (transformer, transformer_2) if m is not None]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()  # no TREAD routes, no dropout while sampling
+    patch = transformer.config.patch_size
     try:
         for i, t in enumerate(timesteps):
-            x = latents.to(dtype)
-            timestep = t.expand(batch)
-            noise_pred = transformer(x, timestep, cond, **extra)
+            model = transformer if boundary_t is None or t >= boundary_t else transformer_2
+            x = latents
+            if mask is not None:
+                if first_frame is not None:
+                    x = (1 - mask) * first_frame + mask * latents
+                timestep = (mask[0, 0][:, ::patch[1], ::patch[2]] * t).flatten().unsqueeze(0).expand(batch, -1)
+            else:
+                timestep = t.expand(batch)
+            if condition is not None:
+                x = torch.cat([latents, condition], dim=1)
+            x = x.to(dtype)
+            noise_pred = model(x, timestep, cond, **extra)
             cond_pred = noise_pred
             if cfg_on:
-                noise_uncond = transformer(x, timestep, uncond, **extra_uncond)
+                noise_uncond = model(x, timestep, uncond, **extra_uncond)
                 noise_pred = noise_uncond + guidance * (noise_pred - noise_uncond)
             if skip_layers and skip_layers_start <= i / steps <= skip_layers_stop:
-                cond_skip = transformer(x, timestep, cond, skip_layers=tuple(skip_layers), **extra)
+                cond_skip = model(x, timestep, cond, skip_layers=tuple(skip_layers), **extra)
                 noise_pred = noise_pred + (cond_pred - cond_skip) * skip_layers_scale
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if callback is not None:
                 callback(i, latents)
     finally:
-        transformer.train(was_training)
+        for m, training in zip(models, was_training):
+            m.train(training)
+    if first_frame is not None and mask is not None:
+        latents = (1 - mask) * first_frame + mask * latents
     if output_type == "latent":
         return latents
     return decode(vae, latents)
@@ -320,32 +390,36 @@ def _ffmpeg_encode(frames: torch.Tensor, path: Path, fps: int) -> None:
                     str(path)], input=raw, check=True)
 
 
-def save_contact_sheet(frames: torch.Tensor, path: str | Path, max_frames: int = 8, columns: int = 4) -> Path:
-    """A PNG grid of up to ``max_frames`` evenly spaced frames (F, 3, H, W uint8), first and last
-    included, ``columns`` per row."""
-    from PIL import Image
+def save_contact_sheet(frames: torch.Tensor, path: str | Path, max_frames: int = 8, columns: int = 4,
+                       title: Sequence[str] = ()) -> Path:
+    """A PNG of up to ``max_frames`` evenly spaced frames (F, 3, H, W uint8), first and last
+    included, ``columns`` per row, each labelled with its frame number, under ``title`` lines."""
+    from .sheets import contact_sheet
 
+    return _save_png(contact_sheet(frames, title, max_frames, columns), path)
+
+
+def save_comparison_sheet(videos: Sequence[tuple[str, torch.Tensor]], numbers: Sequence[int], path: str | Path,
+                          title: Sequence[str] = ()) -> Path:
+    """A PNG comparing videos (label, frames numbered ``numbers``): one labelled row each."""
+    from .sheets import comparison_sheet
+
+    return _save_png(comparison_sheet(videos, numbers, title), path)
+
+
+def _save_png(image, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f, _, h, w = frames.shape
-    n = min(f, max_frames)
-    idx = sorted({round(i * (f - 1) / max(n - 1, 1)) for i in range(n)})
-    cols = min(columns, len(idx))
-    rows = math.ceil(len(idx) / cols)
-    sheet = Image.new("RGB", (cols * w, rows * h))
-    for k, i in enumerate(idx):
-        tile = Image.fromarray(frames[i].permute(1, 2, 0).cpu().numpy())
-        sheet.paste(tile, ((k % cols) * w, (k // cols) * h))
     with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
+        image.save(tmp, format="PNG")
     return path
 
 
 def save_outputs(frames: torch.Tensor, out_dir: str | Path, name: str, fps: int = 16,
-                 audio: torch.Tensor | None = None) -> tuple[Path, Path]:
+                 title: Sequence[str] = (), audio: torch.Tensor | None = None) -> tuple[Path, Path]:
     """``<out_dir>/<name>.mp4`` (with ``audio``, 16 kHz mono, as its soundtrack) and
-    ``<out_dir>/<name>.png`` for one video (F, 3, H, W uint8)."""
+    ``<out_dir>/<name>.png`` (contact sheet under ``title``) for one video (F, 3, H, W uint8)."""
     out_dir = Path(out_dir)
     stem = safe_name(name)
     return (save_video(frames, out_dir / f"{stem}.mp4", fps, audio),
-            save_contact_sheet(frames, out_dir / f"{stem}.png"))
+            save_contact_sheet(frames, out_dir / f"{stem}.png", title=title))

@@ -44,6 +44,12 @@ class Ema:
         finally:
             self.ema.restore(self.params)
 
+    def to(self, device) -> None:
+        """Move the shadow weights with the model (``device = "same"``; CPU ones stay)."""
+        if self.cfg.device == "same":
+            self.device = torch.device(device)
+            self.ema.to(self.device)
+
     def shadow(self) -> list[torch.Tensor]:
         return self.ema.shadow_params
 

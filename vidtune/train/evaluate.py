@@ -30,7 +30,7 @@ from ..data.loader import Batch
 from ..data.prepare import usable_samples
 from ..fsutil import atomic_write_bytes
 from ..runtime import seed_for
-from .flow import flow_loss, noisy_input
+from .flow import flow_loss
 
 EVAL_LOG = "eval.jsonl"
 

@@ -19,13 +19,38 @@ from .flow import noisy_input
 
 def wan_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator, x_t=None,
                 **model_kwargs):
-    """Wan text-to-video: denoise the whole clip. ``x_t`` replaces the noised latents as the input
-    (scheduled sampling); ``model_kwargs`` go to the model call (``capture_hidden`` for CREPA,
-    which then returns ``(prediction, {block: hidden})``)."""
+    """Wan: text-to-video denoises the whole clip; image-to-video adds the conditioning cached
+    beside the latents (``vidtune.data.conditioning``), as WanImageToVideoPipeline feeds it.
+    ``x_t`` replaces the noised latents as the input (scheduled sampling); ``model_kwargs`` go to
+    the model call (``capture_hidden`` for CREPA, which then returns ``(prediction, {block: hidden})``)."""
     noised, target, timestep = noisy_input(batch.latents, noise, sigma)
-    pred = model(noised if x_t is None else x_t, timestep, batch.prompt_embeds, routes=routes, generator=generator,
+    x_in, timestep, weight, keep = i2v_model_input(noised if x_t is None else x_t, timestep, batch.cond,
+                                                   model.config.patch_size)
+    image = batch.cond.get("image_embeds")
+    if image is not None:  # (B, images, tokens, D): one CLIP context per conditioning image
+        image = image.flatten(0, 1)
+    pred = model(x_in, timestep, batch.prompt_embeds, image, routes=routes, force_keep=keep, generator=generator,
                  **model_kwargs)
-    return pred, target, None
+    return pred, target, weight
+
+
+def i2v_model_input(x_t: torch.Tensor, timestep: torch.Tensor, cond: dict, patch):
+    """(model input, timestep, loss weight, tokens TREAD must keep) of noisy latents ``x_t``.
+
+    ``condition`` (Wan I2V: mask + first-frame latents) is concatenated on channels.
+    ``first_frame`` (TI2V-5B, diffusers' expand_timesteps) replaces latent frame 0 by the clean
+    first-frame latent, whose tokens get t = 0 and stay out of the loss; TREAD keeps them, so
+    every routed block still sees the conditioning."""
+    if "condition" in cond:
+        return torch.cat([x_t, cond["condition"].to(x_t.dtype)], dim=1), timestep, None, None
+    if "first_frame" not in cond:
+        return x_t, timestep, None, None
+    mask = torch.ones_like(x_t[:, :1])
+    mask[:, :, 0] = 0
+    x_in = (1 - mask) * cond["first_frame"].to(x_t.dtype) + mask * x_t
+    tokens = mask[:, 0, :, ::patch[1], ::patch[2]].flatten(1)  # (B, F' x H'/2 x W'/2) in the model's order
+    per_token = tokens * timestep.view(-1, 1).to(tokens.dtype)
+    return x_in, per_token.float(), mask, tokens == 0
 
 
 def wan_s2v_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator):
@@ -49,7 +74,33 @@ def wan_s2v_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, r
     return pred, target, None
 
 
-FORWARDS: dict[str, Callable] = {"wan": wan_forward, "wan_s2v": wan_s2v_forward}
+def sana_video_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator):
+    """Sana Video, text-to-video or, when the batch carries ``image_latents`` (I2V flavours),
+    image-to-video as SanaImageToVideoPipeline conditions it: the clean image latent in frame 0
+    with timestep 0 there, the later frames noised, the loss over frames 1 onward. A cached
+    ``loss_mask`` (B, 1, 1, h, w) weights the loss per latent cell, and its tokens are never
+    routed around by TREAD."""
+    x_t, target, timestep = noisy_input(batch.latents, noise, sigma)
+    weight = batch.cond.get("loss_mask")
+    if "image_latents" in batch.cond:
+        x_t = torch.cat([batch.cond["image_latents"].to(x_t.dtype), x_t[:, :, 1:]], dim=2)
+        f = x_t.shape[2]
+        timestep = timestep[:, None].expand(-1, f).clone()
+        timestep[:, 0] = 0.0  # per latent frame: the model sees frame 0 as clean
+        frames = torch.ones(1, 1, f, 1, 1, device=x_t.device)
+        frames[:, :, 0] = 0.0
+        weight = frames if weight is None else weight * frames
+    force_keep = None
+    if "loss_mask" in batch.cond and routes:
+        pt, ph, pw = model.config.patch_size
+        cells = torch.nn.functional.max_pool2d(batch.cond["loss_mask"].flatten(0, 2).float(), (ph, pw)) > 0
+        force_keep = cells.flatten(1).repeat(1, x_t.shape[2] // pt)  # (B, tokens): frame-major, like the patches
+    pred = model(x_t, batch.prompt_embeds, timestep, encoder_attention_mask=batch.prompt_mask, routes=routes,
+                 force_keep=force_keep, generator=generator)
+    return pred, target, weight
+
+
+FORWARDS: dict[str, Callable] = {"wan": wan_forward, "wan_s2v": wan_s2v_forward, "sana_video": sana_video_forward}
 
 
 def supports(forward: Callable, keyword: str) -> bool:

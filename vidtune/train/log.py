@@ -31,6 +31,11 @@ def memory_bytes(device: torch.device) -> int:
     return psutil.Process().memory_info().rss
 
 
+def memory_kind(device: torch.device) -> str:
+    """What ``memory_bytes`` measures on ``device``, for the memory plot's axis."""
+    return "device memory: peak allocated by torch" if device.type == "cuda" else "host memory: process RSS"
+
+
 def read_losses(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / LOSSES
     if not path.is_file():
@@ -62,9 +67,11 @@ def loss_values(run_dir: str | Path) -> list[float]:
 class StepLog:
     """Writes each step's numbers to the bar, the metrics backend and ``losses.jsonl``."""
 
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, start_step: int, total_steps: int):
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, start_step: int, total_steps: int,
+                 device: torch.device | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
+        self.mem_of = memory_kind(device) if device is not None else None
         path = run_dir / LOSSES
         # Keep the steps up to the resumed checkpoint: a killed run may have logged past it.
         kept = [r for r in read_losses(run_dir) if r["step"] <= start_step]
@@ -98,6 +105,8 @@ class StepLog:
         extra = {k: v for k, v in (extra or {}).items() if v is not None}
         row = {"step": step, "loss": _json_number(loss), "lr": lr, "grad_norm": _json_number(grad_norm),
                "mem": mem, "skipped": skipped, "step_s": step_time}
+        if self.mem_of:
+            row["mem_of"] = self.mem_of
         row.update({k.rsplit("/", 1)[-1]: _json_number(float(v)) for k, v in extra.items()})
         try:
             self._losses.write(json.dumps(row) + "\n")
@@ -180,32 +189,15 @@ class StepLog:
         self._losses.close()
 
 
-PLOTS = {"loss": ("loss", "loss"), "lr": ("lr", "learning rate"), "grad_norm": ("grad_norm", "gradient norm"),
-         "memory": ("mem", "memory (GiB)")}
+# file name -> (losses.jsonl key, title, y axis)
+PLOTS = {"loss": ("loss", "training loss", "loss"), "lr": ("lr", "learning rate", "learning rate"),
+         "grad_norm": ("grad_norm", "gradient norm (before clipping)", "global L2 norm"),
+         "memory": ("mem", "memory", "GiB")}
 
 
-def write_plots(run_dir: str | Path) -> list[Path]:
-    """``<run>/plots/{loss,lr,grad_norm,memory}.png`` from ``losses.jsonl`` (atomic writes)."""
-    rows = read_losses(run_dir)
-    out = []
-    for name, (key, label) in PLOTS.items():
-        pts = [(r["step"], _number(r[key])) for r in rows if key in r]
-        if key == "mem":
-            pts = [(s, v / 2**30) for s, v in pts]
-        series = {"": pts}
-        if key == "loss" and len(pts) >= 10:  # the trend under per-step noise
-            w = max(5, len(pts) // 20)
-            vals = [v for _, v in pts]
-            series[f"mean of {w}"] = list(zip([s for s, _ in pts[w - 1:]],
-                                              [sum(vals[i - w + 1:i + 1]) / w for i in range(w - 1, len(vals))]))
-        out.append(write_plot(Path(run_dir) / "plots" / f"{name}.png", series, label))
-    return out
-
-
-def write_plot(path: Path, series: dict[str, list[tuple[float, float]]], ylabel: str) -> Path:
-    """A PNG of one or more (step, value) curves (label "" for an unlabelled first curve), atomically."""
-    import io
-
+def plot_figure(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str, *, from_zero: bool = False):
+    """A matplotlib Figure of one or more (step, value) curves (label "" for an unlabelled first
+    curve, drawn thin; the others thick)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -217,13 +209,54 @@ def write_plot(path: Path, series: dict[str, list[tuple[float, float]]], ylabel:
             ax.plot(*zip(*pts), lw=1 if i == 0 else 2, label=label or None)
     if any(label and pts for label, pts in series.items()):
         ax.legend()
+    if from_zero:
+        ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_figures(rows: list[dict], run_name: str) -> dict:
+    """name -> matplotlib Figure of the ``losses.jsonl`` rows, titled with ``run_name``; the memory
+    plot says which memory it shows and starts at 0, so a small change looks small."""
+    figs = {}
+    for name, (key, title, label) in PLOTS.items():
+        pts = [(r["step"], _number(r[key])) for r in rows if key in r]
+        if key == "mem":
+            pts = [(s, v / 2**30) for s, v in pts]
+        series = {"": pts}
+        if key == "loss" and len(pts) >= 10:  # the trend under per-step noise
+            w = max(5, len(pts) // 20)
+            vals = [v for _, v in pts]
+            series[f"mean of {w}"] = list(zip([s for s, _ in pts[w - 1:]],
+                                              [sum(vals[i - w + 1:i + 1]) / w for i in range(w - 1, len(vals))]))
+        if key == "mem":
+            kind = next((r["mem_of"] for r in reversed(rows) if "mem_of" in r), "memory")
+            title, label = kind, f"{kind.split(':')[0]} (GiB)"
+        figs[name] = plot_figure(series, f"{run_name}: {title}", label, from_zero=key == "mem")
+    return figs
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import io
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_plots(run_dir: str | Path) -> list[Path]:
+    """``<run>/plots/{loss,lr,grad_norm,memory}.png`` from ``losses.jsonl`` (atomic writes)."""
+    return [_save_figure(fig, Path(run_dir) / "plots" / f"{name}.png")
+            for name, fig in plot_figures(read_losses(run_dir), Path(run_dir).name).items()]
+
+
+def write_plot(path: Path, series: dict[str, list[tuple[float, float]]], title: str, ylabel: str) -> Path:
+    """A PNG of one or more (step, value) curves (label "" for an unlabelled first curve), atomically."""
+    return _save_figure(plot_figure(series, title, ylabel), path)
 
 
 def write_summary(run_dir: str | Path, summary: dict) -> Path:

@@ -8,8 +8,17 @@
 - ``adamw_8bit`` / ``lion_8bit`` and their ``paged_`` variants: bitsandbytes blockwise 8-bit
   states. Paging needs CUDA unified memory; elsewhere bitsandbytes keeps the states in ordinary
   memory (said once in the log).
+
+bf16 adapter weights (``adapter.dtype``): optimi's optimizers keep the bits a bf16 update would
+round away with Kahan summation (2 bytes per weight); torch AdamW and bitsandbytes have no such
+thing, so they step fp32 master copies (``MasterWeights``, 4 bytes per weight) that are rounded
+into the bf16 weights after each step. Adapters are ~0.1% of a model's weights, so either costs
+megabytes, while the bf16 weights themselves save the fp32 activation copies peft makes for fp32
+adapters on a bf16 model.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -17,7 +26,7 @@ from ..config import ConfigError, TrainConfig
 
 _BNB = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
         "lion_8bit": "Lion8bit", "paged_lion_8bit": "PagedLion8bit"}
-_OPTIMI = {"adamw_bf16": "AdamW", "lion": "Lion"}
+_OPTIMI = {"adamw_bf16": "AdamW", "lion": "Lion"}  # build.KAHAN_OPTIMIZERS
 OPTIMIZERS = ("adamw", *_OPTIMI, *_BNB)
 
 
@@ -26,9 +35,57 @@ def trains_in_bf16(cfg: TrainConfig) -> bool:
     return cfg.optimizer == "adamw_bf16"
 
 
-def build_optimizer(params, cfg: TrainConfig, device: torch.device | None = None, log=print) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.optimizer`` over ``params``; clear errors for the ones not available."""
+class MasterWeights(torch.optim.Optimizer):
+    """``inner`` stepping fp32 copies of low-precision parameters: ``step`` hands it the gradients
+    in fp32, then rounds the updated copies into the parameters. The copies are part of the state
+    dict, so a resumed run continues from the exact fp32 values. Shares the inner optimizer's
+    ``param_groups``, so LR schedulers drive it as usual."""
+
+    def __init__(self, params, make):
+        self.params = list(params)
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.inner = make(self.masters)
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = OrderedDict(), OrderedDict()
+
+    # The inner optimizer's, read through (its load_state_dict replaces them).
+    param_groups = property(lambda self: self.inner.param_groups)
+    state = property(lambda self: self.inner.state)
+    defaults = property(lambda self: self.inner.defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p, m in zip(self.params, self.masters):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for p, m in zip(self.params, self.masters):
+            p.copy_(m)
+            m.grad = None
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def state_dict(self):
+        return {"inner": self.inner.state_dict(), "masters": [m.detach().clone() for m in self.masters]}
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state["inner"])
+        with torch.no_grad():
+            for m, saved in zip(self.masters, state["masters"]):
+                m.copy_(saved)
+
+
+def build_optimizer(params, cfg: TrainConfig, device: torch.device | None = None, log=print, *,
+                    master_weights: bool = False) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` over ``params``; clear errors for the ones not available.
+    ``master_weights``: it steps fp32 copies of the params (``vidtune.build.adapter_master_weights``
+    says when: bf16 adapters with an optimizer that has no Kahan summation)."""
     params = list(params)
+    if master_weights:
+        return MasterWeights(params, lambda ps: build_optimizer(ps, cfg, device, log))
     kw = dict(lr=cfg.learning_rate, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, eps=cfg.eps, **kw)
@@ -98,3 +155,18 @@ def clip_gradients(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_value_(params, cfg.max_grad_norm)
     return norm
+
+
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device) -> None:
+    """Move an optimizer's per-parameter state tensors (and master weights) to ``device`` (an idle
+    expert's state waits in host RAM). Step counters (0-dim) stay where the optimizer keeps them; bitsandbytes' paged
+    optimizers page their states themselves and are left alone."""
+    if getattr(optimizer, "is_paged", False):
+        return
+    for m in getattr(optimizer, "masters", ()):  # MasterWeights' fp32 copies (their state is keyed by them)
+        if m.device != torch.device(device):
+            m.data = m.data.to(device)
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.device != torch.device(device):
+                state[k] = v.to(device)

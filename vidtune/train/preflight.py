@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from ..build import transformer_subfolder
+from ..build import expert_config, transformer_subfolder
 from ..config import ConfigError, ModelConfig
 from ..models import family_of_class
 
@@ -84,3 +84,6 @@ def check_model_sources(model: ModelConfig) -> None:
     sub = transformer_subfolder(model)  # build.load_transformer reads transformer_path the same way
     for (key, src), comps in sources.items():
         _check_source(key, src, comps, sub)
+    if model.experts == "both" and not model.transformer_path:  # the low-noise expert loads too
+        _check_source(base_key, model.resolved_path(), ["transformer"],
+                      transformer_subfolder(expert_config(model, "low")))

@@ -57,6 +57,10 @@ def correctness_cases(device, dtype, shape):
         a, b = w1.to(x.dtype), w2.to(x.dtype)
         return K.chunked_feed_forward(lambda c: F.linear(K.gelu_tanh(F.linear(c, a)), b), x, CHUNK)
 
+    def qkv():
+        x = t((B, S, 3 * D), 25, offset=0.3)
+        return [x[..., i * D:(i + 1) * D].unflatten(-1, (H, Dh)).requires_grad_() for i in range(3)]
+
     gelu_x = t((B, D + 5, S), 10, scale=3.0)
     gelu_x[0, :4, 0] = torch.tensor([-30.0, 30.0, 0.0, -1e-4], device=device)  # tanh saturation, the origin
     return [
@@ -90,6 +94,12 @@ def correctness_cases(device, dtype, shape):
         ("tread_scatter", lambda b, y: K.tread_scatter(b, y, idx), lambda b, y: R.tread_scatter_ref(b, y, idx),
          [t((B, S, D), 22).requires_grad_(), t((B, idx.shape[1], D), 23).requires_grad_()]),
         ("chunked_feed_forward", ffn_fused, ffn_ref, [t((B, S, D), 24).requires_grad_()]),
+        # Sana's linear attention on head views of a fused qkv projection; +0.3 keeps every
+        # token's normaliser away from the bare eps
+        ("linear_attention", lambda q, k, v: K.linear_attention(q, k, v, cos, sin),
+         lambda q, k, v: R.linear_attention_ref(q, k, v, cos, sin), qkv()),
+        ("linear_attention per-sample", lambda q, k, v: K.linear_attention(q, k, v, pcos, psin),
+         lambda q, k, v: R.linear_attention_ref(q, k, v, pcos, psin), qkv()),
     ]
 
 

@@ -14,10 +14,10 @@ functions; ``forward`` stays a plain loop over ``self.blocks``.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch import nn
 import vidtune_kernels as K
 
 from ..attention import attention, check_backend
+from ..diffusers_config import DiffusersConfig
 
 # Parameters kept in fp32 whatever the model dtype (diffusers' _keep_in_fp32_modules): matched
 # against the components of a parameter's dotted name.
@@ -33,7 +34,7 @@ KEEP_FP32 = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "no
 
 
 @dataclass
-class WanConfig:
+class WanConfig(DiffusersConfig):
     """The diffusers ``WanTransformer3DModel`` config (same keys and defaults)."""
 
     patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -53,21 +54,7 @@ class WanConfig:
     rope_max_seq_len: int = 1024
     pos_embed_seq_len: int | None = None
     extra: dict = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WanConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        if "patch_size" in kwargs:
-            kwargs["patch_size"] = tuple(kwargs["patch_size"])
-        extra = {k: v for k, v in d.items() if k not in names and not k.startswith("_")}
-        return cls(**kwargs, extra=extra)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        d["patch_size"] = list(self.patch_size)
-        return {"_class_name": "WanTransformer3DModel", **d}
+    CLASS_NAME: ClassVar[str] = "WanTransformer3DModel"
 
     @property
     def inner_dim(self) -> int:
@@ -119,9 +106,11 @@ class GELUProj(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
         self.approximate = approximate
 
-    def forward(self, x):
-        x = self.proj(x)
+    def activate(self, x):
         return K.gelu_tanh(x) if self.approximate == "tanh" else F.gelu(x)
+
+    def forward(self, x):
+        return self.activate(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -139,9 +128,13 @@ class FeedForward(nn.Module):
         self.chunk_size: int | None = None
 
     def _ff(self, x):
-        for m in self.net:
-            x = m(x)
-        return x
+        act = self.net[0]
+        pre = act.proj(x)
+        h = act.activate(pre)
+        # net.2 keeps its input for its weight's (or its LoRA's) gradient: the activation's input
+        # is kept anyway, so backward recomputes the tokens x ffn_dim activation from it.
+        with K.recomputed_when_saved(h, lambda: act.activate(pre)):
+            return self.net[2](self.net[1](h))
 
     def forward(self, x):
         return K.chunked_feed_forward(self._ff, x, self.chunk_size)
@@ -155,6 +148,7 @@ class WanAttention(nn.Module):
         self.heads = heads
         self.eps = eps
         self.backend = "sdpa"
+        self.sequence_parallel = None  # set by vidtune.distributed.apply_sequence_parallel
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
@@ -175,10 +169,18 @@ class WanAttention(nn.Module):
 
     def self_attention(self, x, rope):
         cos, sin = rope
+        sp = self.sequence_parallel
+        if sp is not None:  # x holds this rank's tokens; the RoPE tables cover the whole sequence
+            n = cos.shape[-2]
+            cos, sin = sp.shard(cos, -2), sp.shard(sin, -2)
         q = K.qk_norm_rope(self.to_q(x), self.norm_q.weight, self.eps, cos, sin, self.heads)
         k = K.qk_norm_rope(self.to_k(x), self.norm_k.weight, self.eps, cos, sin, self.heads)
         v = self._heads(self.to_v(x))
-        return self._out(attention(q, k, v, self.backend).type_as(q))
+        if sp is None:
+            return self._out(attention(q, k, v, self.backend).type_as(q))
+        # Ulysses: one all-to-all swaps the token split for a head split, attention sees every token.
+        q, k, v = sp.to_heads(torch.cat((q, k, v)), n).chunk(3)
+        return self._out(sp.to_tokens(attention(q, k, v, self.backend).type_as(q)))
 
     def cross_attention(self, x, context, context_image=None, mask=None):
         """``mask``: bool (B, 1, Sq, Sk), True where a query may attend (torch SDPA)."""
@@ -321,6 +323,9 @@ class WanTransformer(nn.Module):
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        # vidtune.distributed.apply_sequence_parallel: this rank then runs the blocks on its share of
+        # the video tokens (the head and the output stay whole).
+        self.sequence_parallel = None
 
     # -- knobs set from outside (config sections), never read from a global config -------------
     def set_attention_backend(self, name: str) -> None:
@@ -382,31 +387,47 @@ class WanTransformer(nn.Module):
         )
         tproj = tproj.unflatten(-1, (6, -1))  # (B, 6, D) or (B, S, 6, D)
 
+        # Under sequence parallelism the blocks see this rank's share of the tokens (``own``) and a
+        # route or a capture first gathers them whole; without it both are the identity.
+        sp = self.sequence_parallel
+
+        def own(t):
+            return t if sp is None else sp.shard(t)
+
+        def whole(t, n):
+            return t if sp is None else sp.gather(t, n)
+
+        per_token = tproj.ndim == 4
+        n = x.shape[1]  # tokens the blocks run on (fewer inside a route)
+        x = own(x)
+        mod = own(tproj) if per_token else tproj
         route_at = {start: (ratio, end) for ratio, start, end in _routes(routes)} if self.training else {}
         skip = set(skip_layers)
         want = set(capture_hidden)
         captured = {}
-        saved = None  # (x_full, rope_full, tproj_full, idx, end) while a route is active
+        saved = None  # (x_full, rope_full, mod, idx, end) while a route is active
         for i, block in enumerate(self.blocks):
             if i in route_at:
                 ratio, end = route_at[i]
-                idx = K.select_tokens(b, x.shape[1], ratio, generator=generator, force_keep=force_keep,
-                                      device=x.device)
-                saved = (x, rope, tproj, idx, end)
-                x = K.tread_gather(x, idx)
+                x_all = whole(x, n)
+                idx = K.select_tokens(b, n, ratio, generator=generator, force_keep=force_keep, device=x.device)
+                saved = (x_all, rope, mod, idx, end)
+                n = idx.shape[1]
+                x = own(K.tread_gather(x_all, idx))
                 rope = (K.tread_gather(rope[0], idx, shared=True), K.tread_gather(rope[1], idx, shared=True))
-                if tproj.ndim == 4:
-                    tproj = K.tread_gather(tproj, idx)
+                if per_token:
+                    mod = own(K.tread_gather(tproj, idx))
             if i not in skip:
-                x = block(x, context, tproj, rope, context_image)
+                x = block(x, context, mod, rope, context_image)
             if saved is not None and i == saved[4]:
-                x_full, rope, tproj, idx, _ = saved
-                x = K.tread_scatter(x_full, x, idx)
+                x_all, rope, mod, idx, _ = saved
+                x = own(K.tread_scatter(x_all, whole(x, n), idx))
+                n = x_all.shape[1]
                 saved = None
             if i in want:
-                captured[i] = K.tread_scatter(saved[0], x, saved[3]) if saved is not None else x
+                captured[i] = K.tread_scatter(saved[0], whole(x, n), saved[3]) if saved is not None else whole(x, n)
 
-        out = self.head(x, temb, (f, h, w))
+        out = self.head(whole(x, n), temb, (f, h, w))  # every rank: the whole sequence's output
         return (out, captured) if capture_hidden else out
 
     def head(self, x: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

@@ -7,7 +7,8 @@ from .model import KEEP_FP32, MOTION_FRAMES, WanS2VBlock, WanS2VConfig, WanS2VTr
 CLASS_NAMES = ("WanS2VTransformer3DModel", "WanModel_S2V")
 CONFIG_CLASS = WanS2VConfig
 MODEL_CLASS = WanS2VTransformer
+TEXT_LEN = 512  # Wan pads UMT5 prompts to 512 tokens
 
-__all__ = ["ARCHS", "CLASS_NAMES", "CONFIG_CLASS", "KEEP_FP32", "MODEL_CLASS", "MOTION_FRAMES", "WanS2VBlock",
+__all__ = ["ARCHS", "CLASS_NAMES", "CONFIG_CLASS", "KEEP_FP32", "MODEL_CLASS", "MOTION_FRAMES", "TEXT_LEN", "WanS2VBlock",
            "WanS2VConfig", "WanS2VTransformer", "checkpoint_key", "example_inputs", "flavour_config", "official_module",
            "transformer_subfolder"]

@@ -12,5 +12,5 @@ def flavour_config(flavour: str) -> WanS2VConfig | None:
     return WanS2VConfig(**ARCHS[flavour]) if flavour in ARCHS else None
 
 
-def transformer_subfolder(flavour: str) -> str | None:
-    return None
+def transformer_subfolder(flavour: str, expert: str | None = None) -> str | None:
+    return None  # one transformer (no experts)
