@@ -17,6 +17,11 @@ import torch
 from .flow import noisy_input
 
 
+def unwrapped(model):
+    """The model inside a DistributedDataParallel wrapper (FSDP2 shards in place: the model itself)."""
+    return getattr(model, "module", model)
+
+
 def wan_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, routes, generator, x_t=None,
                 **model_kwargs):
     """Wan: text-to-video denoises the whole clip; image-to-video adds the conditioning cached
@@ -25,7 +30,7 @@ def wan_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *, route
     the model call (``capture_hidden`` for CREPA, which then returns ``(prediction, {block: hidden})``)."""
     noised, target, timestep = noisy_input(batch.latents, noise, sigma)
     x_in, timestep, weight, keep = i2v_model_input(noised if x_t is None else x_t, timestep, batch.cond,
-                                                   model.config.patch_size)
+                                                   unwrapped(model).config.patch_size)
     image = batch.cond.get("image_embeds")
     if image is not None:  # (B, images, tokens, D): one CLIP context per conditioning image
         image = image.flatten(0, 1)
@@ -92,7 +97,7 @@ def sana_video_forward(model, batch, noise: torch.Tensor, sigma: torch.Tensor, *
         weight = frames if weight is None else weight * frames
     force_keep = None
     if "loss_mask" in batch.cond and routes:
-        pt, ph, pw = model.config.patch_size
+        pt, ph, pw = unwrapped(model).config.patch_size
         cells = torch.nn.functional.max_pool2d(batch.cond["loss_mask"].flatten(0, 2).float(), (ph, pw)) > 0
         force_keep = cells.flatten(1).repeat(1, x_t.shape[2] // pt)  # (B, tokens): frame-major, like the patches
     pred = model(x_t, batch.prompt_embeds, timestep, encoder_attention_mask=batch.prompt_mask, routes=routes,

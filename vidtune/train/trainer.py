@@ -554,8 +554,11 @@ class Run:
         t1 = time.perf_counter()
         sharded = self.par is not None and self.par.shards_model
         with gathered(self.model, self.par):  # whole weights on every rank under FSDP2, copied out by rank 0
-            weights = {n: p.detach().to("cpu", copy=True) if sharded else p.detach()
-                       for n, p in self.model.named_parameters() if p.requires_grad and self.main}
+            if sharded:
+                weights = {n: p.detach().to("cpu", copy=True)
+                           for n, p in self.model.named_parameters() if p.requires_grad and self.main}
+            else:  # every trained tensor: both experts' of a two-expert run, CREPA's head
+                weights = {n: p.detach() for n, p in self.trainable.items()} if self.main else {}
         optimizer = optimizer_state(self.model, self.optimizer, self.par)
         if self.main:
             self._save(weights, optimizer, t1)
