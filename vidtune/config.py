@@ -634,7 +634,7 @@ def validate(cfg: Config) -> list[str]:
         e.append("memory.offload.type = \"block_level\" streams frozen base weights, but adapter.type = \"full\" "
                  "trains them all: set memory.offload.type = \"none\" or train a LoRA")
     if m.family == "sana_video":
-        if a.export_format != "diffusers" and a.type != "full":
+        if a.export_format in ("wan", "both") and a.type != "full":
             e.append(f"adapter.export_format = {a.export_format!r}: Sana Video LoRAs have no original-Wan key layout; "
                      f"use \"diffusers\" (SanaVideoPipeline.load_lora_weights reads it)")
         if m.force_2_1_time_embedding:

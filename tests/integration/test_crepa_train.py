@@ -52,7 +52,7 @@ head_dim = 8
         with safe_open(f, "pt") as s:
             names |= set(s.keys())
     assert any(n.startswith("crepa.") for n in names)  # the head resumes with the run
-    with safe_open(tmp_path / "run" / "pytorch_lora_weights.safetensors", "pt") as s:
+    with safe_open(tmp_path / "run" / "wan_lora.safetensors", "pt") as s:
         assert not any("crepa" in k for k in s.keys())  # and is not part of the LoRA
 
     # From the caches alone: the VAE encoder may not load, the features are reused.

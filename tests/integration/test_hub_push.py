@@ -94,15 +94,17 @@ def test_push_sends_the_lora_config_and_card(tmp_path, tiny_wan_dir, hub, capsys
     assert [(c["name"], c["visibility"]) for c in hub.created] == [("tiny-lora", "private")] * 3
     assert [c[0] for c in hub.commits] == ["me/tiny-lora"] * 3
     ckpt, _, final = hub.commits
-    assert set(ckpt[1]) == {"checkpoints/step-1/pytorch_lora_weights.safetensors",
+    assert set(ckpt[1]) == {"checkpoints/step-1/wan_lora.safetensors",
                             "checkpoints/step-1/vidtune_config.toml"}
     files = final[1]
-    assert set(files) == {"pytorch_lora_weights.safetensors", "vidtune_config.toml", "README.md"}
+    # the default export: one file in the original Wan layout, for ComfyUI and diffusers alike
+    assert set(files) == {"wan_lora.safetensors", "vidtune_config.toml", "README.md"}
     run = tmp_path / "run"
-    assert files["pytorch_lora_weights.safetensors"] == (run / "pytorch_lora_weights.safetensors").read_bytes()
+    assert files["wan_lora.safetensors"] == (run / "wan_lora.safetensors").read_bytes()
     assert files["vidtune_config.toml"] == (tmp_path / "run" / "config.resolved.toml").read_bytes()
     card = files["README.md"].decode()
-    assert "trained with vidtune for 2 steps" in card and 'weight_name="pytorch_lora_weights.safetensors"' in card
+    assert "trained with vidtune for 2 steps" in card and 'weight_name="wan_lora.safetensors"' in card
+    assert "WanPipeline.from_pretrained" in card and "ComfyUI: put `wan_lora.safetensors`" in card
     assert "hub: pushed 3 file(s) to me/tiny-lora" in capsys.readouterr().out
 
 
@@ -111,5 +113,5 @@ def test_unreachable_hub_never_fails_the_run(tmp_path, tiny_wan_dir, monkeypatch
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     cfg = hub_config(tmp_path, tiny_wan_dir, "max_train_steps = 1")
     assert cli_main([str(cfg)]) == 0
-    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "run" / "wan_lora.safetensors").is_file()
     assert "warning: hub push to me/tiny-lora failed" in capsys.readouterr().out

@@ -188,7 +188,7 @@ def test_validation_latents_equal_the_pipeline(root, pipes, clips, frames, kind,
                                         datasets=[clip_ds(clips, i2v=i2v or None), frames_ds(frames)]))
     v = Validator(cfg, prepared, torch.device("cpu"), root / "val-run", log=lambda m: None)
     assert len(v.prompts) == 1
-    name, (pe, _), cond = v.prompts[0]  # (prompt embeddings, attention mask: None for Wan)
+    name, _, (pe, _), cond = v.prompts[0]  # (name, prompt, (embeddings, attention mask: None for Wan), cond)
     high, low = our_experts(pipes(kind), kind)
     trained_model = low if trained == "low" else high
     transformer, transformer_2 = v.experts(trained_model)  # load_other_stage: the other one, frozen

@@ -56,7 +56,7 @@ webhook_url = "http://127.0.0.1:{server.server_port}/hook"
     run = tmp_path / "run"
     for step in ("step_000000", "step_000002"):  # the baseline and step 2; 5 sampling steps: 2 and 4
         assert sorted(p.name for p in (run / "validation" / step / "previews").iterdir()) == \
-            ["prompt0_step002.png", "prompt0_step004.png"]
+            ["a_red_cat_step002.png", "a_red_cat_step004.png"]
     assert (run / "validation" / "latent_rgb.json").is_file()
     # Per validation: two previews, then the contact sheet; each a multipart PNG + JSON payload.
     assert len(Receiver.posts) == 6
@@ -66,7 +66,7 @@ webhook_url = "http://127.0.0.1:{server.server_port}/hook"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ev = EventAccumulator(str(run / "logs"), size_guidance={"images": 0}).Reload()
-    assert [e.step for e in ev.Images("preview/prompt0/step_000002")] == [2, 4]
+    assert [e.step for e in ev.Images("preview/a_red_cat/step_000002")] == [2, 4]
 
 
 def test_linear_decode_beats_the_mean_colour_on_held_out_latents(tmp_path, tiny_wan_dir):

@@ -99,7 +99,7 @@ resolution = "32x32"
     text = capsys.readouterr().out
     assert text.count(SHIFT_WARNING) == 1 and "shift 8" in text  # the checkpoint's canonical schedule
     assert len(loss_values(out)) == 2
-    assert sorted(p.name for p in (out / "validation" / "step_000002").iterdir()) == ["prompt0.mp4", "prompt0.png"]
+    assert sorted(p.name for p in (out / "validation" / "step_000002").iterdir()) == ["a_red_cat.mp4", "a_red_cat.png"]
     tuned = SanaVideoTransformer3DModel.from_pretrained(out / "transformer").eval()  # diffusers reads our export
     base = from_pretrained(tiny_sana_dir, torch_dtype=torch.float32)
     ours = from_pretrained(out / "transformer").eval()

@@ -16,15 +16,17 @@ def test_one_rank_layout_is_the_one_gpu_plan():
 
 
 def test_nproc_plan_lists_layouts_and_the_smallest_that_fits(capsys):
-    # 14B in bf16 without offload (adamw, no validation: what FSDP2 takes): ~38 GiB per DDP rank,
-    # too much for a 4090; FSDP2 shards it.
+    # 14B in bf16 without offload (adamw, no validation: what FSDP2 takes) at the example's
+    # 832x480 x 81 frames: ~46 GiB per DDP rank, too much for a 4090; FSDP2 shards the weights and
+    # a sequence group of 2 halves the activations, so 4 ranks fit and fewer do not.
     assert cli_main(["--plan", str(EXAMPLE), "--gpu", "rtx4090", "--nproc", "4", *BF16]) == 0
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln.startswith("  data = ")]
     assert len(rows) == 6  # ddp/fsdp x sequence 1, 2, 4 (40 heads)
     assert all("DOES NOT FIT" in r for r in rows if "ddp" in r)
     assert any("fits" in r for r in rows if "fsdp" in r)
-    assert "smallest setup that fits: 2 x rtx4090 (torchrun --nproc_per_node=2 with parallel.data = \"fsdp\"" in out
+    assert ("smallest setup that fits: 4 x rtx4090 (torchrun --nproc_per_node=4 with parallel.data = \"fsdp\", "
+            "sequence = 2)") in out
 
 
 def test_nproc_plan_refuses_fsdp_with_int8_and_offload(capsys):

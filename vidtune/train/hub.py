@@ -56,10 +56,18 @@ def model_card(cfg: Config, step: int, files: list[str], sheets: list[str], trig
     lines += [f"The full config is `{CONFIG_NAME}`.", ""]
     lora = [f for f in files if f.endswith(".safetensors")]
     if a.type != "full" and lora:
-        lines += ["## Use it", "", "```python", "import torch", "from diffusers import WanPipeline", "",
-                  f"pipe = WanPipeline.from_pretrained(\"{base}\", torch_dtype=torch.bfloat16)",
-                  f"pipe.load_lora_weights(\"{cfg.hub.repo_id}\", weight_name=\"{lora[0]}\")", "```", "",
-                  "ComfyUI: put the file in `models/loras` and load it with LoraLoaderModelOnly.", ""]
+        # the diffusers-layout file when there is one (written when diffusers cannot read the other)
+        for_diffusers = next((f for f in lora if f.startswith("pytorch_lora_weights")), lora[0])
+        for_comfy = next((f for f in lora if not f.startswith("pytorch_lora_weights")), None)
+        pipe = ("SanaVideoPipeline" if m.family == "sana_video" else None if m.family == "wan_s2v"
+                else "WanImageToVideoPipeline" if "i2v" in m.flavour else "WanPipeline")
+        lines += ["## Use it", ""]
+        if pipe:  # diffusers has no Wan S2V pipeline
+            lines += ["```python", "import torch", f"from diffusers import {pipe}", "",
+                      f"pipe = {pipe}.from_pretrained(\"{base}\", dtype=torch.bfloat16)",
+                      f"pipe.load_lora_weights(\"{cfg.hub.repo_id}\", weight_name=\"{for_diffusers}\")", "```", ""]
+        if for_comfy:
+            lines += [f"ComfyUI: put `{for_comfy}` in `models/loras` and load it with LoraLoaderModelOnly.", ""]
     return "\n".join(lines)
 
 
