@@ -34,6 +34,7 @@ import socket
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -533,3 +534,35 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict, par: Parallel
           "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
     with par.guard("loading the optimizer state"):
         set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharded checkpoints (FSDP2 full fine-tunes)
+
+def save_sharded(model: nn.Module, optimizer, dest: Path | None, par: Parallel) -> None:
+    """Every rank writes its own shards of the weights and optimizer state with
+    ``torch.distributed.checkpoint`` into ``dest``, a directory in rank 0's checkpoint temp
+    directory (None on the other ranks: rank 0 sends it). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = par.broadcast_object(str(dest) if par.is_main else None, "the checkpoint directory")
+    with par.guard("writing the sharded checkpoint", wait=True):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer, par: Parallel | None) -> None:
+    """Load ``sharded/`` of a checkpoint written by :func:`save_sharded` into ``model`` and
+    ``optimizer`` at any world size: DCP reshards, each rank reading only what it holds; one
+    process (no torchrun) reads it whole."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    with par.guard("reading the sharded checkpoint", wait=True) if par else contextlib.nullcontext():
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # the targets, optimizer moments included
+        both = {"model": model_sd, "optim": optim_sd}
+        with warnings.catch_warnings():  # one process reading it whole is what we mean
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(both, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])

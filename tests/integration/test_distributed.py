@@ -4,7 +4,9 @@ each parallel layout against one rank, fp32.
 - the model: DDP, FSDP2 and Ulysses sequence parallelism (with TREAD routing), and the 2-D mesh
   (2-way data x 2-way sequence): forward output and every gradient within 1e-5 relative;
 - the trainer: a 2-rank DDP run gives the losses of a 1-rank run with the same global batch, and
-  checkpoints cross world sizes both ways (2 ranks -> 1, 1 -> 2) with the loss sequence unchanged.
+  checkpoints cross world sizes both ways (a SIGKILLed 2-rank run resumed on 1 rank, a 1-rank
+  checkpoint resumed on 2) with the loss sequence unchanged; an FSDP2 full fine-tune checkpoints
+  in DCP shards (one file per rank) that one process resumes with the same losses.
 """
 import json
 import shutil
@@ -87,11 +89,14 @@ def test_ddp_run_matches_one_rank_and_resumes_across_world_sizes(tmp_path, tiny_
     assert cli_main([str(config("one")), *(a for s in one for a in ("--set", s))]) == 0
     want = losses(tmp_path / "one")
 
-    # Two ranks, the same global batch = 1 x 2 ranks x 1, to step 5; then one rank resumes it.
-    out = torchrun("two", "train.max_train_steps=5", "train.checkpoint_every=5")
+    # Two ranks, the same global batch = 1 x 2 ranks x 1, SIGKILLed (every rank) past the step-5
+    # checkpoint; then one rank resumes from it with the global batch as 1 x 2 accumulation steps.
+    out = sigkilled_torchrun(config("two"), tmp_path / "two", 7, "train.max_train_steps=100000", "train.checkpoint_every=5",
+                             "train.keep_checkpoints=0", "parallel.timeout_s=120")
     assert "global batch 2 = 1 per rank x 2 x 1 accumulation steps" in out
     assert_same(losses(tmp_path / "two"), want, range(1, 6))
-    resume = ["train.max_train_steps=10", "train.gradient_accumulation_steps=2", "train.resume=\"latest\""]
+    step5 = tmp_path / "two" / "checkpoints" / "step-000005"
+    resume = ["train.max_train_steps=10", "train.gradient_accumulation_steps=2", f"train.resume=\"{step5}\""]
     assert cli_main([str(config("two")), *(a for s in resume for a in ("--set", s))]) == 0
     assert_same(losses(tmp_path / "two"), want, range(6, 11))
 
@@ -99,6 +104,80 @@ def test_ddp_run_matches_one_rank_and_resumes_across_world_sizes(tmp_path, tiny_
     shutil.copytree(tmp_path / "one" / "checkpoints" / "step-000005", tmp_path / "back" / "checkpoints" / "step-000005")
     torchrun("back", "train.max_train_steps=10", "train.resume=\"latest\"")
     assert_same(losses(tmp_path / "back"), want, range(6, 11))
+
+
+def test_fsdp_full_finetune_checkpoints_in_shards_one_rank_resumes(tmp_path, tiny_wan_dir, one_thread):
+    data = write_captioned_clips(tmp_path / "clips")
+
+    def config(name: str) -> Path:
+        return write_config(tmp_path / f"{name}.toml", tiny_wan_dir, data, tmp_path / "cache", tmp_path / name,
+                            "repeats = 3\n")
+
+    def sets(values):
+        return [a for v in values for a in ("--set", v)]
+
+    full = ['adapter.type="full"', "train.learning_rate=1e-4", "train.checkpoint_every=3", "train.keep_checkpoints=0"]
+    assert cli_main([str(config("one")), *sets(full + ["train.max_train_steps=6",
+                                                        "train.gradient_accumulation_steps=2"])]) == 0
+    want = losses(tmp_path / "one")
+
+    # Two FSDP2 ranks (global batch 2 = 1 x 2 ranks) to step 3: the checkpoint is DCP shards.
+    rc, _, err = run_torchrun(["-m", "vidtune.train", str(config("fsdp")),
+                               *sets(full + ["train.max_train_steps=3", 'parallel.data="fsdp"', "parallel.timeout_s=120"])],
+                              2, timeout=300, cwd=REPO)
+    assert rc == 0, err[-3000:]
+    assert_same(losses(tmp_path / "fsdp"), want, range(1, 4))
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step-000003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["sharded"] and not (ckpt / "weights.safetensors").exists()
+    shards = {n for n in meta["files"] if n.startswith("sharded/")}
+    assert {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"} <= shards  # one file per rank
+
+    # Two FSDP2 ranks resume the shards, each reading its own; then one process (global batch as
+    # 1 x 2 accumulation steps). Both continue with the same losses.
+    shutil.copytree(ckpt, tmp_path / "again" / "checkpoints" / ckpt.name)
+    rc, _, err = run_torchrun(["-m", "vidtune.train", str(config("again")),
+                               *sets(full + ["train.max_train_steps=6", 'parallel.data="fsdp"', "parallel.timeout_s=120",
+                                             'train.resume="latest"'])], 2, timeout=300, cwd=REPO)
+    assert rc == 0, err[-3000:]
+    assert_same(losses(tmp_path / "again"), want, range(4, 7))
+    resume = full + ["train.max_train_steps=6", "train.gradient_accumulation_steps=2", 'train.resume="latest"']
+    assert cli_main([str(config("fsdp")), *sets(resume)]) == 0
+    assert_same(losses(tmp_path / "fsdp"), want, range(4, 7))
+
+
+def sigkilled_torchrun(cfg: Path, run_dir: Path, rows: int, *sets: str) -> str:
+    """A 2-rank launch of ``cfg``, SIGKILLed (the launcher and every rank at once) once
+    ``run_dir/losses.jsonl`` has ``rows`` rows; returns its stdout."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    losses_file = run_dir / "losses.jsonl"
+    proc = subprocess.Popen([torchrun_exe(), "--standalone", "--nproc_per_node=2", "-m", "vidtune.train", str(cfg),
+                             *(a for s in sets for a in ("--set", s))], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (losses_file.exists() and losses_file.read_text().count("\n") >= rows):
+            assert proc.poll() is None and time.monotonic() < deadline, "the 2-rank run never got that far"
+            time.sleep(0.05)
+    finally:
+        # torchrun starts each rank in a session of its own: kill the ranks, then the launcher.
+        tree, todo = [], [proc.pid]
+        while todo:
+            kids = _children(todo.pop())
+            tree += kids
+            todo += kids
+        for pid in [*reversed(tree), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, _ = proc.communicate(timeout=60)
+    return out
 
 
 def _children(pid: int) -> list[int]:

@@ -8,6 +8,12 @@ parameters: LoRA or the full model, fp32 as trained), ``state.pt`` (optimizer, e
 position, counters) and ``meta.json``, written last: the step, the hyperparameters the run used,
 and a manifest of the other files (size and XXH3-128 digest). Its presence marks a complete
 checkpoint; the manifest tells an intact one from one damaged on disk since.
+
+An FSDP2 full fine-tune writes ``sharded/`` instead of ``weights.safetensors`` and the optimizer
+part of ``state.pt``: ``torch.distributed.checkpoint`` files, one per rank, each rank writing only
+its own shards of the weights and optimizer moments (no rank ever holds the whole state), into
+rank 0's temp directory; the manifest covers them too, and DCP reshards them on load, so any world
+size, or one process, resumes it (``meta["sharded"]``).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from ..integrity import ALGORITHM, stream_digest
 
 PREFIX = "step-"
 WEIGHTS, STATE, META = "weights.safetensors", "state.pt", "meta.json"
+SHARDED = "sharded"  # FSDP2 full fine-tunes: torch.distributed.checkpoint files
 DAMAGED = ".damaged"  # suffix of a checkpoint that failed verification
 
 
@@ -51,20 +58,26 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor], state: dict,
-                    meta: dict, keep: int = 0) -> Path:
+def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor] | None, state: dict,
+                    meta: dict, keep: int = 0, shards=None) -> Path:
     """Write checkpoint ``step`` atomically, with its manifest; then keep only the newest ``keep``
-    (0: all). A full disk raises ``fsutil.DiskFullError`` and leaves nothing behind."""
+    (0: all). A full disk raises ``fsutil.DiskFullError`` and leaves nothing behind. ``shards``
+    (FSDP2, in place of ``weights``): called with the temp directory, it writes ``sharded/`` there
+    together with the other ranks."""
     from safetensors.torch import save_file
 
     root = Path(root)
     final = root / f"{PREFIX}{step:06d}"
-    with atomic_dir(final, need=_tensor_bytes(weights) + _tensor_bytes(state)) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
+    with atomic_dir(final, need=_tensor_bytes(weights or {}) + _tensor_bytes(state)) as tmp:
+        if shards is None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
+        else:
+            shards(tmp)
+            meta = {**meta, "sharded": True}
         with open(tmp / STATE, "wb") as f:  # a file object: a full disk surfaces as ENOSPC, not a torch assert
             torch.save(state, f)
-        files = {name: {"bytes": (tmp / name).stat().st_size, ALGORITHM: stream_digest(tmp / name)}
-                 for name in (WEIGHTS, STATE)}
+        files = {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, ALGORITHM: stream_digest(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / META).write_text(json.dumps({"step": step, **meta, "files": files}, indent=1))
     if keep > 0:
         for old in checkpoint_dirs(root)[:-keep]:
@@ -92,14 +105,15 @@ def verify_checkpoint(path: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(weights, state, meta) of a checkpoint directory, verified first."""
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor] | None, dict, dict]:
+    """(weights, state, meta) of a checkpoint directory, verified first; weights None for a
+    sharded one (``vidtune.distributed.load_sharded`` reads ``sharded/``)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     meta = verify_checkpoint(path)
     try:
-        weights = load_file(path / WEIGHTS)
+        weights = None if meta.get("sharded") else load_file(path / WEIGHTS)
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors / pickle errors: a file we cannot read, whatever the reason
         raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc

@@ -33,12 +33,12 @@ from ..build import adapter_master_weights, build_from_config, expert_boundary, 
 from ..config import Config, ConfigError
 from ..data import CachedLoader, PreparedData
 from ..data.cache import CacheEntryError
-from ..distributed import (Parallel, gathered, load_optimizer_state, load_weights, model_state, no_sync,
-                           optimizer_state, weights_peak, whole_sequence)
+from ..distributed import (Parallel, gathered, load_optimizer_state, load_sharded, load_weights, model_state,
+                           no_sync, optimizer_state, save_sharded, weights_peak, whole_sequence)
 from ..models import family, save_pretrained
 from ..runtime import DTYPES, resolve_device, seed_for
 from ..sample import load_scheduler_config
-from .checkpoint import resume_checkpoint, save_checkpoint
+from .checkpoint import SHARDED, resume_checkpoint, save_checkpoint
 from .ema import Ema
 from ..measure.mfu import mfu, peak_flops
 from ..planner import Shape, step_model_flops
@@ -188,6 +188,9 @@ class Run:
     def __init__(self, cfg: Config, prepared: PreparedData, log=print, par: Parallel | None = None):
         t = cfg.train
         self.par, self.main = par, par is None or par.is_main
+        # FSDP2 full fine-tunes checkpoint in shards (no rank holds the whole state); LoRA states
+        # are small, gathered to rank 0's usual files.
+        self.sharded_checkpoints = par is not None and par.shards_model and cfg.adapter.type == "full"
         if not self.main:
             log = _quiet
         self.cfg, self.prepared, self.log = cfg, prepared, log
@@ -297,16 +300,20 @@ class Run:
                 raise ConfigError(f"train.resume = {t.resume!r}: nothing to resume")
             return
         ckpt, weights, state, meta = found
-        if meta.get("adapter") != self.cfg.adapter.type or set(weights) != set(self.trainable):
+        names = set(meta.get("tensors", [])) if weights is None else set(weights)
+        if meta.get("adapter") != self.cfg.adapter.type or names != set(self.trainable):
             raise ConfigError(f"train.resume: {ckpt} holds a {meta.get('adapter')} run with "
-                              f"{len(weights)} tensors; this config trains {self.cfg.adapter.type} with "
+                              f"{len(names)} tensors; this config trains {self.cfg.adapter.type} with "
                               f"{len(self.trainable)}: resume with the config it was saved with")
         saved = meta.get("hparams", {})
         if saved.get("optimizer", t.optimizer) != t.optimizer:
             raise ConfigError(f"train.optimizer = {t.optimizer!r}: {ckpt} holds the state of {saved['optimizer']!r}; "
                               f"resume with train.optimizer = {saved['optimizer']!r}")
-        load_weights(self.trainable, weights)
-        load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.par)
+        if weights is None:  # FSDP2's shards, resharded to this world size
+            load_sharded(ckpt / SHARDED, self.model, self.optimizer, self.par)
+        else:
+            load_weights(self.trainable, weights)
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.par)
         self.loader.load_state_dict(state["loader"])
         if self.ema is not None:
             if "ema" not in state:
@@ -552,6 +559,16 @@ class Run:
                               f"{self.last_checkpoint or '(none)'}")
             return
         t1 = time.perf_counter()
+        if self.sharded_checkpoints:  # every rank writes its own shards into rank 0's temp directory
+            def shards(tmp: Path | None) -> None:
+                save_sharded(self.model, self.optimizer, tmp / SHARDED if tmp is not None else None, self.par)
+
+            if self.main:
+                self._save(None, None, t1, shards=shards)
+            else:
+                shards(None)
+            self.wait("the checkpoint write")
+            return
         sharded = self.par is not None and self.par.shards_model
         with gathered(self.model, self.par):  # whole weights on every rank under FSDP2, copied out by rank 0
             if sharded:
@@ -564,20 +581,25 @@ class Run:
             self._save(weights, optimizer, t1)
         self.wait("the checkpoint write")
 
-    def _save(self, weights: dict, optimizer: dict, t1: float) -> None:
+    def _save(self, weights: dict | None, optimizer: dict | None, t1: float, shards=None) -> None:
         rng = {"flow": self.flow_gen.get_state(), "tread": self.tread_gen.get_state(), "torch": torch.get_rng_state()}
         if self.rollout is not None:
             rng["rollout"] = self.rollout.state_dict()
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {"optimizer": optimizer, "loader": self.loader.state_dict(),
+        state = {"loader": self.loader.state_dict(),
                  "skipped": self.skipped, "consecutive": self.consecutive, "start_max_abs": self.start_max_abs,
                  "seconds": dict(self.seconds), "rng": rng}
+        if optimizer is not None:  # a sharded checkpoint keeps the optimizer's shards beside the weights'
+            state["optimizer"] = optimizer
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         meta = {"adapter": self.cfg.adapter.type, "seed": self.cfg.train.seed,
                 "hparams": {"optimizer": self.cfg.train.optimizer, **hparams(self.cfg.train)}}
-        path = save_checkpoint(self.ckpt_root, self.step, weights, state, meta, keep=self.cfg.train.keep_checkpoints)
+        if shards is not None:
+            meta["tensors"] = sorted(self.trainable)
+        path = save_checkpoint(self.ckpt_root, self.step, weights, state, meta, keep=self.cfg.train.keep_checkpoints,
+                               shards=shards)
         self.last_checkpoint = path
         self.plots()
         self.seconds["checkpointing"] += time.perf_counter() - t1
