@@ -357,22 +357,24 @@ def write_captioned_clips(root: str | Path) -> Path:
 
 
 def tiny_run_toml(model: str | Path, cache: str | Path, datasets: dict[str, str | Path], out: str | Path,
-                  train: str = "", extra: str = "") -> str:
-    """A CPU fp32 run config (LoRA rank 4, batch 1, 32x32 9-frame datasets ``{id: path}``, no
-    metrics backend) for the tiny Wan writing to ``out``; ``train``: more [train] lines, ``extra``:
-    more TOML tables."""
-    tables = "".join(f'\n[[dataset]]\nid = "{i}"\npath = "{p}"\nresolution = 32\nnum_frames = 9\n'
-                     for i, p in datasets.items())
+                  train: str = "", extra: str = "", *, model_lines: str = "", adapter: str = "",
+                  dataset_lines: str = "", resolution: int = 32) -> str:
+    """A CPU fp32 run config (LoRA rank 4, batch 1, ``resolution``-pixel 9-frame datasets
+    ``{id: path}``, no metrics backend) for the tiny model at ``model`` writing to ``out``.
+    More lines: ``train`` for [train], ``model_lines`` for [model], ``adapter`` for [adapter],
+    ``dataset_lines`` for each [[dataset]]; ``extra``: more TOML tables."""
+    tables = "".join(f'\n[[dataset]]\nid = "{i}"\npath = "{p}"\nresolution = {resolution}\nnum_frames = 9\n'
+                     f'{dataset_lines}\n' for i, p in datasets.items())
     return f"""
 [model]
 path = "{model}"
 dtype = "fp32"
 vae_dtype = "fp32"
 text_encoder_dtype = "fp32"
-
+{model_lines}
 [adapter]
 rank = 4
-
+{adapter}
 [train]
 output_dir = "{out}"
 device = "cpu"

@@ -15,7 +15,7 @@ from vidtune.cli.train import main as train
 from vidtune.data.audio import write_wav
 from vidtune.train.log import loss_values
 from vidtune.testing import (build_tiny_wan_s2v_pipeline_dir, make_test_clip_with_audio, make_test_image,
-                             make_test_video)
+                             make_test_video, tiny_run_toml)
 
 if shutil.which("ffmpeg") is None:
     pytest.skip("ffmpeg missing: apt-get install -y ffmpeg", allow_module_level=True)
@@ -51,47 +51,11 @@ def s2v(tmp_path_factory):
 
 def config(root: Path, model: Path, out: str, dataset: str, extra: str = "") -> Path:
     path = root / f"{out}.toml"
-    path.write_text(f"""
-[model]
-family = "wan_s2v"
-flavour = "s2v-14b-2.2"
-path = "{model}"
-dtype = "fp32"
-vae_dtype = "fp32"
-text_encoder_dtype = "fp32"
-
-[adapter]
-rank = 4
-
-[train]
-output_dir = "{root / out}"
-max_train_steps = 2
-learning_rate = 1e-3
-mixed_precision = "no"
-device = "cpu"
-checkpoint_every = 0
-caption_dropout = 0.5
-seed = 3
-
-[logging]
-report_to = "none"
-progress_bar = false
-
-[cache]
-dir = "{root / 'cache'}"
-
-[[tread.routes]]
-selection_ratio = 0.5
-start_layer = 1
-end_layer = 1
-{extra}
-[[dataset]]
-id = "clips"
-path = "{root / 'videos'}"
-resolution = {SIDE}
-num_frames = 9
-{dataset}
-""")
+    path.write_text(tiny_run_toml(
+        model, root / "cache", {"clips": root / "videos"}, root / out,
+        "max_train_steps = 2\nlearning_rate = 1e-3\ncheckpoint_every = 0\ncaption_dropout = 0.5\nseed = 3",
+        "[[tread.routes]]\nselection_ratio = 0.5\nstart_layer = 1\nend_layer = 1\n" + extra,
+        model_lines='family = "wan_s2v"\nflavour = "s2v-14b-2.2"', dataset_lines=dataset, resolution=SIDE))
     return path
 
 

@@ -19,7 +19,7 @@ from vidtune.cli.train import main as cli_main
 from vidtune.config import AdapterConfig, load_config
 from vidtune.integrity import dumps_verified
 from vidtune.models import from_pretrained
-from vidtune.testing import check_loaders, write_captioned_clips
+from vidtune.testing import check_loaders, tiny_run_toml, write_captioned_clips
 from vidtune.train.checkpoint import checkpoint_dirs
 from vidtune.train.log import loss_values, read_losses
 
@@ -47,43 +47,11 @@ def cache_dir(tmp_path_factory):
 
 
 def write_config(path: Path, model: Path, data: Path, cache: Path, out: Path, extra: str = "") -> Path:
-    path.write_text(f"""
-[model]
-path = "{model}"
-dtype = "fp32"
-vae_dtype = "fp32"
-text_encoder_dtype = "fp32"
-
-[adapter]
-rank = 4
-alpha = 2.0
-target_modules = {json.dumps(ALL_LINEAR)}
-
-[train]
-output_dir = "{out}"
-device = "cpu"
-max_train_steps = 3
-batch_size = 1
-learning_rate = 1e-2
-mixed_precision = "no"
-checkpoint_every = 0
-seed = 3
-
-[cache]
-dir = "{cache}"
-
-[logging]
-report_to = "none"
-progress_bar = false
-
-[[dataset]]
-id = "clips"
-path = "{data}"
-resolution = 32
-num_frames = 9
-caption_prefix = "sks"
-{extra}
-""")
+    """The tiny LoRA run these tests share (``extra``: more lines of its one [[dataset]])."""
+    path.write_text(tiny_run_toml(model, cache, {"clips": data}, out,
+                                  "max_train_steps = 3\nlearning_rate = 1e-2\ncheckpoint_every = 0\nseed = 3",
+                                  adapter=f"alpha = 2.0\ntarget_modules = {json.dumps(ALL_LINEAR)}",
+                                  dataset_lines=f'caption_prefix = "sks"\n{extra}'))
     return path
 
 

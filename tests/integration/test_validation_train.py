@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from vidtune.cli.train import main as cli_main
-from vidtune.testing import write_captioned_clips
+from vidtune.testing import tiny_run_toml, write_captioned_clips
 from vidtune.train.checkpoint import checkpoint_dirs
 from vidtune.train.log import read_losses
 
@@ -37,42 +37,12 @@ def run(tmp_path, tiny_wan_dir, data_dir, cache_dir):
     def go(*overrides, out="run", extra=""):
         out = tmp_path / out
         cfg = tmp_path / f"{out.name}.toml"
-        cfg.write_text(f"""
-[model]
-path = "{tiny_wan_dir}"
-dtype = "fp32"
-text_encoder_dtype = "fp32"
-
-[adapter]
-rank = 4
-alpha = 2.0
-target_modules = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]
-
-[train]
-output_dir = "{out}"
-device = "cpu"
-max_train_steps = 4
-learning_rate = 1e-2
-mixed_precision = "no"
-checkpoint_every = 2
-keep_checkpoints = 0
-lr_warmup_steps = 1
-seed = 5
-
-[cache]
-dir = "{cache_dir}"
-
-[logging]
-report_to = "none"
-progress_bar = false
-
-[[dataset]]
-id = "clips"
-path = "{data_dir}"
-resolution = 32
-num_frames = 9
-{extra}
-""")
+        cfg.write_text(tiny_run_toml(
+            tiny_wan_dir, cache_dir, {"clips": data_dir}, out,
+            "max_train_steps = 4\nlearning_rate = 1e-2\ncheckpoint_every = 2\nkeep_checkpoints = 0\n"
+            "lr_warmup_steps = 1\nseed = 5",
+            adapter='alpha = 2.0\ntarget_modules = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]',
+            dataset_lines=extra))
         return cli_main([str(cfg)] + [a for o in overrides for a in ("--set", o)]), out
     return go
 
